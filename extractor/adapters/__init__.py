@@ -1,0 +1,31 @@
+"""Model-family adapters. `adapter_for(model)` picks the one that knows the model's layout."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .base import AttentionWeights, ModelAdapter
+from .bert import BertAdapter
+from .distilbert import DistilBertAdapter
+from .gpt2 import GPT2Adapter
+
+ADAPTERS: tuple[type[ModelAdapter], ...] = (BertAdapter, DistilBertAdapter, GPT2Adapter)
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(t for a in ADAPTERS for t in a.model_types)
+
+
+class UnsupportedModelError(ValueError):
+    """The model's architecture has no adapter."""
+
+
+def adapter_for(model: nn.Module) -> ModelAdapter:
+    model_type = getattr(model.config, "model_type", None)
+    for adapter_cls in ADAPTERS:
+        if model_type in adapter_cls.model_types:
+            return adapter_cls(model)
+    raise UnsupportedModelError(
+        f"unsupported architecture '{model_type}' ({type(model).__name__}); "
+        f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}"
+    )
+
+
+__all__ = ["ADAPTERS", "SUPPORTED_MODEL_TYPES", "AttentionWeights", "ModelAdapter", "UnsupportedModelError", "adapter_for"]

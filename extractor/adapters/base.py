@@ -1,0 +1,97 @@
+"""What every model-family adapter provides: where the attention weights live and which mask applies.
+
+Everything after an adapter is family-blind. An adapter never computes attention; it only hands the
+shared recomputation (`extractor.recompute`) the weights in one layout:
+
+    W_Q, W_K, W_V: [head, d_model, d_head]    b_Q, b_K, b_V: [head, d_head]
+    W_O:           [head, d_head, d_model]    b_O:           [d_model]
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class AttentionWeights:
+    """One layer's self-attention weights, split per head (TransformerLens vocabulary)."""
+
+    W_Q: torch.Tensor  # [head, d_model, d_head]
+    W_K: torch.Tensor  # [head, d_model, d_head]
+    W_V: torch.Tensor  # [head, d_model, d_head]
+    W_O: torch.Tensor  # [head, d_head, d_model]
+    b_Q: torch.Tensor  # [head, d_head]
+    b_K: torch.Tensor  # [head, d_head]
+    b_V: torch.Tensor  # [head, d_head]
+    b_O: torch.Tensor  # [d_model]
+    scale: float  # multiplies Q·Kᵀ (1/√d_head for most models; GPT-2 flags change it)
+    causal: bool  # keys after the query are masked
+
+    @property
+    def n_heads(self) -> int:
+        return self.W_Q.shape[0]
+
+    @property
+    def d_head(self) -> int:
+        return self.W_Q.shape[2]
+
+
+def split_linear(weight: torch.Tensor, bias: torch.Tensor | None, n_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split an `nn.Linear` projection d_model → n_heads·d_head into per-head matrices.
+
+    `nn.Linear` stores weight as [out, in]; the result is W: [head, d_model, d_head], b: [head, d_head].
+    """
+    out_features, d_model = weight.shape
+    d_head = out_features // n_heads
+    W = weight.detach().T.reshape(d_model, n_heads, d_head).permute(1, 0, 2).contiguous()
+    b = torch.zeros(out_features, dtype=weight.dtype, device=weight.device) if bias is None else bias.detach()
+    return W, b.reshape(n_heads, d_head).contiguous()
+
+
+def split_output_linear(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Split an `nn.Linear` output projection n_heads·d_head → d_model ([out, in]) into W_O: [head, d_head, d_model]."""
+    d_model, in_features = weight.shape
+    return weight.detach().T.reshape(n_heads, in_features // n_heads, d_model).contiguous()
+
+
+class ModelAdapter(ABC):
+    """Knows one model family's module layout. Subclasses list the `model_type`s they cover."""
+
+    model_types: tuple[str, ...] = ()
+    family: str = ""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.config = model.config
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.attention_modules())
+
+    @property
+    def n_heads(self) -> int:
+        return int(self.config.num_attention_heads)
+
+    @property
+    @abstractmethod
+    def causal(self) -> bool:
+        """Whether queries may only see keys at or before their own position."""
+
+    @abstractmethod
+    def attention_modules(self) -> list[nn.Module]:
+        """Per layer, the module whose first input is the hidden states that Q, K and V are projected from."""
+
+    @abstractmethod
+    def output_projections(self) -> list[nn.Module]:
+        """Per layer, the module that maps z ([batch, pos, head·d_head]) to d_model (input z, output before residual)."""
+
+    @abstractmethod
+    def layer_weights(self, layer: int) -> AttentionWeights:
+        """The weights of layer `layer`, in the shared per-head layout."""
+
+    def all_layer_weights(self) -> list[AttentionWeights]:
+        return [self.layer_weights(layer) for layer in range(self.n_layers)]

@@ -1,0 +1,128 @@
+"""One batch through the whole pipeline: forward with capture → recompute → verify → measures → per-document tensors.
+
+This is the single code path that the Python API, `extractor verify/explain/run` and every engine share.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from . import measures as M
+from .capture import run_with_capture
+from .encode import EncodedBatch, TokenizedDoc
+from .models import LoadedModel
+from .recompute import additive_mask, attention_output, recompute_attention, value_vectors_out
+from .verify import VerificationReport, layer_errors
+from .words import to_words
+
+
+@dataclass
+class DocAttention:
+    """One document's association measures, padding trimmed, at token or word level.
+
+    head_measures: name → [layer, head, query, key]; layer_measures: name → [layer, query, key].
+    """
+
+    doc: TokenizedDoc
+    level: str
+    head_measures: dict[str, torch.Tensor] = field(default_factory=dict)
+    layer_measures: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def size(self) -> int:
+        return self.doc.n_words if self.level == "word" else self.doc.n_tokens
+
+    def to_word_level(self) -> DocAttention:
+        """Clark et al. (2019) aggregation of every measure: mean over query pieces, sum over key pieces."""
+        if self.level == "word":
+            return self
+        index = self.doc.word_index
+        return DocAttention(
+            doc=self.doc,
+            level="word",
+            head_measures={k: to_words(v, index) for k, v in self.head_measures.items()},
+            layer_measures={k: to_words(v, index) for k, v in self.layer_measures.items()},
+        )
+
+
+@dataclass
+class BatchAnalysis:
+    docs: list[DocAttention]
+    verification: VerificationReport | None
+
+
+def validate_measures(measures: Sequence[str]) -> tuple[str, ...]:
+    unknown = [m for m in measures if m not in M.MEASURES]
+    if unknown:
+        raise ValueError(f"unknown measure(s) {', '.join(unknown)}; choose from: {', '.join(M.MEASURES)}")
+    return tuple(dict.fromkeys(measures))
+
+
+@torch.inference_mode()
+def analyse_batch(
+    loaded: LoadedModel,
+    batch: EncodedBatch,
+    measures: Sequence[str] = M.MEASURES,
+    verify: bool = True,
+    atol: float = 1e-5,
+    level: str = "token",
+) -> BatchAnalysis:
+    """Forward `batch`, rebuild every layer's attention from the weights, verify it and compute `measures`."""
+    measures = validate_measures(measures)
+    adapter = loaded.adapter
+    capture = run_with_capture(adapter, batch.model_inputs)
+    mask = additive_mask(batch.attention_mask, adapter.causal, capture.hidden_in[0].dtype)
+    report = VerificationReport(adapter.n_layers, adapter.n_heads, atol=atol) if verify else None
+    per_layer: dict[str, list[torch.Tensor]] = {name: [] for name in measures}
+    patterns: list[torch.Tensor] = []
+    for layer, weights in enumerate(adapter.all_layer_weights()):
+        rec = recompute_attention(capture.hidden_in[layer], weights, mask)
+        if report is not None:
+            report.add(layer, *layer_errors(capture.attentions[layer], rec.pattern, capture.z[layer], rec.z, batch.attention_mask))
+        patterns.append(rec.pattern)
+        if "attention" in measures:
+            per_layer["attention"].append(rec.pattern)
+        if "value_norm" in measures or "layer_value_norm" in measures:
+            f = value_vectors_out(rec.v, weights)  # [batch, head, key, d_model]
+            if "value_norm" in measures:
+                per_layer["value_norm"].append(M.value_norm(rec.pattern, f.norm(dim=-1)))
+            if "layer_value_norm" in measures:
+                per_layer["layer_value_norm"].append(M.layer_value_norm(rec.pattern, f))
+    if "rollout" in measures:
+        per_layer["rollout"] = M.rollout(patterns)
+    if report is not None:
+        report.n_docs = len(batch.docs)
+
+    stacked = {name: torch.stack(values, dim=1).float().cpu() for name, values in per_layer.items()}
+    docs = []
+    for i, doc in enumerate(batch.docs):
+        n = doc.n_tokens
+        result = DocAttention(
+            doc=doc,
+            level="token",
+            head_measures={k: v[i, :, :, :n, :n] for k, v in stacked.items() if k in M.HEAD_MEASURES},
+            layer_measures={k: v[i, :, :n, :n] for k, v in stacked.items() if k in M.LAYER_MEASURES},
+        )
+        docs.append(result.to_word_level() if level == "word" else result)
+    return BatchAnalysis(docs=docs, verification=report)
+
+
+@torch.inference_mode()
+def decomposition_error(loaded: LoadedModel, batch: EncodedBatch) -> list[float]:
+    """Per layer, max |Σ_h Σ_j α_hij f_h(x_j) + b_O − (the model's output projection)| over real tokens.
+
+    Zero (up to float error) proves `value_norm` is built from the weights the model really uses.
+    """
+    adapter = loaded.adapter
+    capture = run_with_capture(adapter, batch.model_inputs)
+    mask = additive_mask(batch.attention_mask, adapter.causal, capture.hidden_in[0].dtype)
+    real = batch.attention_mask.bool()[:, :, None]
+    errors = []
+    for layer, weights in enumerate(adapter.all_layer_weights()):
+        rec = recompute_attention(capture.hidden_in[layer], weights, mask)
+        rebuilt = attention_output(rec.pattern, value_vectors_out(rec.v, weights), weights)
+        errors.append(float(((rebuilt - capture.attn_out[layer]).abs() * real).max()))
+    return errors

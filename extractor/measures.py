@@ -1,0 +1,49 @@
+"""Association measures: how strongly query token i is associated with key token j.
+
+- `attention`:        α_hij, the softmax pattern A of head h.
+- `value_norm`:       ‖α_hij · f_h(x_j)‖ with f_h(x) = (x·W_V + b_V)·W_O (Kobayashi et al., 2020).
+                      α is a non-negative scalar, so this is α_hij · ‖f_h(x_j)‖.
+- `layer_value_norm`: ‖Σ_h α_hij · f_h(x_j)‖ per layer (head = -1).
+- `rollout`:          Abnar & Zuidema (2020): Ã_l = 0.5·mean_h(A_l) + 0.5·I (rows renormalised),
+                      R_0 = Ã_0, R_l = Ã_l · R_{l-1} (head = -1).
+"""
+
+from __future__ import annotations
+
+import torch
+
+HEAD_MEASURES = ("attention", "value_norm")
+LAYER_MEASURES = ("layer_value_norm", "rollout")
+MEASURES = HEAD_MEASURES + LAYER_MEASURES
+
+
+def value_norm(pattern: torch.Tensor, f_norm: torch.Tensor) -> torch.Tensor:
+    """pattern [batch, head, query, key], f_norm = ‖f_h(x_j)‖ [batch, head, key] → [batch, head, query, key]."""
+    return pattern * f_norm[:, :, None, :]
+
+
+def layer_value_norm(pattern: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """‖Σ_h α_hij f_h(x_j)‖ without materialising [batch, query, key, d_model].
+
+    Uses the per-key Gram matrix G_j[h, g] = ⟨f_h(x_j), f_g(x_j)⟩, so
+    ‖Σ_h α_hij f_h(x_j)‖² = Σ_h Σ_g α_hij α_gij G_j[h, g].
+    pattern [batch, head, query, key], f [batch, head, key, d_model] → [batch, query, key].
+    """
+    gram = torch.einsum("bhkm,bgkm->bkhg", f, f)  # [batch, key, head, head]
+    weighted = torch.einsum("bhqk,bkhg->bgqk", pattern, gram)  # [batch, head, query, key]
+    squared = (weighted * pattern).sum(dim=1)  # [batch, query, key]
+    return squared.clamp_min(0).sqrt()
+
+
+def rollout(patterns: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Attention rollout after each layer. patterns: per layer [batch, head, query, key] → per layer [batch, query, key]."""
+    results: list[torch.Tensor] = []
+    rolled: torch.Tensor | None = None
+    for pattern in patterns:
+        n = pattern.shape[-1]
+        eye = torch.eye(n, dtype=pattern.dtype, device=pattern.device)
+        mixed = 0.5 * pattern.mean(dim=1) + 0.5 * eye  # [batch, query, key]
+        mixed = mixed / mixed.sum(dim=-1, keepdim=True)
+        rolled = mixed if rolled is None else torch.matmul(mixed, rolled)
+        results.append(rolled)
+    return results

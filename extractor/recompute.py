@@ -1,0 +1,79 @@
+"""The only code that knows the maths of self-attention. One pure function serves every model family.
+
+    attn_scores = (X·W_Q + b_Q)·(X·W_K + b_K)ᵀ · scale + mask      [batch, head, query_pos, key_pos]
+    pattern     = softmax(attn_scores, over key_pos)                [batch, head, query_pos, key_pos]
+    z           = pattern · (X·W_V + b_V)                           [batch, query_pos, head, d_head]
+
+The mask is additive, as in Hugging Face's eager attention: 0 where a key may be seen and
+`torch.finfo(dtype).min` where it may not (padding; keys after the query in causal models).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .adapters.base import AttentionWeights
+
+
+@dataclass(frozen=True)
+class AttentionRecompute:
+    """Everything one attention layer computes, rebuilt from its weights."""
+
+    q: torch.Tensor  # [batch, head, query_pos, d_head]
+    k: torch.Tensor  # [batch, head, key_pos, d_head]
+    v: torch.Tensor  # [batch, head, key_pos, d_head]
+    attn_scores: torch.Tensor  # [batch, head, query_pos, key_pos], scaled and masked, before softmax
+    pattern: torch.Tensor  # [batch, head, query_pos, key_pos], softmax of attn_scores
+    z: torch.Tensor  # [batch, query_pos, head, d_head], pattern · v
+
+
+def additive_mask(attention_mask: torch.Tensor, causal: bool, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Build the additive mask from the tokenizer's `attention_mask` ([batch, pos], 1 = real token).
+
+    Returns [batch, 1, query_pos, key_pos]: 0 where the key is visible, `finfo(dtype).min` where it is not.
+    """
+    batch, n = attention_mask.shape
+    visible = attention_mask.bool()[:, None, None, :].expand(batch, 1, n, n)  # [batch, 1, query, key]
+    if causal:
+        lower = torch.ones(n, n, dtype=torch.bool, device=attention_mask.device).tril()  # key ≤ query
+        visible = visible & lower
+    zero = torch.zeros((), dtype=dtype, device=attention_mask.device)
+    return torch.where(visible, zero, torch.finfo(dtype).min)
+
+
+def project(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-head projection: x [batch, pos, d_model], W [head, d_model, d_head], b [head, d_head] → [batch, head, pos, d_head]."""
+    return torch.einsum("bpm,hmd->bhpd", x, W) + b[None, :, None, :]
+
+
+def recompute_attention(x: torch.Tensor, weights: AttentionWeights, mask: torch.Tensor) -> AttentionRecompute:
+    """Rebuild one layer's attention from its input hidden states.
+
+    x: [batch, pos, d_model], the hidden states the attention module received (after any pre-LayerNorm).
+    mask: [batch, 1, query_pos, key_pos], from `additive_mask`.
+    """
+    q = project(x, weights.W_Q, weights.b_Q)  # [batch, head, query_pos, d_head]
+    k = project(x, weights.W_K, weights.b_K)  # [batch, head, key_pos, d_head]
+    v = project(x, weights.W_V, weights.b_V)  # [batch, head, key_pos, d_head]
+    attn_scores = torch.matmul(q, k.transpose(-1, -2)) * weights.scale + mask  # [batch, head, query_pos, key_pos]
+    pattern = torch.softmax(attn_scores, dim=-1)  # [batch, head, query_pos, key_pos]
+    z = torch.matmul(pattern, v).transpose(1, 2)  # [batch, query_pos, head, d_head]
+    return AttentionRecompute(q=q, k=k, v=v, attn_scores=attn_scores, pattern=pattern, z=z)
+
+
+def value_vectors_out(v: torch.Tensor, weights: AttentionWeights) -> torch.Tensor:
+    """f_h(x_j) = (x_j·W_V + b_V)·W_O for every head and key: v [batch, head, key_pos, d_head] → [batch, head, key_pos, d_model].
+
+    Kobayashi et al. (2020): what each key contributes to the layer's output, before the attention weight.
+    """
+    return torch.einsum("bhkd,hdm->bhkm", v, weights.W_O)
+
+
+def attention_output(pattern: torch.Tensor, f: torch.Tensor, weights: AttentionWeights) -> torch.Tensor:
+    """Σ_h Σ_j α_hij · f_h(x_j) + b_O: the output projection as the model computes it, before residual.
+
+    pattern [batch, head, query_pos, key_pos], f [batch, head, key_pos, d_model] → [batch, query_pos, d_model].
+    """
+    return torch.einsum("bhqk,bhkm->bqm", pattern, f) + weights.b_O
