@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import os
+import socket
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -102,14 +104,27 @@ def _hub_weights_folder(spec: str) -> Path | None:
     return Path(found).parent if isinstance(found, str) else None
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether huggingface.co answers on 443 (checked once, so offline machines fail fast instead of retrying)."""
+    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
+        return False
+    try:
+        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def load_model(spec: str = "minilm", device: str = "cpu", dtype: str = "float32", tolerance: float = 1e-5) -> LoadedModel:
     """Load `spec` for extraction and record its provenance. Raises `ModelLoadError` with a one-line reason."""
     if dtype not in DTYPES:
         raise ModelLoadError(f"dtype '{dtype}' is not supported; choose one of: {', '.join(DTYPES)}")
     source, is_local = resolve_model_path(spec)
     hf_logging.disable_progress_bar()
+    # Offline, use only what the Hub cache already holds, and fail at once instead of retrying for ~30 s.
+    local_only = not is_local and not hub_reachable()
     try:
-        config = AutoConfig.from_pretrained(source, trust_remote_code=False)
+        config = AutoConfig.from_pretrained(source, trust_remote_code=False, local_files_only=local_only)
     except (OSError, ValueError) as exc:
         if is_local:
             raise ModelLoadError(f"cannot read the config of model '{spec}': {str(exc).splitlines()[0]}") from exc
@@ -124,9 +139,12 @@ def load_model(spec: str = "minilm", device: str = "cpu", dtype: str = "float32"
         )
     try:
         model = AutoModel.from_pretrained(
-            source, attn_implementation="eager", dtype=DTYPES[dtype], trust_remote_code=False
+            source, attn_implementation="eager", dtype=DTYPES[dtype], trust_remote_code=False,
+            local_files_only=local_only,
         )
-        tokenizer = AutoTokenizer.from_pretrained(source, use_fast=True, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, use_fast=True, trust_remote_code=False, local_files_only=local_only
+        )
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load model '{spec}': {str(exc).splitlines()[0]}") from exc
     if not tokenizer.is_fast:
