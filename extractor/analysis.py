@@ -35,6 +35,10 @@ class DocAttention:
     def size(self) -> int:
         return self.doc.n_words if self.level == "word" else self.doc.n_tokens
 
+    def document_positions(self) -> torch.Tensor:
+        """[size]: each matrix index's position in the whole document (token or word positions)."""
+        return torch.tensor(self.doc.word_positions if self.level == "word" else self.doc.positions, dtype=torch.long)
+
     def to_word_level(self) -> DocAttention:
         """Clark et al. (2019) aggregation of every measure: mean over query pieces, sum over key pieces."""
         if self.level == "word":

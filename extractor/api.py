@@ -122,7 +122,7 @@ def extract(
     docs: list[DocAttention] = []
     report: VerificationReport | None = None
     for start in range(0, len(texts), batch_size):
-        batch = encode(loaded.tokenizer, texts[start : start + batch_size], max_length, loaded.device)
+        batch = encode(loaded.tokenizer, texts[start : start + batch_size], max_length, loaded.device, loaded.model.config)
         analysis = analyse_batch(loaded, batch, measures, verify=verify, atol=atol, level=level)
         docs.extend(analysis.docs)
         if analysis.verification is not None:

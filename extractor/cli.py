@@ -107,6 +107,70 @@ def explain(
     typer.echo(explain_token(result.docs[0], token, layer, head, measure, occurrence))
 
 
+@app.command()
+@user_errors
+def run(
+    config: Annotated[str | None, typer.Argument(help="YAML run config (see configs/default.yaml).")] = None,
+    set_: Annotated[list[str], typer.Option("--set", help="Override a config key: key=value (repeatable).")] = [],  # noqa: B006
+    model: Annotated[str | None, typer.Option(help="Hub id, save_pretrained folder, or 'minilm'.")] = None,
+    input: Annotated[str | None, typer.Option("--input", "-i", help="Corpus: .txt .jsonl .csv .tsv .parquet or '-'.")] = None,
+    output: Annotated[str | None, typer.Option("--output", "-o", help="Output folder.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Most documents per forward pass.")] = None,
+    max_length: Annotated[int | None, typer.Option(help="Most tokens per document (window).")] = None,
+    storage: Annotated[str | None, typer.Option(help="topk | dense | threshold | summary.")] = None,
+    top_k: Annotated[int | None, typer.Option(help="Keys kept per query row and head (storage topk).")] = None,
+    level: Annotated[str | None, typer.Option(help="token | word.")] = None,
+    measures: Annotated[str | None, typer.Option(help="Comma-separated: attention,value_norm,layer_value_norm,rollout.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Read at most this many records.")] = None,
+    verify: Annotated[str | None, typer.Option(help="on | off | every:N.")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu | cuda | cuda:N.")] = None,
+    dtype: Annotated[str | None, typer.Option(help="float32 | bfloat16.")] = None,
+    engine: Annotated[str | None, typer.Option(help="local | ray.")] = None,
+    address: Annotated[str | None, typer.Option(help="Ray: auto or ray://HOST:PORT.")] = None,
+    workers: Annotated[int | None, typer.Option(help="Ray: worker actors.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Finish an interrupted run in the same output folder.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace what is in the output folder.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+) -> None:
+    """Extract, verify and store every head's associations over a corpus (streamed, resumable)."""
+    from .config import load_config, parse_set
+    from .run import run_extraction
+
+    overrides = parse_set(set_)
+    flags = {"model": model, "input": input, "output": output, "batch_size": batch_size, "max_length": max_length,
+             "storage": storage, "top_k": top_k, "level": level, "limit": limit, "verify": verify, "device": device,
+             "dtype": dtype, "engine": engine, "address": address, "workers": workers,
+             "measures": [m.strip() for m in measures.split(",") if m.strip()] if measures is not None else None}
+    overrides.update({k: v for k, v in flags.items() if v is not None})
+    settings = load_config(config, overrides)
+    manifest = run_extraction(settings, resume=resume, overwrite=overwrite, quiet=quiet)
+    if manifest.get("verification", {}).get("passed") is False:
+        failing = ", ".join(manifest["verification"]["failing_heads"])
+        raise fail(f"verification failed for {failing} (see verification.parquet)", code=1)
+
+
+@app.command()
+@user_errors
+def query(
+    output_dir: Annotated[str, typer.Argument(help="A run's output folder.")],
+    sql: Annotated[str, typer.Argument(help="SQL over views associations, tokens, words, documents, verification, heads, head_similarity.")],
+    format: Annotated[str, typer.Option("--format", help="table | csv | json.")] = "table",
+    max_rows: Annotated[int, typer.Option(help="Rows shown in table format.")] = 50,
+) -> None:
+    """Query a run's Parquet outputs with DuckDB SQL."""
+    from .query import run_query
+
+    frame = run_query(output_dir, sql)
+    if format == "csv":
+        typer.echo(frame.to_csv(index=False), nl=False)
+    elif format == "json":
+        typer.echo(frame.to_json(orient="records", lines=True), nl=False)
+    elif format == "table":
+        typer.echo(frame.to_string(index=False, max_rows=max_rows) if len(frame) else "(no rows)")
+    else:
+        raise UserError(f"--format '{format}' is not supported; choose table, csv or json")
+
+
 def main() -> None:
     """Console entry point."""
     try:

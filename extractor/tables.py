@@ -116,6 +116,8 @@ def association_table(
         else:
             layer, query, key = index.unbind(dim=1)
             head = torch.full((rows,), -1, dtype=torch.long)
+        positions = doc.document_positions()  # window → document positions
+        query, key = positions[query], positions[key]
         columns = {
             "doc_id": pa.array(torch.full((rows,), doc_id, dtype=torch.long).numpy(), pa.int64()),
             "layer": pa.array(layer.to(torch.int16).numpy()),

@@ -1,0 +1,360 @@
+"""`extractor run`: batch extraction over a corpus, streamed to Parquet, resumable, in bounded memory.
+
+read records → tokenize a buffer → truncate/window → bucket by length → batches by token budget
+→ analyse_batch (forward, recompute, verify, measures) → tables → commit part (background thread)
+→ at the end: consolidate documents/tokens/verification/heads, manifest, figures, report.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from itertools import islice
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from .analysis import DocAttention, analyse_batch
+from .batching import chunks, plan_batches
+from .config import RunConfig
+from .encode import TokenizedDoc, collate, model_max_length, tokenize, truncate, windows
+from .models import LoadedModel, load_model
+from .readers import SourceRecord, count_records, read_documents
+from .storage import OutputFolder, Part
+from .tables import association_table, tokens_table, words_table
+from .verify import VerificationReport
+
+log = logging.getLogger("extractor.run")
+
+
+@dataclass
+class Document:
+    """A readable record, tokenised, with the units (one, or several windows) the model will see."""
+
+    record: SourceRecord
+    full: TokenizedDoc
+    units: list[TokenizedDoc]
+
+
+@dataclass
+class RunStats:
+    documents: int = 0
+    tokens: int = 0
+    association_rows: int = 0
+    batches: int = 0
+    skipped: int = 0
+    truncated: int = 0
+    started: float = field(default_factory=time.time)
+
+
+def corpus_statistics(loaded: LoadedModel) -> dict[str, Any]:
+    """Fresh per-part accumulators of corpus-wide per-head statistics (merged at the end)."""
+    try:  # TEMPORARY until heads/similarity land
+        from .heads import HeadStats
+        from .similarity import HeadSimilarity
+    except ImportError:
+        return {}
+
+    adapter, tok = loaded.adapter, loaded.tokenizer
+    return {
+        "heads": HeadStats(adapter.n_layers, adapter.n_heads, adapter.causal, tok.cls_token, tok.sep_token),
+        "similarity": HeadSimilarity(adapter.n_layers, adapter.n_heads),
+    }
+
+
+class Progress:
+    """A tqdm bar on a terminal; plain log lines every `every` seconds otherwise; nothing with quiet."""
+
+    def __init__(self, total: int | None, quiet: bool, initial: int = 0, every: float = 10.0) -> None:
+        self.quiet, self.every, self.total = quiet, every, total
+        self.docs, self.tokens = initial, 0
+        self.start = self.last = time.time()
+        self.bar = None
+        if not quiet and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, unit="doc", dynamic_ncols=True, file=sys.stderr)
+
+    def update(self, docs: int, tokens: int) -> None:
+        self.docs += docs
+        self.tokens += tokens
+        elapsed = max(time.time() - self.start, 1e-9)
+        if self.bar is not None:
+            self.bar.update(docs)
+            self.bar.set_postfix(tokens_per_s=f"{self.tokens / elapsed:,.0f}", refresh=False)
+        elif not self.quiet and time.time() - self.last >= self.every:
+            self.last = time.time()
+            rate = self.docs / elapsed
+            eta = f", ETA {((self.total - self.docs) / rate):.0f}s" if self.total and rate > 0 else ""
+            print(
+                f"progress: {self.docs}/{self.total or '?'} documents, {rate:.1f} docs/s, "
+                f"{self.tokens / elapsed:,.0f} tokens/s{eta}",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def prepare_documents(records: list[SourceRecord], loaded: LoadedModel, config: RunConfig) -> list[Document]:
+    """Tokenise a buffer of readable records and cut each into the units the model sees."""
+    limit = min(config.max_length or 10**9, model_max_length(loaded.tokenizer, loaded.model.config))
+    full_docs = tokenize(loaded.tokenizer, [r.text for r in records])  # type: ignore[misc]
+    documents = []
+    for record, full in zip(records, full_docs, strict=True):
+        if config.long_documents == "window":
+            units = windows(full, limit, min(config.window_stride, max(limit - 3, 0)))
+        else:
+            units = [truncate(full, limit)]
+        documents.append(Document(record, full, units))
+    return documents
+
+
+def document_row(record: SourceRecord, document: Document | None) -> dict[str, Any]:
+    if document is None:
+        return {"doc_id": record.doc_id, "source": record.source, "line": record.line, "n_tokens": 0,
+                "n_windows": 0, "status": "skipped", "reason": record.reason}
+    truncated = document.units[0].truncated
+    n_tokens = document.units[0].n_tokens if truncated else document.full.n_tokens
+    return {"doc_id": record.doc_id, "source": record.source, "line": record.line, "n_tokens": n_tokens,
+            "n_windows": len(document.units), "status": "truncated" if truncated else "ok",
+            "reason": f"truncated from {document.full.n_tokens} tokens" if truncated else None}
+
+
+class Extraction:
+    """One run of the local engine over an iterator of records (also what each Ray worker runs)."""
+
+    def __init__(self, config: RunConfig, loaded: LoadedModel) -> None:
+        self.config = config
+        self.loaded = loaded
+        self.causal = loaded.adapter.causal
+        self.batch_counter = 0
+        self.value_type = pa.float16() if config.storage == "dense" else pa.float32()
+
+    def parts(self, records: Iterable[SourceRecord], first_part_id: int) -> Iterator[Part]:
+        """Turn records into committed-ready parts, one per batch (skipped records ride on the next part)."""
+        part_id = first_part_id
+        skipped: list[SourceRecord] = []
+        buffer: list[SourceRecord] = []
+
+        def drain(buffer: list[SourceRecord]) -> Iterator[Part]:
+            nonlocal part_id, skipped
+            documents = prepare_documents(buffer, self.loaded, self.config)
+            plan = plan_batches([[u.n_tokens for u in d.units] for d in documents], self.config.token_budget,
+                                self.config.batch_size, self.config.bucketing)
+            for group in plan:
+                part = self.process([documents[g] for g in group], part_id, skipped)
+                skipped = []
+                part_id += 1
+                yield part
+
+        for record in records:
+            if record.text is None:
+                skipped.append(record)
+                continue
+            buffer.append(record)
+            if len(buffer) >= self.config.buffer_size:
+                yield from drain(buffer)
+                buffer = []
+        if buffer:
+            yield from drain(buffer)
+        if skipped:
+            yield Part(part_id, [document_row(r, None) for r in skipped], state={})
+
+    def process(self, documents: list[Document], part_id: int, skipped: list[SourceRecord]) -> Part:
+        """Analyse one batch of documents (all their units) into a Part."""
+        config, loaded = self.config, self.loaded
+        verify_every = config.verify_every
+        verify = verify_every > 0 and self.batch_counter % verify_every == 0
+        self.batch_counter += 1
+        units = [(d_index, unit) for d_index, d in enumerate(documents) for unit in d.units]
+        stats = corpus_statistics(loaded)
+        report: VerificationReport | None = None
+        per_doc_tables: list[pa.Table] = []
+        for chunk in chunks(units, config.batch_size):
+            batch = collate([u for _, u in chunk], loaded.tokenizer.pad_token_id, loaded.device)
+            analysis = analyse_batch(loaded, batch, config.measures, verify=verify, atol=config.atol)
+            if analysis.verification is not None:
+                if report is None:
+                    report = analysis.verification
+                else:
+                    report.merge(analysis.verification)
+            for (d_index, _), doc in zip(chunk, analysis.docs, strict=True):
+                if "attention" in doc.head_measures:
+                    for accumulator in stats.values():
+                        accumulator.update(doc)
+                if config.storage != "summary":
+                    per_doc_tables.append(self.associations(documents[d_index].record.doc_id, doc))
+        rows = [document_row(r, None) for r in skipped] + [document_row(d.record, d) for d in documents]
+        tokens = pa.concat_tables([tokens_table(d.record.doc_id, d.full) for d in documents])
+        words = None
+        if config.level == "word":
+            words = pa.concat_tables([words_table(d.record.doc_id, d.full, d.record.text) for d in documents])  # type: ignore[arg-type]
+        associations = pa.concat_tables(per_doc_tables) if per_doc_tables else None
+        if associations is not None and config.long_documents == "window":
+            window_of = [u.window for _, u in units]
+            counts = [t.num_rows for t in per_doc_tables]
+            column = pa.array([w for w, c in zip(window_of, counts, strict=True) for _ in range(c)], pa.int16())
+            associations = associations.append_column("window", column)
+        return Part(part_id, rows, tokens, words, associations,
+                    state={"verification": report, **stats, "n_tokens": sum(u.n_tokens for _, u in units)})
+
+    def associations(self, doc_id: int, doc: DocAttention) -> pa.Table:
+        config = self.config
+        if config.level == "word":
+            doc = doc.to_word_level()
+        top_k = config.top_k if config.storage == "topk" else None
+        threshold = config.threshold if config.storage == "threshold" else None
+        return association_table(doc_id, doc, self.causal, top_k, threshold, self.value_type)
+
+
+def limited(records: Iterable[SourceRecord], limit: int | None) -> Iterable[SourceRecord]:
+    return islice(records, limit) if limit else records
+
+
+def run_extraction(
+    config: RunConfig, resume: bool = False, overwrite: bool = False, quiet: bool = False,
+    loaded: LoadedModel | None = None, after_part: Callable[[Part], None] | None = None,
+) -> dict[str, Any]:
+    """Run (or finish) an extraction; returns the manifest."""
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    folder = OutputFolder(config.output, resume=resume, overwrite=overwrite)
+    previous = folder.read_manifest()
+    if resume and previous and previous.get("status") == "complete":
+        if not quiet:
+            print(f"run in '{config.output}' is already complete; nothing to do", file=sys.stderr)
+        return previous
+    if config.engine == "ray":
+        from .engines.ray_engine import run_on_ray
+
+        return run_on_ray(config, folder, quiet=quiet)
+    started = time.time()
+    records = limited(read_documents(config.input, config.input_format, config.text_field, config.text_column),
+                      config.limit)
+    loaded = loaded or load_model(config.model, config.device, config.dtype, config.atol)
+    load_seconds = time.time() - started
+    manifest = base_manifest(config, loaded.provenance, started)
+    folder.write_manifest(manifest)
+    done = folder.committed_doc_ids()
+    total = count_records(config.input, config.input_format)
+    total = min(total, config.limit) if total is not None and config.limit else total
+    progress = Progress(total, quiet, initial=len(done))
+    extraction = Extraction(config, loaded)
+    try:
+        todo = (r for r in records if r.doc_id not in done)
+        for part in extraction.parts(todo, folder.next_part_id()):
+            folder.submit(part)
+            progress.update(len(part.documents), part.state.get("n_tokens", 0))
+            if after_part is not None:
+                after_part(part)
+        folder.flush()
+    finally:
+        progress.close()
+        folder.close()
+    return finish(folder, manifest, started, load_seconds, quiet)
+
+
+def base_manifest(config: RunConfig, provenance: dict[str, Any], started: float) -> dict[str, Any]:
+    return {
+        "run": config.run_name,
+        "status": "running",
+        "config": config.model_dump(),
+        "provenance": provenance,
+        "timings": {"started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started))},
+    }
+
+
+def finish(folder: OutputFolder, manifest: dict[str, Any], started: float, load_seconds: float, quiet: bool) -> dict[str, Any]:
+    """Fold the committed parts into the final files, write the manifest, figures and report."""
+    config = RunConfig(**manifest["config"])
+    documents = folder.part_tables("documents")
+    if documents is None:
+        raise_empty(config)
+    documents = documents.sort_by("doc_id")
+    folder.write_table("documents.parquet", documents)
+    for label in ("tokens", "words"):
+        table = folder.part_tables(label)
+        if table is not None:
+            folder.write_table(f"{label}.parquet", table.sort_by([("doc_id", "ascending")]))
+    states = folder.part_states()
+    merged: dict[str, Any] = {}
+    for state in states:
+        for key, value in state.items():
+            if value is None or key == "n_tokens":
+                continue
+            if key not in merged:
+                merged[key] = value
+            else:
+                merged[key].merge(value)
+    verification = merged.get("verification")
+    if verification is not None:
+        folder.write_table("verification.parquet", verification.table())
+    if "heads" in merged:
+        folder.write_table("heads.parquet", merged["heads"].table())
+        folder.write_table("head_similarity.parquet", merged["similarity"].table())
+    status = documents.column("status").to_pylist()
+    n_tokens = sum(state.get("n_tokens", 0) for state in states)
+    association_rows = sum(
+        pq.ParquetFile(f).metadata.num_rows for f in folder.associations_dir.glob("part-*.parquet")
+    )
+    seconds = time.time() - started
+    manifest["status"] = "complete"
+    manifest["counts"] = {
+        "records": len(status),
+        "ok": status.count("ok"),
+        "truncated": status.count("truncated"),
+        "skipped": status.count("skipped"),
+        "tokens_processed": n_tokens,
+        "association_rows": association_rows,
+        "parts": len(states),
+    }
+    manifest["verification"] = (
+        {"passed": verification.passed, "atol": verification.atol, "documents_verified": verification.n_docs,
+         "max_pattern_abs_err": float(verification.pattern_err.max()), "max_z_abs_err": float(verification.z_err.max()),
+         "failing_heads": [f"L{l}H{h}" for l, h in verification.failing_heads()]}
+        if verification is not None else {"passed": None, "note": "verification was off"}
+    )
+    manifest["timings"].update({"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": round(seconds, 3),
+                                "model_load_seconds": round(load_seconds, 3),
+                                "tokens_per_second": round(n_tokens / seconds, 1) if seconds else None})
+    folder.write_manifest(manifest)
+    folder.remove_parts()
+    write_extras(folder, config, quiet)
+    if not quiet:
+        counts = manifest["counts"]
+        print(
+            f"done: {counts['records']} records ({counts['ok']} ok, {counts['truncated']} truncated, "
+            f"{counts['skipped']} skipped), {counts['association_rows']} association rows, "
+            f"verification {'passed' if manifest['verification']['passed'] else manifest['verification']['passed']}"
+            f" → {folder.path}",
+            file=sys.stderr,
+        )
+    return manifest
+
+
+def write_extras(folder: OutputFolder, config: RunConfig, quiet: bool) -> None:
+    """Default figures and the HTML report, when their modules are installed in this version."""
+    if config.plots:
+        from .plots import write_default_plots
+
+        write_default_plots(folder.path)
+    if config.report:
+        try:
+            from .report import write_report
+        except ImportError:
+            return
+        write_report(folder.path)
+
+
+def raise_empty(config: RunConfig) -> None:
+    from .errors import UserError
+
+    raise UserError(f"input '{config.input}' has no records")

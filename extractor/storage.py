@@ -1,0 +1,202 @@
+"""The run's output folder, written part by part so that a crash loses nothing already committed.
+
+    OUTPUT/
+      manifest.json            config, provenance, counts, status, timings
+      documents.parquet        one row per input line or row (doc_id, source, line, n_tokens, status, reason)
+      tokens.parquet           one row per token
+      words.parquet            one row per word (level: word)
+      associations/part-*.parquet   pair tables; each part sorted by (layer, head, doc_id, query_pos) with
+                               one row group per layer, so filters on layer/head skip most of the data
+      verification.parquet     max errors per (layer, head) vs Hugging Face
+      heads.parquet, head_similarity.parquet   per-head metrics over the corpus
+
+A part is committed in this order: every file under a temporary name then renamed into place, then the
+commit record `_parts/NNNNNN.done`. On `--resume`, files of parts without a commit record are deleted and
+the committed documents are skipped, so the finished outputs equal an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from .errors import UserError
+
+DOCUMENT_SCHEMA = pa.schema(
+    [
+        pa.field("doc_id", pa.int64()),
+        pa.field("source", pa.string()),
+        pa.field("line", pa.int64()),
+        pa.field("n_tokens", pa.int32()),
+        pa.field("n_windows", pa.int16()),
+        pa.field("status", pa.string()),
+        pa.field("reason", pa.string()),
+    ]
+)
+FINAL_FILES = ("manifest.json", "documents.parquet", "tokens.parquet", "words.parquet", "verification.parquet",
+               "heads.parquet", "head_similarity.parquet", "report.html")
+
+
+@dataclass
+class Part:
+    """Everything one batch adds to the outputs."""
+
+    part_id: int
+    documents: list[dict[str, Any]]
+    tokens: pa.Table | None = None
+    words: pa.Table | None = None
+    associations: pa.Table | None = None
+    state: dict[str, Any] = field(default_factory=dict)  # picklable accumulators (verification, head stats)
+
+    @property
+    def doc_ids(self) -> list[int]:
+        return [int(d["doc_id"]) for d in self.documents]
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """Write through a temporary name in the same folder, then rename (atomic on POSIX)."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _write_table(table: pa.Table, path: Path) -> None:
+    _atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
+
+
+def write_associations(table: pa.Table, path: Path) -> None:
+    """One file, sorted by (layer, head, doc_id, query_pos, key_pos), one row group per layer."""
+    table = table.sort_by([("layer", "ascending"), ("head", "ascending"), ("doc_id", "ascending"),
+                           ("query_pos", "ascending"), ("key_pos", "ascending")])
+
+    def write(tmp: Path) -> None:
+        with pq.ParquetWriter(tmp, table.schema, compression="zstd") as writer:
+            for layer in pc.unique(table["layer"]).to_pylist():
+                writer.write_table(table.filter(pc.equal(table["layer"], layer)), row_group_size=1 << 22)
+
+    _atomic_write(path, write)
+
+
+class OutputFolder:
+    """Owns OUTPUT/: refuses to clobber, resumes, commits parts (in a background thread), consolidates."""
+
+    def __init__(self, path: str | Path, resume: bool = False, overwrite: bool = False) -> None:
+        self.path = Path(path)
+        self.parts_dir = self.path / "_parts"
+        self.associations_dir = self.path / "associations"
+        self._prepare(resume, overwrite)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="writer")
+        self._pending: list[Future[None]] = []
+
+    # -- set-up -----------------------------------------------------------------------------------
+    def _prepare(self, resume: bool, overwrite: bool) -> None:
+        if self.path.exists() and not self.path.is_dir():
+            raise UserError(f"output '{self.path}' exists and is not a folder")
+        occupied = self.path.is_dir() and any(p.name != ".gitkeep" for p in self.path.iterdir())
+        if occupied and not (resume or overwrite):
+            raise UserError(
+                f"output folder '{self.path}' is not empty; pass --resume to finish that run or --overwrite to replace it"
+            )
+        if occupied and overwrite and not resume:
+            for child in self.path.iterdir():
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+        try:
+            self.parts_dir.mkdir(parents=True, exist_ok=True)
+            self.associations_dir.mkdir(exist_ok=True)
+            probe = self.parts_dir / ".write-test"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as exc:
+            raise UserError(f"output folder '{self.path}' is not writable ({exc.strerror})") from None
+        if resume:
+            self._drop_uncommitted()
+
+    def committed_parts(self) -> list[int]:
+        return sorted(int(p.name.split(".")[0]) for p in self.parts_dir.glob("*.done"))
+
+    def committed_doc_ids(self) -> set[int]:
+        done: set[int] = set()
+        for marker in self.parts_dir.glob("*.done"):
+            done.update(json.loads(marker.read_text())["doc_ids"])
+        return done
+
+    def next_part_id(self) -> int:
+        parts = self.committed_parts()
+        return parts[-1] + 1 if parts else 0
+
+    def _drop_uncommitted(self) -> None:
+        """Delete what a crash left half-written: temporary files and parts without a commit record."""
+        committed = {f"{p:06d}" for p in self.committed_parts()}
+        for file in [*self.parts_dir.iterdir(), *self.associations_dir.iterdir()]:
+            stem = file.name.removeprefix("part-").split(".")[0]
+            if file.name.endswith(".tmp") or stem not in committed:
+                file.unlink()
+
+    # -- parts --------------------------------------------------------------------------------------
+    def submit(self, part: Part) -> None:
+        """Commit `part` in the background; at most two parts wait in memory (bounded memory)."""
+        while len(self._pending) >= 2:
+            self._pending.pop(0).result()
+        self._pending.append(self._executor.submit(self._commit, part))
+
+    def flush(self) -> None:
+        while self._pending:
+            self._pending.pop(0).result()
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            self._executor.shutdown(wait=True)
+
+    def _commit(self, part: Part) -> None:
+        name = f"{part.part_id:06d}"
+        if part.associations is not None and part.associations.num_rows:
+            write_associations(part.associations, self.associations_dir / f"part-{name}.parquet")
+        documents = pa.Table.from_pylist(part.documents, schema=DOCUMENT_SCHEMA)
+        _write_table(documents, self.parts_dir / f"{name}.documents.parquet")
+        for label, table in (("tokens", part.tokens), ("words", part.words)):
+            if table is not None:
+                _write_table(table, self.parts_dir / f"{name}.{label}.parquet")
+        _atomic_write(self.parts_dir / f"{name}.state.pkl", lambda tmp: tmp.write_bytes(pickle.dumps(part.state)))
+        marker = json.dumps({"doc_ids": part.doc_ids})
+        _atomic_write(self.parts_dir / f"{name}.done", lambda tmp: tmp.write_text(marker))
+
+    # -- reading back -------------------------------------------------------------------------------
+    def part_tables(self, label: str) -> pa.Table | None:
+        files = [self.parts_dir / f"{p:06d}.{label}.parquet" for p in self.committed_parts()]
+        files = [f for f in files if f.exists()]
+        if not files:
+            return None
+        return pa.concat_tables([pq.read_table(f) for f in files])
+
+    def part_states(self) -> list[dict[str, Any]]:
+        return [pickle.loads((self.parts_dir / f"{p:06d}.state.pkl").read_bytes()) for p in self.committed_parts()]
+
+    def write_table(self, name: str, table: pa.Table | pd.DataFrame) -> None:
+        if isinstance(table, pd.DataFrame):
+            table = pa.Table.from_pandas(table, preserve_index=False)
+        _write_table(table, self.path / name)
+
+    def write_manifest(self, manifest: dict[str, Any]) -> None:
+        text = json.dumps(manifest, indent=2, default=str)
+        _atomic_write(self.path / "manifest.json", lambda tmp: tmp.write_text(text))
+
+    def read_manifest(self) -> dict[str, Any] | None:
+        file = self.path / "manifest.json"
+        return json.loads(file.read_text()) if file.exists() else None
+
+    def remove_parts(self) -> None:
+        """After consolidation the per-part documents/tokens/states are folded into the final files."""
+        shutil.rmtree(self.parts_dir, ignore_errors=True)
