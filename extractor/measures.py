@@ -29,10 +29,12 @@ def layer_value_norm(pattern: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     ‖Σ_h α_hij f_h(x_j)‖² = Σ_h Σ_g α_hij α_gij G_j[h, g].
     pattern [batch, head, query, key], f [batch, head, key, d_model] → [batch, query, key].
     """
-    gram = torch.einsum("bhkm,bgkm->bkhg", f, f)  # [batch, key, head, head]
-    weighted = torch.einsum("bhqk,bkhg->bgqk", pattern, gram)  # [batch, head, query, key]
-    squared = (weighted * pattern).sum(dim=1)  # [batch, query, key]
-    return squared.clamp_min(0).sqrt()
+    f_by_key = f.permute(0, 2, 1, 3)  # [batch, key, head, d_model]
+    gram = torch.matmul(f_by_key, f_by_key.transpose(-1, -2))  # [batch, key, head, head]
+    alpha = pattern.permute(0, 3, 2, 1)  # [batch, key, query, head]
+    weighted = torch.matmul(alpha, gram)  # [batch, key, query, head]
+    squared = (weighted * alpha).sum(dim=-1)  # [batch, key, query]
+    return squared.clamp_min(0).sqrt().transpose(1, 2)  # [batch, query, key]
 
 
 def rollout(patterns: list[torch.Tensor]) -> list[torch.Tensor]:

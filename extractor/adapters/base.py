@@ -67,6 +67,7 @@ class ModelAdapter(ABC):
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.config = model.config
+        self._weight_cache: dict[int, tuple[tuple[tuple[int, int], ...], AttentionWeights]] = {}
 
     @property
     def n_layers(self) -> int:
@@ -90,8 +91,18 @@ class ModelAdapter(ABC):
         """Per layer, the module that maps z ([batch, pos, head·d_head]) to d_model (input z, output before residual)."""
 
     @abstractmethod
+    def read_layer_weights(self, layer: int) -> AttentionWeights:
+        """Split layer `layer`'s weights into the shared per-head layout (called once per weight version)."""
+
     def layer_weights(self, layer: int) -> AttentionWeights:
-        """The weights of layer `layer`, in the shared per-head layout."""
+        """The weights of layer `layer`, split once and reused until a parameter changes in place."""
+        modules = (self.attention_modules()[layer], self.output_projections()[layer])
+        version = tuple((id(p), p._version) for m in modules for p in m.parameters())
+        cached = self._weight_cache.get(layer)
+        if cached is None or cached[0] != version:
+            cached = (version, self.read_layer_weights(layer))
+            self._weight_cache[layer] = cached
+        return cached[1]
 
     def all_layer_weights(self) -> list[AttentionWeights]:
         return [self.layer_weights(layer) for layer in range(self.n_layers)]

@@ -28,7 +28,7 @@ class BertAdapter(ModelAdapter):
     def output_projections(self) -> list[nn.Module]:
         return [layer.attention.output.dense for layer in self._layers()]
 
-    def layer_weights(self, layer: int) -> AttentionWeights:
+    def read_layer_weights(self, layer: int) -> AttentionWeights:
         attn = self._layers()[layer].attention
         n_heads = self.n_heads
         W_Q, b_Q = split_linear(attn.self.query.weight, attn.self.query.bias, n_heads)

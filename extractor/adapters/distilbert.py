@@ -25,7 +25,7 @@ class DistilBertAdapter(ModelAdapter):
     def output_projections(self) -> list[nn.Module]:
         return [layer.attention.out_lin for layer in self.model.transformer.layer]
 
-    def layer_weights(self, layer: int) -> AttentionWeights:
+    def read_layer_weights(self, layer: int) -> AttentionWeights:
         attn = self.model.transformer.layer[layer].attention
         n_heads = self.n_heads
         W_Q, b_Q = split_linear(attn.q_lin.weight, attn.q_lin.bias, n_heads)

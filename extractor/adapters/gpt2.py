@@ -35,7 +35,7 @@ class GPT2Adapter(ModelAdapter):
     def output_projections(self) -> list[nn.Module]:
         return [block.attn.c_proj for block in self.model.h]
 
-    def layer_weights(self, layer: int) -> AttentionWeights:
+    def read_layer_weights(self, layer: int) -> AttentionWeights:
         attn = self.model.h[layer].attn
         n_heads, d_model = self.n_heads, int(self.config.hidden_size)
         weight = attn.c_attn.weight.detach()  # [d_model, 3·d_model], Conv1D: [in, out]
