@@ -178,3 +178,7 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
+
+
+# Commands defined in their own modules register themselves on `app` when imported.
+from . import cli_figures, cli_report  # noqa: E402,F401

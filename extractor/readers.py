@@ -29,7 +29,7 @@ class SourceRecord:
 
     doc_id: int  # 0-based, in input order
     source: str  # file path, or '<stdin>'
-    line: int  # 1-based line number (txt, jsonl, csv/tsv physical line) or row number (parquet)
+    line: int  # 1-based line (txt, jsonl; csv/tsv: the record's first physical line) or row number (parquet)
     text: str | None
     reason: str | None = None
 
@@ -144,15 +144,15 @@ def read_delimited(path: str, source: str, text_column: str, delimiter: str) -> 
         column = header.index(text_column)
         doc_id = 0
         while True:
+            number = reader.line_num + 1  # the record's first physical line (quoted fields may span lines)
             try:
                 row = next(reader)
             except StopIteration:
                 break
             except csv.Error as exc:
-                yield SourceRecord(doc_id, source, reader.line_num, None, f"malformed row ({exc})")
+                yield SourceRecord(doc_id, source, number, None, f"malformed row ({exc})")
                 doc_id += 1
                 continue
-            number = reader.line_num
             if not row:
                 reason: str | None = "empty"
                 text = None

@@ -8,12 +8,13 @@ read records → tokenize a buffer → truncate/window → bucket by length → 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
-from itertools import islice
-from typing import Any
+from itertools import chain, islice
+from typing import Any, NoReturn
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -23,8 +24,11 @@ from .analysis import DocAttention, analyse_batch
 from .batching import chunks, plan_batches
 from .config import RunConfig
 from .encode import TokenizedDoc, collate, model_max_length, tokenize, truncate, windows
+from .errors import UserError
+from .heads import HeadStats
 from .models import LoadedModel, load_model
 from .readers import SourceRecord, count_records, read_documents
+from .similarity import HeadSimilarity
 from .storage import OutputFolder, Part
 from .tables import association_table, tokens_table, words_table
 from .verify import VerificationReport
@@ -40,6 +44,11 @@ class Document:
     full: TokenizedDoc
     units: list[TokenizedDoc]
 
+    @property
+    def stored(self) -> TokenizedDoc:
+        """The tokens the tables describe: a truncated document is its truncation (positions renumbered)."""
+        return self.units[0] if self.units[0].truncated else self.full
+
 
 @dataclass
 class RunStats:
@@ -52,25 +61,24 @@ class RunStats:
     started: float = field(default_factory=time.time)
 
 
-def corpus_statistics(loaded: LoadedModel) -> dict[str, Any]:
+def corpus_statistics(loaded: LoadedModel, config: RunConfig) -> dict[str, Any]:
     """Fresh per-part accumulators of corpus-wide per-head statistics (merged at the end)."""
-    try:  # TEMPORARY until heads/similarity land
-        from .heads import HeadStats
-        from .similarity import HeadSimilarity
-    except ImportError:
-        return {}
-
     adapter, tok = loaded.adapter, loaded.tokenizer
     return {
         "heads": HeadStats(adapter.n_layers, adapter.n_heads, adapter.causal, tok.cls_token, tok.sep_token),
-        "similarity": HeadSimilarity(adapter.n_layers, adapter.n_heads),
+        "similarity": HeadSimilarity(adapter.n_layers, adapter.n_heads, max_rows_per_doc=config.similarity_rows),
     }
 
 
 class Progress:
-    """A tqdm bar on a terminal; plain log lines every `every` seconds otherwise; nothing with quiet."""
+    """A tqdm bar on a terminal; plain log lines every `every` seconds otherwise; nothing with quiet.
 
-    def __init__(self, total: int | None, quiet: bool, initial: int = 0, every: float = 10.0) -> None:
+    `every` defaults to $EXTRACTOR_PROGRESS_SECONDS, else 10 seconds.
+    """
+
+    def __init__(self, total: int | None, quiet: bool, initial: int = 0, every: float | None = None) -> None:
+        if every is None:
+            every = float(os.environ.get("EXTRACTOR_PROGRESS_SECONDS") or 10.0)
         self.quiet, self.every, self.total = quiet, every, total
         self.docs, self.tokens = initial, 0
         self.start = self.last = time.time()
@@ -138,8 +146,15 @@ class Extraction:
         self.batch_counter = 0
         self.value_type = pa.float16() if config.storage == "dense" else pa.float32()
 
-    def parts(self, records: Iterable[SourceRecord], first_part_id: int) -> Iterator[Part]:
-        """Turn records into committed-ready parts, one per batch (skipped records ride on the next part)."""
+    def parts(
+        self, records: Iterable[SourceRecord], first_part_id: int, done: Collection[int] = frozenset()
+    ) -> Iterator[Part]:
+        """Turn records into committed-ready parts, one per batch (skipped records ride on the next part).
+
+        `done`: doc_ids committed by an interrupted run. They still fill the read-ahead buffer, so every batch
+        is planned exactly as in an uninterrupted run (same neighbours, same padding, bit-identical values);
+        only the documents already committed are left out of the batches.
+        """
         part_id = first_part_id
         skipped: list[SourceRecord] = []
         buffer: list[SourceRecord] = []
@@ -150,14 +165,19 @@ class Extraction:
             plan = plan_batches([[u.n_tokens for u in d.units] for d in documents], self.config.token_budget,
                                 self.config.batch_size, self.config.bucketing)
             for group in plan:
-                part = self.process([documents[g] for g in group], part_id, skipped)
+                batch = [documents[g] for g in group if documents[g].record.doc_id not in done]
+                if not batch:  # committed before the interruption; still counts for verify every:N
+                    self.batch_counter += 1
+                    continue
+                part = self.process(batch, part_id, skipped)
                 skipped = []
                 part_id += 1
                 yield part
 
         for record in records:
             if record.text is None:
-                skipped.append(record)
+                if record.doc_id not in done:
+                    skipped.append(record)
                 continue
             buffer.append(record)
             if len(buffer) >= self.config.buffer_size:
@@ -175,7 +195,7 @@ class Extraction:
         verify = verify_every > 0 and self.batch_counter % verify_every == 0
         self.batch_counter += 1
         units = [(d_index, unit) for d_index, d in enumerate(documents) for unit in d.units]
-        stats = corpus_statistics(loaded)
+        stats = corpus_statistics(loaded, config)
         report: VerificationReport | None = None
         per_doc_tables: list[pa.Table] = []
         for chunk in chunks(units, config.batch_size):
@@ -193,10 +213,10 @@ class Extraction:
                 if config.storage != "summary":
                     per_doc_tables.append(self.associations(documents[d_index].record.doc_id, doc))
         rows = [document_row(r, None) for r in skipped] + [document_row(d.record, d) for d in documents]
-        tokens = pa.concat_tables([tokens_table(d.record.doc_id, d.full) for d in documents])
+        tokens = pa.concat_tables([tokens_table(d.record.doc_id, d.stored) for d in documents])
         words = None
         if config.level == "word":
-            words = pa.concat_tables([words_table(d.record.doc_id, d.full, d.record.text) for d in documents])  # type: ignore[arg-type]
+            words = pa.concat_tables([words_table(d.record.doc_id, d.stored, d.record.text) for d in documents])  # type: ignore[arg-type]
         associations = pa.concat_tables(per_doc_tables) if per_doc_tables else None
         if associations is not None and config.long_documents == "window":
             window_of = [u.window for _, u in units]
@@ -215,6 +235,32 @@ class Extraction:
         return association_table(doc_id, doc, self.causal, top_k, threshold, self.value_type)
 
 
+# Settings that change what a run writes: a resumed run must keep them, or its parts would not fit together.
+RESULT_SETTINGS = ("model", "input", "input_format", "text_field", "text_column", "batch_size", "token_budget",
+                   "buffer_size", "bucketing", "max_length", "long_documents", "window_stride", "storage", "top_k",
+                   "threshold", "level", "measures", "similarity_rows", "limit", "verify", "atol", "dtype")
+
+
+def check_resumable(previous: dict[str, Any], config: RunConfig) -> None:
+    """Refuse `--resume` with settings that differ from the interrupted run's (naming each one)."""
+    before = previous.get("config", {})
+    now = config.model_dump()
+    changed = [f"{key} ({before.get(key)!r} → {now[key]!r})" for key in RESULT_SETTINGS if before.get(key) != now[key]]
+    if changed:
+        raise UserError(
+            f"cannot resume '{config.output}' with different settings: {', '.join(changed)}; "
+            "use the interrupted run's settings, or --overwrite to start again"
+        )
+
+
+def peeked(records: Iterator[SourceRecord], config: RunConfig) -> Iterator[SourceRecord]:
+    """Read the first record now (so format errors and an empty input surface early); give back the stream."""
+    first = next(records, None)
+    if first is None:
+        raise_empty(config)
+    return chain([first], records)
+
+
 def limited(records: Iterable[SourceRecord], limit: int | None) -> Iterable[SourceRecord]:
     return islice(records, limit) if limit else records
 
@@ -226,8 +272,17 @@ def run_extraction(
     """Run (or finish) an extraction; returns the manifest."""
     if config.threads:
         torch.set_num_threads(config.threads)
+    # Open the input first: a missing file, field or column, or no records, fails before anything is written.
+    records = peeked(read_documents(config.input, config.input_format, config.text_field, config.text_column),
+                     config)
+    if config.engine == "ray":
+        from .engines.ray_engine import require_ray
+
+        require_ray()  # without Ray, say how to install it before anything is written
     folder = OutputFolder(config.output, resume=resume, overwrite=overwrite)
     previous = folder.read_manifest()
+    if resume and previous:
+        check_resumable(previous, config)
     if resume and previous and previous.get("status") == "complete":
         if not quiet:
             print(f"run in '{config.output}' is already complete; nothing to do", file=sys.stderr)
@@ -235,10 +290,9 @@ def run_extraction(
     if config.engine == "ray":
         from .engines.ray_engine import run_on_ray
 
-        return run_on_ray(config, folder, quiet=quiet)
+        return run_on_ray(config, folder, records, quiet=quiet)
     started = time.time()
-    records = limited(read_documents(config.input, config.input_format, config.text_field, config.text_column),
-                      config.limit)
+    records = limited(records, config.limit)
     loaded = loaded or load_model(config.model, config.device, config.dtype, config.atol)
     load_seconds = time.time() - started
     manifest = base_manifest(config, loaded.provenance, started)
@@ -249,8 +303,7 @@ def run_extraction(
     progress = Progress(total, quiet, initial=len(done))
     extraction = Extraction(config, loaded)
     try:
-        todo = (r for r in records if r.doc_id not in done)
-        for part in extraction.parts(todo, folder.next_part_id()):
+        for part in extraction.parts(records, folder.next_part_id(), done):
             folder.submit(part)
             progress.update(len(part.documents), part.state.get("n_tokens", 0))
             if after_part is not None:
@@ -272,21 +325,22 @@ def base_manifest(config: RunConfig, provenance: dict[str, Any], started: float)
     }
 
 
+VERDICT = {True: "passed", False: "FAILED", None: "off"}
+
+
 def finish(folder: OutputFolder, manifest: dict[str, Any], started: float, load_seconds: float, quiet: bool) -> dict[str, Any]:
     """Fold the committed parts into the final files, write the manifest, figures and report."""
     config = RunConfig(**manifest["config"])
-    documents = folder.part_tables("documents")
-    if documents is None:
+    if not folder.consolidate("documents", "doc_id"):
         raise_empty(config)
-    documents = documents.sort_by("doc_id")
-    folder.write_table("documents.parquet", documents)
-    for label in ("tokens", "words"):
-        table = folder.part_tables(label)
-        if table is not None:
-            folder.write_table(f"{label}.parquet", table.sort_by([("doc_id", "ascending")]))
-    states = folder.part_states()
+    folder.consolidate("tokens", "doc_id, position")
+    folder.consolidate("words", "doc_id, word_index")
+    documents = pq.read_table(folder.path / "documents.parquet", columns=["status"])
     merged: dict[str, Any] = {}
-    for state in states:
+    n_tokens = n_parts = 0
+    for state in folder.part_states():  # one at a time: memory does not grow with the number of parts
+        n_parts += 1
+        n_tokens += state.get("n_tokens", 0)
         for key, value in state.items():
             if value is None or key == "n_tokens":
                 continue
@@ -301,7 +355,6 @@ def finish(folder: OutputFolder, manifest: dict[str, Any], started: float, load_
         folder.write_table("heads.parquet", merged["heads"].table())
         folder.write_table("head_similarity.parquet", merged["similarity"].table())
     status = documents.column("status").to_pylist()
-    n_tokens = sum(state.get("n_tokens", 0) for state in states)
     association_rows = sum(
         pq.ParquetFile(f).metadata.num_rows for f in folder.associations_dir.glob("part-*.parquet")
     )
@@ -314,7 +367,7 @@ def finish(folder: OutputFolder, manifest: dict[str, Any], started: float, load_
         "skipped": status.count("skipped"),
         "tokens_processed": n_tokens,
         "association_rows": association_rows,
-        "parts": len(states),
+        "parts": n_parts,
     }
     manifest["verification"] = (
         {"passed": verification.passed, "atol": verification.atol, "documents_verified": verification.n_docs,
@@ -333,7 +386,7 @@ def finish(folder: OutputFolder, manifest: dict[str, Any], started: float, load_
         print(
             f"done: {counts['records']} records ({counts['ok']} ok, {counts['truncated']} truncated, "
             f"{counts['skipped']} skipped), {counts['association_rows']} association rows, "
-            f"verification {'passed' if manifest['verification']['passed'] else manifest['verification']['passed']}"
+            f"verification {VERDICT[manifest['verification']['passed']]}"
             f" → {folder.path}",
             file=sys.stderr,
         )
@@ -341,20 +394,18 @@ def finish(folder: OutputFolder, manifest: dict[str, Any], started: float, load_
 
 
 def write_extras(folder: OutputFolder, config: RunConfig, quiet: bool) -> None:
-    """Default figures and the HTML report, when their modules are installed in this version."""
+    """Default figures (OUTPUT/plots/) and the HTML report (OUTPUT/report.html)."""
     if config.plots:
         from .plots import write_default_plots
 
         write_default_plots(folder.path)
     if config.report:
-        try:
-            from .report import write_report
-        except ImportError:
-            return
+        from .report import write_report
+
         write_report(folder.path)
 
 
-def raise_empty(config: RunConfig) -> None:
+def raise_empty(config: RunConfig) -> NoReturn:
     from .errors import UserError
 
     raise UserError(f"input '{config.input}' has no records")

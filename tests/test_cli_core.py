@@ -1,0 +1,207 @@
+"""`extractor verify` and `extractor explain` through Typer's test runner: exit codes and what they print."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from extractor.adapters.bert import BertAdapter
+from extractor.cli import app
+from extractor.models import LoadedModel
+
+IT_SENTENCE = "The animal didn't cross the street because it was too tired."
+REPO_ROOT = Path(__file__).resolve().parent.parent
+ROW_LINE = re.compile(r"^  (\S+)\s+(\d+\.\d{3})\s+(\d+\.\d{3})\s+(\d+\.\d{3})$")
+
+
+@pytest.fixture
+def cli(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    runner = CliRunner()
+
+    def invoke(*args: str):
+        return runner.invoke(app, list(args))
+
+    return invoke
+
+
+def assert_user_error(result, *fragments: str) -> None:
+    """Exit 2, exactly one line on stderr starting with 'error:', no traceback anywhere."""
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def head_rows(output: str) -> list[tuple[str, float, float, float]]:
+    rows = []
+    for line in output.splitlines():
+        match = ROW_LINE.match(line)
+        if match:
+            label, *numbers = match.groups()
+            rows.append((label, *(float(x) for x in numbers)))
+    return rows
+
+
+# --- verify -----------------------------------------------------------------------------------------------
+
+
+def test_verify_passes(cli) -> None:
+    result = cli("verify", "--text", "I love pets, especially cats.", "--text", IT_SENTENCE)
+    assert result.exit_code == 0, result.output
+    assert "PASSED" in result.stdout
+    assert "72 heads" in result.stdout  # 6 layers × 12 heads of the bundled MiniLM
+    assert "eager" in result.stdout
+
+
+def test_verify_tiny_model_folder(cli, tiny_model_dir) -> None:
+    result = cli("verify", "--model", str(tiny_model_dir("gpt2")), "--text", IT_SENTENCE)
+    assert result.exit_code == 0, result.output
+    assert "PASSED: all 8 heads" in result.stdout
+
+
+def test_verify_fails_with_exit_1_and_names_heads(cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    original = BertAdapter.layer_weights
+
+    def noisy(self, layer: int):
+        weights = original(self, layer)
+        if layer != 1:
+            return weights
+        noise = torch.randn(weights.W_Q.shape, generator=torch.Generator().manual_seed(1)) * weights.W_Q.std()
+        return dataclasses.replace(weights, W_Q=weights.W_Q + noise)
+
+    monkeypatch.setattr(BertAdapter, "layer_weights", noisy)
+    result = cli("verify", "--text", IT_SENTENCE)
+    assert result.exit_code == 1, result.output
+    assert "FAILED" in result.stdout
+    named = set(re.findall(r"L(\d+)H(\d+)", result.stdout))
+    assert named == {("1", str(h)) for h in range(12)}
+
+
+# --- explain ----------------------------------------------------------------------------------------------
+
+
+def hf_row(minilm: LoadedModel, layer: int, head: int, token: str) -> tuple[list[str], torch.Tensor]:
+    inputs = minilm.tokenizer(IT_SENTENCE, return_tensors="pt")
+    tokens = minilm.tokenizer.convert_ids_to_tokens(inputs["input_ids"][0])
+    with torch.no_grad():
+        attention = minilm.model(**inputs, output_attentions=True).attentions[layer][0, head]
+    return tokens, attention[tokens.index(token)]
+
+
+def test_explain_picks_sharp_heads(cli) -> None:
+    result = cli("explain", "--token", "it", "--text", IT_SENTENCE)
+    assert result.exit_code == 0, result.output
+    assert "row 'it'" in result.stdout
+    assert len(re.findall(r"^layer \d+ head \d+: row 'it'", result.stdout, flags=re.M)) == 3
+    assert "Z = A·V" in result.stdout
+
+
+def test_explain_one_head_shows_hugging_face_row(cli, minilm: LoadedModel) -> None:
+    result = cli("explain", "--token", "it", "--text", IT_SENTENCE, "--layer", "2", "--head", "11")
+    assert result.exit_code == 0, result.output
+    tokens, row = hf_row(minilm, 2, 11, "it")
+    assert f"layer 2 head 11: row 'it' (position {tokens.index('it')})" in result.stdout
+    printed = head_rows(result.stdout)
+    assert printed
+    attentions = [a for _, a, _, _ in printed]
+    assert attentions == sorted(attentions, reverse=True)  # strongest first
+    top = row.sort(descending=True).values[: len(printed)]
+    for (label, attention, _, _), expected in zip(printed, top.tolist(), strict=True):
+        assert attention == pytest.approx(expected, abs=5.1e-4)
+        # the printed label is a token whose attention has that value
+        assert any(t == label and abs(float(row[j]) - attention) <= 5.1e-4 for j, t in enumerate(tokens))
+
+
+def test_explain_value_norm_sorts_by_share(cli) -> None:
+    result = cli(
+        "explain",
+        "--token",
+        "it",
+        "--text",
+        IT_SENTENCE,
+        "--layer",
+        "2",
+        "--head",
+        "11",
+        "--measure",
+        "value_norm",
+    )
+    assert result.exit_code == 0, result.output
+    printed = head_rows(result.stdout)
+    shares = [s for _, _, _, s in printed]
+    assert shares and shares == sorted(shares, reverse=True)
+    assert sum(shares) <= 1.0 + 5e-3
+
+
+def test_explain_rollout(cli) -> None:
+    result = cli("explain", "--token", "it", "--text", IT_SENTENCE, "--measure", "rollout")
+    assert result.exit_code == 0, result.output
+    assert [int(x) for x in re.findall(r"rollout after layer (\d+): row 'it'", result.stdout)] == list(
+        range(6)
+    )
+    one = cli("explain", "--token", "it", "--text", IT_SENTENCE, "--measure", "rollout", "--layer", "2")
+    assert one.exit_code == 0, one.output
+    assert re.findall(r"rollout after layer (\d+)", one.stdout) == ["2"]
+
+
+# --- user errors: exit 2, one line, no traceback ------------------------------------------------------------
+
+
+def test_unknown_model_path(cli) -> None:
+    assert_user_error(cli("verify", "--model", "./no/such/model", "--text", "hello"), "./no/such/model")
+
+
+def test_unsupported_family(cli, tiny_model_dir) -> None:
+    result = cli("verify", "--model", str(tiny_model_dir("llama")), "--text", "hello")
+    assert_user_error(result, "llama", "bert", "gpt2", "distilbert")
+
+
+def test_empty_text(cli) -> None:
+    assert_user_error(cli("verify", "--text", "  "), "empty")
+    assert_user_error(cli("explain", "--token", "it", "--text", "  "), "empty")
+
+
+def test_token_not_in_text(cli) -> None:
+    assert_user_error(cli("explain", "--token", "zebra", "--text", IT_SENTENCE), "zebra", "animal")
+
+
+@pytest.mark.parametrize(("option", "value"), [("--layer", "6"), ("--head", "12"), ("--layer", "-1")])
+def test_layer_or_head_out_of_range(cli, option: str, value: str) -> None:
+    assert_user_error(
+        cli("explain", "--token", "it", "--text", IT_SENTENCE, option, value), option, "out of range"
+    )
+
+
+def test_bad_measure(cli) -> None:
+    assert_user_error(
+        cli("explain", "--token", "it", "--text", IT_SENTENCE, "--measure", "saliency"), "saliency"
+    )
+
+
+# --- python -m extractor ----------------------------------------------------------------------------------
+
+
+def test_python_dash_m_help() -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "extractor", "--help"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "verify" in done.stdout and "explain" in done.stdout

@@ -1,0 +1,243 @@
+"""Figures: non-empty PNG and SVG with the expected panels, labels and titles; `extractor plot`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+from run_fixture import build_run_folder, sample_lines  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
+
+from extractor import outputs, plots  # noqa: E402
+from extractor.api import extract  # noqa: E402
+from extractor.cli import app  # noqa: E402
+from extractor.errors import UserError  # noqa: E402
+from extractor.heads import METRICS  # noqa: E402
+
+TEXTS = sample_lines(3)
+
+
+@pytest.fixture(scope="module")
+def bert_run(tmp_path_factory: pytest.TempPathFactory, tiny_loaded) -> Path:
+    return build_run_folder(tmp_path_factory.mktemp("runs") / "bert", tiny_loaded("bert"), TEXTS)
+
+
+@pytest.fixture(scope="module")
+def gpt2_topk_run(tmp_path_factory: pytest.TempPathFactory, tiny_loaded) -> Path:
+    return build_run_folder(
+        tmp_path_factory.mktemp("runs") / "gpt2", tiny_loaded("gpt2"), TEXTS, storage="topk", top_k=3
+    )
+
+
+@pytest.fixture(scope="module")
+def minilm_run(tmp_path_factory: pytest.TempPathFactory, minilm) -> Path:
+    return build_run_folder(tmp_path_factory.mktemp("runs") / "minilm", minilm, TEXTS[:2])
+
+
+def heatmap_meshes(ax) -> int:
+    """Number of seaborn heatmap meshes drawn on `ax` (0 for a colour bar's axes)."""
+    if hasattr(ax, "_colorbar"):
+        return 0
+    return sum(type(c).__name__ == "QuadMesh" for c in ax.collections)
+
+
+def assert_written(paths: list[Path]) -> None:
+    for path in paths:
+        assert path.is_file() and path.stat().st_size > 1000, path
+        head = path.read_bytes()[:8]
+        assert head.startswith(b"\x89PNG") if path.suffix == ".png" else b"<?xml" in head or b"<svg" in head
+
+
+# --- figure builders (panels) -------------------------------------------------------------------------------
+
+
+def hand_heads_table() -> pd.DataFrame:
+    rows = [
+        {"layer": layer, "head": head, "n_rows": 10, **{m: layer + head / 10 for m in METRICS}}
+        for layer in range(2)
+        for head in range(3)
+    ]
+    return pd.DataFrame(rows)
+
+
+def test_head_metric_figure_is_a_layer_by_head_heatmap_with_colour_bar() -> None:
+    figure = plots.head_metric_figure(hand_heads_table(), "entropy", "tiny: entropy")
+    heatmap, colour_bar = figure.axes
+    assert heatmap_meshes(heatmap) == 1
+    mesh = heatmap.collections[0].get_array().reshape(2, 3)
+    np.testing.assert_allclose(mesh, [[0.0, 0.1, 0.2], [1.0, 1.1, 1.2]])  # rows = layers, columns = heads
+    assert heatmap.get_xlabel() == "head" and heatmap.get_ylabel() == "layer"
+    assert heatmap.get_title() == "tiny: entropy"
+    assert "entropy" in colour_bar.get_ylabel()
+
+
+def test_doc_grid_has_one_image_per_head() -> None:
+    matrices = np.random.default_rng(0).random((2, 3, 4, 4)).astype(np.float32)
+    figure = plots.doc_grid_figure(matrices, ["a", "b", "c", "d"], "tiny grid")
+    images = [ax for ax in figure.axes if ax.images]
+    assert len(images) == 6
+    assert len(figure.axes) == 7  # + one shared colour bar
+    np.testing.assert_array_equal(
+        images[5].images[0].get_array(), matrices[1, 2]
+    )  # row-major: layer 1, head 2
+    assert "a b c d" in figure.get_suptitle()
+
+
+def test_doc_head_figure_labels_queries_and_keys() -> None:
+    labels = ["[CLS]", "the", "cat", "[SEP]"]
+    figure = plots.doc_head_figure(np.eye(4), labels, "minilm: attention, doc 0, layer 1 head 2")
+    heatmap = figure.axes[0]
+    assert [t.get_text() for t in heatmap.get_xticklabels()] == labels
+    assert [t.get_text() for t in heatmap.get_yticklabels()] == labels
+    assert len(figure.axes) == 2 and heatmap.get_title().endswith("layer 1 head 2")
+
+
+def test_attention_vs_value_norm_side_by_side_on_row_shares() -> None:
+    attention = np.array([[0.5, 0.5], [0.2, 0.8]])
+    value_norm = np.array([[3.0, 1.0], [0.0, 2.0]])
+    figure = plots.attention_vs_value_norm_figure(attention, value_norm, ["x", "y"], "tiny: L0H0")
+    assert len(figure.axes) == 4  # two heatmaps, two colour bars
+    left, right = [ax for ax in figure.axes if heatmap_meshes(ax)]
+    np.testing.assert_allclose(left.collections[0].get_array().reshape(2, 2), attention)
+    np.testing.assert_allclose(right.collections[0].get_array().reshape(2, 2), [[0.75, 0.25], [0.0, 1.0]])
+
+
+def test_clustermap_labels_every_head(bert_run: Path) -> None:
+    figure = plots.similarity_clustermap_figure(outputs.read_similarity(bert_run), "tiny: head similarity")
+    heatmap = max(figure.axes, key=heatmap_meshes)
+    labels = {t.get_text() for t in heatmap.get_yticklabels()}
+    assert labels == {f"L{layer}H{head}" for layer in range(2) for head in range(4)}
+    assert heatmap.collections[0].get_array().size == 64
+
+
+def test_minilm_grid_has_72_panels(minilm_run: Path) -> None:
+    matrices, labels = outputs.doc_matrices(minilm_run, 0)
+    assert matrices.shape[:2] == (6, 12)
+    figure = plots.doc_grid_figure(matrices, labels, "minilm grid")
+    assert len([ax for ax in figure.axes if ax.images]) == 72
+
+
+# --- reading a run folder -----------------------------------------------------------------------------------
+
+
+def test_doc_matrix_round_trips_the_extracted_pattern(minilm_run: Path, minilm) -> None:
+    result = extract(TEXTS[:2], model=minilm, measures=("attention", "value_norm"), verify=False)
+    matrix, labels = outputs.doc_matrix(minilm_run, 1, layer=3, head=7)
+    np.testing.assert_allclose(matrix, result.pattern(1, 3, 7).numpy(), atol=1e-7)
+    assert labels == result.docs[1].doc.tokens
+    np.testing.assert_allclose(matrix.sum(axis=-1), 1.0, atol=1e-5)  # dense storage: rows sum to 1
+
+
+def test_word_level_run_reads_word_labels(tmp_path: Path, tiny_loaded) -> None:
+    run = build_run_folder(
+        tmp_path / "words", tiny_loaded("bert"), ["I love pets, especially cats."], level="word"
+    )
+    matrix, labels = outputs.doc_matrix(run, 0, layer=0, head=1)
+    assert labels == ["[CLS]", "I", "love", "pets", ",", "especially", "cats", ".", "[SEP]"]
+    assert matrix.shape == (9, 9)
+    np.testing.assert_allclose(matrix.sum(axis=-1), 1.0, atol=1e-5)
+
+
+def test_reader_errors_are_user_errors(tmp_path: Path, bert_run: Path) -> None:
+    with pytest.raises(UserError, match="manifest.json"):
+        outputs.read_manifest(tmp_path)
+    with pytest.raises(UserError, match="doc ids are: 0, 1, 2"):
+        outputs.doc_matrix(bert_run, 9, 0, 0)
+    with pytest.raises(UserError, match="--head 4 is out of range"):
+        outputs.doc_matrix(bert_run, 0, 0, 4)
+    with pytest.raises(UserError, match="rollout.*stored: attention, value_norm"):
+        outputs.doc_matrix(bert_run, 0, 0, 0, measure="rollout")
+
+
+# --- the default set (drawn once, through the command) ------------------------------------------------------
+
+
+def test_plot_command_writes_the_default_set(bert_run: Path) -> None:
+    result = CliRunner().invoke(app, ["plot", str(bert_run), "--doc", "1"])
+    assert result.exit_code == 0, result.output
+    paths = sorted((bert_run / "plots").iterdir())
+    assert f"wrote {len(paths)} files to {bert_run / 'plots'}" in result.output
+    assert_written(paths)
+    stems = {p.stem for p in paths}
+    metrics = [m for m in METRICS if m != "induction_score"]  # NaN for an encoder: no figure
+    assert {f"heads_{m}" for m in metrics} <= stems and "heads_induction_score" not in stems
+    assert "head_similarity_clustermap" in stems
+    heads = outputs.read_heads(bert_run)
+    layer, head = (
+        heads.sort_values("entropy").iloc[0][["layer", "head"]].astype(int)
+    )  # default: sharpest head
+    assert {f"doc1_L{layer}H{head}", "doc1_grid", f"doc1_L{layer}H{head}_attention_vs_value_norm"} <= stems
+    assert len(paths) == 2 * (
+        len(metrics) + 1 + 3
+    )  # PNG + SVG of: metrics, clustermap, three document figures
+    svg = (bert_run / "plots" / f"doc1_L{layer}H{head}.svg").read_text()
+    model = outputs.model_name(outputs.read_manifest(bert_run))
+    assert (
+        f"{model}: attention, doc 1, layer {layer} head {head}" in svg
+    )  # the title says model, measure, head
+    assert (
+        "mean row entropy (nats)" in (bert_run / "plots" / "heads_entropy.svg").read_text()
+    )  # colour bar label
+
+
+def test_document_figures_of_a_topk_gpt2_run(gpt2_topk_run: Path, tmp_path: Path) -> None:
+    heads = outputs.read_heads(gpt2_topk_run)
+    assert plots.choose_document_view(gpt2_topk_run, heads, None, 1, 2) == (0, 1, 2)
+    paths = plots.plot_document(gpt2_topk_run, 0, 1, 2, out_dir=tmp_path, model="tiny-gpt2")
+    assert_written(paths)
+    assert {p.stem for p in paths} == {"doc0_L1H2", "doc0_grid", "doc0_L1H2_attention_vs_value_norm"}
+    assert (
+        "tiny-gpt2: attention (top-k cells only), doc 0, layer 1 head 2"
+        in (tmp_path / "doc0_L1H2.svg").read_text()
+    )
+    matrix, _ = outputs.doc_matrix(gpt2_topk_run, 0, 1, 2)
+    assert ((matrix > 0).sum(axis=-1) <= 3).all()  # at most top_k cells per row, the rest read as 0
+    assert np.triu(matrix, k=1).max() == 0.0  # causal: nothing above the diagonal
+
+
+def test_summary_run_has_no_document_figures(tmp_path: Path, tiny_loaded) -> None:
+    run = build_run_folder(tmp_path / "summary", tiny_loaded("bert"), TEXTS[:1], storage="summary")
+    heads = outputs.read_heads(run)
+    assert plots.choose_document_view(run, heads, None, None, None) is None
+    with pytest.raises(UserError, match="storage: summary"):
+        plots.write_default_plots(run, doc_id=0)
+    assert not (run / "plots").exists()  # refused before drawing anything
+
+
+def test_metrics_that_are_all_nan_get_no_figure(tmp_path: Path) -> None:
+    table = hand_heads_table()
+    table["induction_score"] = np.nan
+    paths = plots.plot_head_metric_heatmaps(
+        table[["layer", "head", "n_rows", "entropy", "induction_score"]], tmp_path, "tiny"
+    )
+    assert [p.name for p in paths] == ["heads_entropy.png", "heads_entropy.svg"]
+    assert_written(paths)
+
+
+# --- the command's refusals ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--layer", "5"], "--layer 5 is out of range; this run has layers 0..1"),
+        (["--doc", "7"], "document 7 is not in"),
+    ],
+)
+def test_plot_command_refuses_bad_options(bert_run: Path, extra: list[str], message: str) -> None:
+    result = CliRunner().invoke(app, ["plot", str(bert_run), *extra])
+    assert result.exit_code == 2
+    assert message in result.output
+
+
+def test_plot_command_refuses_a_folder_that_is_not_a_run(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["plot", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "error:" in result.output and "manifest.json" in result.output
+    assert not (tmp_path / "plots").exists()

@@ -1,0 +1,478 @@
+"""The HTML run report: its embedded data equals the Parquet tables, it stays within its bounds, it escapes
+every text, and in a real headless browser (Debian's chromium driven by Playwright) it loads offline without
+errors, reacts to clicks and hovers with the Parquet values, and runs nothing a corpus smuggles in.
+
+Browser set-up (no download): `apt-get install -y chromium` and `pip install playwright` (never
+`playwright install`); the chromium binary can be moved with EXTRACTOR_CHROMIUM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from extractor.cli import app
+from extractor.config import RunConfig
+from extractor.errors import UserError
+from extractor.models import LoadedModel
+from extractor.report import (
+    DEFAULT_MAX_BYTES,
+    HEAD_MEASURES,
+    LAYER_MEASURES,
+    build_report,
+    decode_group,
+    decode_ints,
+    encode_ints,
+    write_report,
+)
+from extractor.run import run_extraction
+from extractor.tables import TOKEN_SCHEMA
+
+SAMPLE_CORPUS = Path(__file__).resolve().parent.parent / "data" / "sample.txt"
+
+MALICIOUS = "<script>alert(1)</script> and <img src=x onerror=alert(2)>"
+# Tokens that would break out of a <script> element or run code if the page ever parsed data as HTML.
+HOSTILE_TOKENS = ["</script><script>alert(3)</script>", "<img src=x onerror=alert(4)>", "&lt;b&gt;"]
+CHROMIUM = os.environ.get("EXTRACTOR_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
+INSTALL_HINT = (
+    "install the browser test tools: `apt-get install -y chromium` (Debian package, /usr/bin/chromium) and "
+    "`.venv/bin/pip install playwright` (do NOT run `playwright install`)"
+)
+TOLERANCE = 1e-4
+INDEX = ["doc_id", "layer", "head", "query_pos", "key_pos"]
+
+
+# -- runs --------------------------------------------------------------------------------------------------
+def _run(folder: Path, lines: list[str], loaded: LoadedModel, **settings: Any) -> Path:
+    corpus = folder / "corpus.txt"
+    corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    config = RunConfig(input=str(corpus), output=str(folder / "out"), plots=False, report=True, **settings)
+    run_extraction(config, quiet=True, loaded=loaded)
+    return folder / "out"
+
+
+@pytest.fixture(scope="session")
+def report_run(
+    tmp_path_factory: pytest.TempPathFactory, minilm: LoadedModel, sample_texts: list[str]
+) -> Path:
+    """8 sample sentences + a line of HTML, top-k storage, every measure; the run writes report.html."""
+    return _run(tmp_path_factory.mktemp("report-topk"), sample_texts[:8] + [MALICIOUS], minilm)
+
+
+@pytest.fixture(scope="session")
+def dense_word_run(
+    tmp_path_factory: pytest.TempPathFactory, minilm: LoadedModel, sample_texts: list[str]
+) -> Path:
+    """Dense storage (every pair, float16) at word level: keys are implicit in the page's compact form."""
+    return _run(
+        tmp_path_factory.mktemp("report-dense"),
+        sample_texts[:4] + [MALICIOUS],
+        minilm,
+        storage="dense",
+        level="word",
+    )
+
+
+@pytest.fixture(scope="session")
+def default_run(tmp_path_factory: pytest.TempPathFactory, minilm: LoadedModel) -> Path:
+    """configs/default.yaml's run: the 60-sentence sample corpus, top-k 8, every measure."""
+    folder = tmp_path_factory.mktemp("report-default")
+    config = RunConfig(input=str(SAMPLE_CORPUS), output=str(folder / "out"), plots=False, report=True)
+    run_extraction(config, quiet=True, loaded=minilm)
+    return folder / "out"
+
+
+def _copy(run: Path, target: Path, drop: tuple[str, ...] = ()) -> Path:
+    shutil.copytree(run, target)
+    for name in drop:
+        path = target / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    (target / "report.html").unlink(missing_ok=True)
+    return target
+
+
+@pytest.fixture(scope="session")
+def hostile_run(tmp_path_factory: pytest.TempPathFactory, report_run: Path) -> Path:
+    """The small run with tokens of its first document replaced by HTML that closes <script> elements."""
+    folder = _copy(report_run, tmp_path_factory.mktemp("report-hostile") / "out")
+    tokens = pq.read_table(folder / "tokens.parquet").to_pandas()
+    first = tokens.index[(tokens["doc_id"] == 0) & (tokens["position"].between(1, len(HOSTILE_TOKENS)))]
+    tokens.loc[first, "token"] = HOSTILE_TOKENS
+    pq.write_table(
+        pa.Table.from_pandas(tokens, schema=TOKEN_SCHEMA, preserve_index=False), folder / "tokens.parquet"
+    )
+    write_report(folder)
+    return folder
+
+
+# -- reading a page back -----------------------------------------------------------------------------------
+def _script(page: str, element_id: str) -> str:
+    match = re.search(
+        rf'<script type="application/json" id="{element_id}">(.*?)</script>', page, flags=re.DOTALL
+    )
+    assert match is not None, f"no <script id={element_id}> in the page"
+    return match.group(1)
+
+
+def page_data(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    page = path.read_text(encoding="utf-8")
+    return json.loads(_script(page, "report-data")), json.loads(_script(page, "report-docs"))
+
+
+def embedded_rows(docs: list[dict[str, Any]]) -> pd.DataFrame:
+    """Every (doc, layer, head, query, key) the page holds, with its measures, decoded as the page does."""
+    frames = []
+    for doc in docs:
+        groups = [
+            (layer, head, g) for layer, heads in enumerate(doc["h"] or []) for head, g in enumerate(heads)
+        ]
+        groups += [(layer, -1, g) for layer, g in enumerate(doc["l"] or [])]
+        for layer, head, group in groups:
+            if group is None:
+                continue
+            frame = pd.DataFrame(decode_group(group))
+            frames.append(frame.assign(doc_id=doc["id"], layer=layer, head=head))
+    return pd.concat(frames, ignore_index=True)
+
+
+def parquet_rows(run: Path, doc_ids: list[int], **equal: int) -> pd.DataFrame:
+    condition = ds.field("doc_id").isin(doc_ids)
+    for column, value in equal.items():
+        condition &= ds.field(column) == value
+    return ds.dataset(run / "associations").to_table(filter=condition).to_pandas()
+
+
+def assert_page_equals_parquet(run: Path) -> None:
+    meta, docs = page_data(run / "report.html")
+    assert docs, "the page embeds no document"
+    page = embedded_rows(docs)
+    table = parquet_rows(run, [d["id"] for d in docs])
+    for level, measures in (("head", HEAD_MEASURES), ("layer", LAYER_MEASURES)):
+        rows = table[table["head"] >= 0] if level == "head" else table[table["head"] < 0]
+        shown = page[page["head"] >= 0] if level == "head" else page[page["head"] < 0]
+        merged = rows.merge(shown, on=INDEX, how="outer", suffixes=("", "_page"), indicator=True)
+        assert (merged["_merge"] == "both").all(), (
+            f"{level} pairs differ between the page and the Parquet table"
+        )
+        for measure in measures:
+            if measure in rows:
+                error = (merged[measure].astype(np.float64) - merged[f"{measure}_page"]).abs().max()
+                assert error <= TOLERANCE, f"{measure}: page differs from Parquet by {error}"
+    assert set(meta["measures"]) == {m for m in (*HEAD_MEASURES, *LAYER_MEASURES) if m in table}
+
+
+# -- the file ---------------------------------------------------------------------------------------------
+def test_run_writes_one_self_contained_file(report_run: Path) -> None:
+    page = (report_run / "report.html").read_text(encoding="utf-8")
+    assert page.startswith("<!DOCTYPE html>")
+    # Nothing is loaded from elsewhere: no src/href attributes, no stylesheet links, no imports.
+    assert not re.search(r"<(script|img|link|iframe)[^>]*\s(src|href)\s*=", page, flags=re.IGNORECASE)
+    assert "@import" not in page and "url(" not in page
+    csp = re.search(r'http-equiv="Content-Security-Policy" content="([^"]+)"', page)
+    assert csp is not None and "default-src 'none'" in csp.group(1) and "script-src 'sha256-" in csp.group(1)
+    assert page.count("<script") == 3  # two JSON data elements and the page's own code
+
+
+def test_topk_page_values_equal_parquet(report_run: Path) -> None:
+    assert_page_equals_parquet(report_run)
+
+
+def test_dense_word_page_values_equal_parquet(dense_word_run: Path) -> None:
+    assert_page_equals_parquet(dense_word_run)
+    meta, docs = page_data(dense_word_run / "report.html")
+    group = docs[0]["h"][0][0]
+    assert "k" not in group, "dense rows hold keys 0..n-1: the page leaves key positions out"
+    words = pq.read_table(dense_word_run / "words.parquet").to_pandas()
+    assert (
+        docs[0]["tokens"]
+        == words[words["doc_id"] == docs[0]["id"]].sort_values("word_index")["word"].tolist()
+    )
+
+
+def test_documents_text_and_tokens(report_run: Path) -> None:
+    meta, docs = page_data(report_run / "report.html")
+    tokens = pq.read_table(report_run / "tokens.parquet").to_pandas()
+    for doc in docs:
+        expected = tokens[tokens["doc_id"] == doc["id"]].sort_values("position")
+        assert doc["tokens"] == expected["token"].tolist()
+        assert doc["special"] == [i for i, s in enumerate(expected["is_special"]) if s]
+    texts = SAMPLE_CORPUS.read_text(encoding="utf-8").splitlines()
+    assert docs[1]["text"] == texts[1].lower()  # rebuilt from the (uncased) tokens and their offsets
+    assert docs[-1]["text"] == MALICIOUS
+
+
+def test_data_cannot_close_its_script_element(hostile_run: Path) -> None:
+    page = (hostile_run / "report.html").read_text(encoding="utf-8")
+    for element in ("report-data", "report-docs"):
+        assert not re.search(r"[<>&]", _script(page, element)), (
+            "'<', '>' and '&' must be \\u escapes in the JSON"
+        )
+    assert page.count("</script>") == 3
+    _, docs = page_data(hostile_run / "report.html")
+    assert docs[0]["tokens"][1 : 1 + len(HOSTILE_TOKENS)] == HOSTILE_TOKENS  # the text itself is unchanged
+
+
+def test_encode_ints_round_trip() -> None:
+    rng = np.random.default_rng(0)
+    for top in (1, 63, 64, 4095, 4096, 10**4, 10**6, 2**40):
+        values = rng.integers(0, top, size=257)
+        values[:2] = [0, top - 1]
+        text = encode_ints(values)
+        assert re.fullmatch(r"[1-9][A-Za-z0-9_-]*", text)
+        np.testing.assert_array_equal(decode_ints(text), values)
+    assert decode_ints(encode_ints([])).size == 0
+    with pytest.raises(ValueError):
+        encode_ints([-1])
+
+
+def test_bounds(report_run: Path, tmp_path: Path) -> None:
+    page, meta = build_report(report_run, max_docs=2)
+    assert meta["sampling"]["documents_embedded"] == 2
+    assert [d["id"] for d in json.loads(_script(page, "report-docs"))] == [0, 1]
+    full, full_meta = build_report(report_run)
+    assert full_meta["sampling"]["documents_embedded"] == 9
+    limit = len(full.encode()) // 2
+    page, meta = build_report(report_run, max_bytes=limit)
+    assert len(page.encode()) <= limit
+    assert 0 < meta["sampling"]["documents_embedded"] < 9
+    assert meta["sampling"]["left_out_for_size"] == 9 - meta["sampling"]["documents_embedded"]
+    with pytest.raises(UserError, match="max_bytes"):
+        build_report(report_run, max_bytes=10_000)
+    with pytest.raises(UserError, match="no manifest.json"):
+        build_report(tmp_path)
+
+
+@pytest.mark.slow
+def test_default_run_page_is_small(default_run: Path) -> None:
+    """configs/default.yaml over the 60-sentence sample: 50 documents embedded, the file under 5 MB."""
+    path = default_run / "report.html"
+    meta, docs = page_data(path)
+    assert len(docs) == 50 and meta["sampling"]["documents_total"] == 60
+    assert path.stat().st_size < DEFAULT_MAX_BYTES
+    assert meta["metric_source"] == "heads.parquet"
+
+
+def test_without_heads_parquet_colours_by_mean_max_attention(report_run: Path, tmp_path: Path) -> None:
+    folder = _copy(report_run, tmp_path / "out", drop=("heads.parquet", "head_similarity.parquet"))
+    meta, docs = page_data(write_report(folder))
+    assert meta["metric_source"] == "embedded documents" and meta["default_metric"] == "mean_max_attention"
+    rows = parquet_rows(folder, [d["id"] for d in docs])
+    rows = rows[rows["head"] >= 0]
+    expected = (
+        rows.groupby(["layer", "head", "doc_id", "query_pos"])["attention"]
+        .max()
+        .groupby(["layer", "head"])
+        .mean()
+    )
+    got = np.array(meta["metrics"]["mean_max_attention"])
+    n_heads = meta["n_heads"]
+    index = expected.index.get_level_values(0) * n_heads + expected.index.get_level_values(1)
+    np.testing.assert_allclose(got[index], expected.to_numpy(), rtol=1e-6)
+
+
+def test_cli_report(report_run: Path, tmp_path: Path) -> None:
+    folder = _copy(report_run, tmp_path / "out")
+    result = CliRunner().invoke(app, ["report", str(folder), "--max-docs", "3"])
+    assert result.exit_code == 0, result.output
+    assert "report.html" in result.output
+    assert len(page_data(folder / "report.html")[1]) == 3
+    missing = CliRunner().invoke(app, ["report", str(tmp_path / "nowhere")])
+    assert missing.exit_code == 2
+    assert "no manifest.json" in missing.output
+
+
+# -- in a real browser -------------------------------------------------------------------------------------
+@dataclass
+class Page:
+    """A loaded report and everything it did: console messages, page errors, requests, dialogs."""
+
+    page: Any
+    url: str
+    console_errors: list[str] = field(default_factory=list)
+    requests: list[str] = field(default_factory=list)
+    dialogs: list[str] = field(default_factory=list)
+
+    def rows(self, selector: str, fields: str) -> list[tuple[Any, ...]]:
+        """Per element matching `selector`: the JavaScript array expression `fields` of element e."""
+        return [tuple(x) for x in self.page.eval_on_selector_all(selector, f"els => els.map(e => {fields})")]
+
+    def weights(self) -> list[tuple[Any, ...]]:
+        """(query, key, text) of every weight the view shows."""
+        return self.rows("#view text[data-role=weight]", "[+e.dataset.query, +e.dataset.key, e.textContent]")
+
+    def lines(self) -> list[tuple[Any, ...]]:
+        return self.rows("#view line", "[e.dataset.q, e.dataset.k, e.getAttribute('stroke-opacity')]")
+
+    def select_doc(self, doc_id: int) -> None:
+        index = self.page.eval_on_selector_all(
+            "#doc-picker option", f"os => os.findIndex(o => o.textContent.startsWith('#{doc_id} '))"
+        )
+        assert index >= 0, f"document {doc_id} is not in the picker"
+        self.page.select_option("#doc-picker", str(index))
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[Any]:
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail(f"playwright is missing: {INSTALL_HINT}", pytrace=False)
+    if not Path(CHROMIUM).is_file():
+        pytest.fail(f"no chromium at {CHROMIUM}: {INSTALL_HINT}", pytrace=False)
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def open_report(browser: Any) -> Iterator[Any]:
+    pages: list[Any] = []
+
+    def load(path: Path) -> Page:
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(10_000)
+        pages.append(page)
+        loaded = Page(page, path.resolve().as_uri())
+        page.on("console", lambda m: loaded.console_errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: loaded.console_errors.append(str(e)))
+        page.on("request", lambda r: loaded.requests.append(r.url))
+        page.on("dialog", lambda d: (loaded.dialogs.append(d.message), d.dismiss()))
+        page.goto(loaded.url)
+        page.wait_for_selector("#grid rect.cell")
+        return loaded
+
+    yield load
+    for page in pages:
+        page.close()
+
+
+def assert_clean(loaded: Page) -> None:
+    assert loaded.console_errors == []
+    assert loaded.requests == [loaded.url], "the page must request nothing but itself"
+    assert loaded.dialogs == []
+
+
+def test_page_loads_offline_without_errors(report_run: Path, open_report: Any) -> None:
+    loaded = open_report(report_run / "report.html")
+    page = loaded.page
+    meta, docs = page_data(report_run / "report.html")
+    assert page.locator("#grid rect.cell").count() == meta["n_layers"] * meta["n_heads"]
+    assert page.locator("#doc-picker option").count() == len(docs)
+    assert page.inner_text("#verification-verdict") == "PASSED"
+    assert page.locator("#verification-layers tr").count() == meta["n_layers"] + 1
+    assert "This page embeds 9 of 9 documents" in page.inner_text("#sampling")
+    assert page.locator("#view line").count() > 0
+    assert_clean(loaded)
+
+
+def test_clicking_a_head_updates_the_view(report_run: Path, open_report: Any) -> None:
+    loaded = open_report(report_run / "report.html")
+    page = loaded.page
+    assert page.inner_text("#view-title").startswith("layer 0 head 0")
+    before = loaded.lines()
+    page.click('#grid rect.cell[data-layer="3"][data-head="7"]')
+    assert page.inner_text("#view-title").startswith("layer 3 head 7")
+    assert page.inner_text("#head-title") == "layer 3 head 7"
+    assert loaded.lines() != before
+    heads = pq.read_table(report_run / "heads.parquet").to_pandas().set_index(["layer", "head"])
+    shown = float(page.inner_text('#head-metrics td[data-metric="max_weight"]'))
+    assert shown == pytest.approx(heads.loc[(3, 7), "max_weight"], rel=1e-3)
+    assert_clean(loaded)
+
+
+@pytest.mark.parametrize("measure", ["attention", "value_norm", "rollout", "layer_value_norm"])
+def test_hovered_weights_equal_parquet(report_run: Path, open_report: Any, measure: str) -> None:
+    loaded = open_report(report_run / "report.html")
+    page = loaded.page
+    doc_id, layer, head, query = 1, 2, 5, 8  # "The animal didn't cross the street because it ..."
+    loaded.select_doc(doc_id)
+    page.click(f'#grid rect.cell[data-layer="{layer}"][data-head="{head}"]')
+    page.click(f'#measure-switch button[data-measure="{measure}"]')
+    head_level = measure in HEAD_MEASURES
+    assert ("head 5" in page.inner_text("#view-title")) == head_level
+    stored = parquet_rows(report_run, [doc_id], layer=layer, head=head if head_level else -1)
+
+    page.hover(f'#view g.tok[data-role="query"][data-pos="{query}"]')
+    shown = loaded.weights()
+    row = stored[stored["query_pos"] == query].set_index("key_pos")[measure]
+    assert sorted(k for _, k, _ in shown) == sorted(row.index) and {q for q, _, _ in shown} == {query}
+    for _, key, text in shown:
+        assert abs(float(text) - float(row[key])) <= TOLERANCE, (key, text, row[key])
+
+    page.hover('#view g.tok[data-role="key"][data-pos="2"]')  # a column: every query that stored key 2
+    shown = loaded.weights()
+    column = stored[stored["key_pos"] == 2].set_index("query_pos")[measure]
+    assert sorted(q for q, _, _ in shown) == sorted(column.index)
+    for q, _, text in shown:
+        assert abs(float(text) - float(column[q])) <= TOLERANCE
+    page.mouse.move(1, 1)
+    assert loaded.weights() == []
+    assert_clean(loaded)
+
+
+def test_html_in_the_corpus_is_shown_as_text(report_run: Path, open_report: Any) -> None:
+    loaded = open_report(report_run / "report.html")
+    page = loaded.page
+    malicious = len(page_data(report_run / "report.html")[1]) - 1
+    loaded.select_doc(page_data(report_run / "report.html")[1][malicious]["id"])
+    assert page.inner_text("#doc-text") == MALICIOUS
+    assert MALICIOUS in page.inner_text("#doc-picker")
+    for position in range(1, 8):
+        page.hover(f'#view g.tok[data-role="query"][data-pos="{position}"]')
+    assert page.locator("img").count() == 0
+    assert page.locator("script").count() == 3
+    assert_clean(loaded)
+
+
+def test_tokens_that_close_script_elements_run_nothing(hostile_run: Path, open_report: Any) -> None:
+    loaded = open_report(hostile_run / "report.html")
+    page = loaded.page
+    labels = page.eval_on_selector_all(
+        '#view g.tok[data-role="query"] title', "els => els.map(e => e.textContent)"
+    )
+    for position, token in enumerate(HOSTILE_TOKENS, start=1):
+        assert labels[position] == f"{token} (position {position})"
+    page.hover('#view g.tok[data-role="query"][data-pos="1"]')
+    assert HOSTILE_TOKENS[0] in page.inner_text("#view-status")
+    assert page.locator("img").count() == 0
+    assert page.locator("script").count() == 3
+    assert_clean(loaded)
+
+
+def test_page_without_heads_or_pair_tables(report_run: Path, tmp_path: Path, open_report: Any) -> None:
+    no_heads = _copy(report_run, tmp_path / "no-heads", drop=("heads.parquet", "head_similarity.parquet"))
+    loaded = open_report(write_report(no_heads))
+    assert "heads.parquet is not in this run folder" in loaded.page.inner_text("#metric-note")
+    assert loaded.page.input_value("#metric-picker") == "mean_max_attention"
+    assert_clean(loaded)
+
+    summary = _copy(report_run, tmp_path / "summary", drop=("associations",))
+    loaded = open_report(write_report(summary))
+    assert "stored no pair tables" in loaded.page.inner_text("#view-status")
+    assert loaded.page.locator("#view line").count() == 0
+    assert loaded.page.inner_text("#doc-text") != ""
+    assert_clean(loaded)
