@@ -14,6 +14,7 @@ import torch
 
 from .analysis import DocAttention, analyse_batch, validate_measures
 from .encode import encode
+from .explain import normalise_token
 from .measures import MEASURES
 from .models import LoadedModel, load_model
 from .tables import association_table, tokens_table, words_table
@@ -65,7 +66,7 @@ class ExtractionResult:
         frame = frame.merge(labels.rename(columns={"position": "query_pos", "label": "query_token"}), on=["doc_id", "query_pos"])
         frame = frame.merge(labels.rename(columns={"position": "key_pos", "label": "key_token"}), on=["doc_id", "key_pos"])
         if token is not None:
-            frame = frame[frame["query_token"].str.lower() == token.lower()]
+            frame = frame[frame["query_token"].map(normalise_token) == normalise_token(token)]
         return frame.reset_index(drop=True)
 
     def _labels(self) -> pd.DataFrame:

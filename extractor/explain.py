@@ -21,6 +21,8 @@ def normalise_token(token: str) -> str:
 
 def find_token(doc: DocAttention, token: str, occurrence: int = 1) -> int:
     """Position of the `occurrence`-th token (1-based) whose text is `token`; a clear error listing the tokens if absent."""
+    if occurrence < 1:
+        raise UserError(f"--occurrence counts from 1; got {occurrence}")
     wanted = normalise_token(token)
     labels = doc_labels(doc)
     matches = [i for i, t in enumerate(labels) if normalise_token(t) == wanted]

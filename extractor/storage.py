@@ -67,7 +67,8 @@ class Part:
 
 def _atomic_write(path: Path, write: Any) -> None:
     """Write through a temporary name in the same folder, then rename (atomic on POSIX)."""
-    tmp = path.with_name(path.name + ".tmp")
+    # The process id keeps two writers of the same part (a Ray retry beside a worker thought dead) apart.
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     write(tmp)
     os.replace(tmp, path)
 

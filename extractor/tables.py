@@ -166,10 +166,15 @@ def word_spans(doc: TokenizedDoc, text: str) -> list[tuple[str, bool, int, int, 
         if not special:
             entry[3] = min(entry[3], start) if entry[2] > 1 else start
             entry[4] = max(entry[4], end)
-    return [
-        (entry[0] if entry[1] else text[entry[3] : entry[4]], entry[1], entry[2], entry[3], entry[4])
-        for _, entry in sorted(spans.items())
-    ]
+    result = []
+    for _, (label, special, count, start, end) in sorted(spans.items()):
+        if not special:  # byte-level BPE offsets (GPT-2, RoBERTa) include the space before a word
+            while start < end and text[start].isspace():
+                start += 1
+            while end > start and text[end - 1].isspace():
+                end -= 1
+        result.append((label if special else text[start:end], special, count, start, end))
+    return result
 
 
 def words_table(doc_id: int, doc: TokenizedDoc, text: str) -> pa.Table:

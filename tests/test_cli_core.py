@@ -148,9 +148,7 @@ def test_explain_value_norm_sorts_by_share(cli) -> None:
 def test_explain_rollout(cli) -> None:
     result = cli("explain", "--token", "it", "--text", IT_SENTENCE, "--measure", "rollout")
     assert result.exit_code == 0, result.output
-    assert [int(x) for x in re.findall(r"rollout after layer (\d+): row 'it'", result.stdout)] == list(
-        range(6)
-    )
+    assert [int(x) for x in re.findall(r"rollout after layer (\d+): row 'it'", result.stdout)] == list(range(6))
     one = cli("explain", "--token", "it", "--text", IT_SENTENCE, "--measure", "rollout", "--layer", "2")
     assert one.exit_code == 0, one.output
     assert re.findall(r"rollout after layer (\d+)", one.stdout) == ["2"]
@@ -179,15 +177,11 @@ def test_token_not_in_text(cli) -> None:
 
 @pytest.mark.parametrize(("option", "value"), [("--layer", "6"), ("--head", "12"), ("--layer", "-1")])
 def test_layer_or_head_out_of_range(cli, option: str, value: str) -> None:
-    assert_user_error(
-        cli("explain", "--token", "it", "--text", IT_SENTENCE, option, value), option, "out of range"
-    )
+    assert_user_error(cli("explain", "--token", "it", "--text", IT_SENTENCE, option, value), option, "out of range")
 
 
 def test_bad_measure(cli) -> None:
-    assert_user_error(
-        cli("explain", "--token", "it", "--text", IT_SENTENCE, "--measure", "saliency"), "saliency"
-    )
+    assert_user_error(cli("explain", "--token", "it", "--text", IT_SENTENCE, "--measure", "saliency"), "saliency")
 
 
 # --- python -m extractor ----------------------------------------------------------------------------------
@@ -205,3 +199,9 @@ def test_python_dash_m_help() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "verify" in done.stdout and "explain" in done.stdout
+
+
+def test_explain_refuses_occurrence_below_one(cli) -> None:
+    result = cli("explain", "--token", "the", "--occurrence", "0", "--text", "The cat saw the dog.")
+    assert result.exit_code == 2
+    assert "counts from 1" in result.output

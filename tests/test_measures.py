@@ -18,9 +18,7 @@ def get_model(which: str, minilm: LoadedModel, tiny_loaded: Callable[..., Loaded
     return minilm if which == "minilm" else tiny_loaded(which)
 
 
-def value_vectors_from_modules(
-    loaded: LoadedModel, model_inputs: dict[str, torch.Tensor]
-) -> list[torch.Tensor]:
+def value_vectors_from_modules(loaded: LoadedModel, model_inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
     """Per layer f_h(x_j) = (x_j·W_V + b_V)_h · W_O_h: [batch, head, key, d_model], from nn.Linear/Conv1D.
 
     x_j comes from Hugging Face's `output_hidden_states` (GPT-2: after `ln_1`), not from the extractor's
@@ -52,10 +50,7 @@ def value_vectors_from_modules(
             n_heads = loaded.provenance["n_heads"]
             d_head = v.shape[-1] // n_heads
             f = torch.stack(
-                [
-                    v[..., h * d_head : (h + 1) * d_head] @ W_out[h * d_head : (h + 1) * d_head]
-                    for h in range(n_heads)
-                ],
+                [v[..., h * d_head : (h + 1) * d_head] @ W_out[h * d_head : (h + 1) * d_head] for h in range(n_heads)],
                 dim=1,
             )  # [batch, head, key, d_model]
             out.append(f)
@@ -78,9 +73,7 @@ def test_decomposition_is_exact(which: str, minilm, tiny_loaded, sentences: list
     assert max(errors) <= 1e-5, errors
 
 
-def test_decomposition_error_detects_wrong_output_weights(
-    tiny_loaded, monkeypatch, sentences: list[str]
-) -> None:
+def test_decomposition_error_detects_wrong_output_weights(tiny_loaded, monkeypatch, sentences: list[str]) -> None:
     """If W_O were read wrongly (here: heads' blocks swapped) the decomposition check would say so."""
     import dataclasses
 
@@ -98,9 +91,7 @@ def test_decomposition_error_detects_wrong_output_weights(
 
 
 @pytest.mark.parametrize("which", ["minilm", "gpt2", "distilbert"])
-def test_value_norm_matches_independent_computation(
-    which: str, minilm, tiny_loaded, sentences: list[str]
-) -> None:
+def test_value_norm_matches_independent_computation(which: str, minilm, tiny_loaded, sentences: list[str]) -> None:
     loaded = get_model(which, minilm, tiny_loaded)
     batch = encode(loaded.tokenizer, sentences)
     analysis = analyse_batch(loaded, batch, measures=("attention", "value_norm"))
@@ -133,9 +124,7 @@ def test_layer_value_norm_matches_brute_force(which: str, minilm, tiny_loaded) -
             alpha = attentions[layer][i, :, :n, :n]  # [head, query, key]
             summed = (alpha[:, :, :, None] * f[i, :, None, :n, :]).sum(dim=0)  # [query, key, d_model]
             expected = summed.norm(dim=-1)  # [query, key]
-            torch.testing.assert_close(
-                doc.layer_measures["layer_value_norm"][layer], expected, rtol=1e-4, atol=1e-5
-            )
+            torch.testing.assert_close(doc.layer_measures["layer_value_norm"][layer], expected, rtol=1e-4, atol=1e-5)
 
 
 def test_layer_value_norm_unit_brute_force() -> None:
@@ -262,9 +251,7 @@ def test_doc_to_word_level_aggregates_every_measure(minilm: LoadedModel) -> None
 # --- (6) Kobayashi et al. (2020): value_norm moves weight away from [CLS]/[SEP] ----------------------------
 
 
-def test_value_norm_gives_special_tokens_less_than_attention(
-    minilm: LoadedModel, sample_texts: list[str]
-) -> None:
+def test_value_norm_gives_special_tokens_less_than_attention(minilm: LoadedModel, sample_texts: list[str]) -> None:
     assert len(sample_texts) == 60
     attention_share, value_share, rows = 0.0, 0.0, 0
     for start in range(0, len(sample_texts), 20):

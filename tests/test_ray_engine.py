@@ -40,9 +40,9 @@ KEYS = {
 
 @pytest.fixture(scope="module")
 def ray_instance() -> Iterator[str]:
-    """One small local Ray instance for the module; in-process runs join it instead of starting their own,
-    other processes reach it at the address this returns."""
-    context = ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2,
+    """One small new Ray instance for the module (never a cluster already running on this machine); in-process
+    runs join it instead of starting their own, other processes reach it at the address this returns."""
+    context = ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2,
                        logging_level="WARNING")
     yield context.address_info["gcs_address"]
     ray.shutdown()

@@ -141,9 +141,7 @@ def test_padding_does_not_change_real_tokens() -> None:
     x = torch.randn(1, 3, 6)
     alone = recompute_attention(x, weights, additive_mask(torch.ones(1, 3, dtype=torch.long), causal=False))
     padded_x = torch.cat([x, torch.randn(1, 2, 6) * 100], dim=1)  # garbage in the pad positions
-    padded = recompute_attention(
-        padded_x, weights, additive_mask(torch.tensor([[1, 1, 1, 0, 0]]), causal=False)
-    )
+    padded = recompute_attention(padded_x, weights, additive_mask(torch.tensor([[1, 1, 1, 0, 0]]), causal=False))
     torch.testing.assert_close(padded.pattern[:, :, :3, :3], alone.pattern)
     torch.testing.assert_close(padded.z[:, :3], alone.z)
 

@@ -29,9 +29,7 @@ def minilm_docs(minilm: LoadedModel, sentences: list[str]) -> list[DocAttention]
 @pytest.fixture(scope="module")
 def gpt2_docs(tiny_loaded, sentences: list[str]) -> list[DocAttention]:
     loaded = tiny_loaded("gpt2")
-    return analyse_batch(
-        loaded, encode(loaded.tokenizer, sentences[:2]), measures=ALL_MEASURES, verify=False
-    ).docs
+    return analyse_batch(loaded, encode(loaded.tokenizer, sentences[:2]), measures=ALL_MEASURES, verify=False).docs
 
 
 def column(table: pa.Table, name: str) -> np.ndarray:
@@ -39,9 +37,7 @@ def column(table: pa.Table, name: str) -> np.ndarray:
 
 
 def cells(table: pa.Table) -> set[tuple[int, int, int, int]]:
-    return set(
-        zip(*(column(table, c).tolist() for c in ("layer", "head", "query_pos", "key_pos")), strict=True)
-    )
+    return set(zip(*(column(table, c).tolist() for c in ("layer", "head", "query_pos", "key_pos")), strict=True))
 
 
 # --- schema and dtypes ------------------------------------------------------------------------------------
@@ -80,9 +76,7 @@ def test_top_k_schema_has_kept_mass(minilm_docs: list[DocAttention]) -> None:
     assert table.schema.field("kept_mass").type == pa.float32()
 
 
-def test_tokens_and_words_schema(
-    minilm: LoadedModel, minilm_docs: list[DocAttention], sentences: list[str]
-) -> None:
+def test_tokens_and_words_schema(minilm: LoadedModel, minilm_docs: list[DocAttention], sentences: list[str]) -> None:
     tokens = tokens_table(1, minilm_docs[1].doc)
     assert {f.name: f.type for f in tokens.schema} == {
         "doc_id": pa.int64(),
@@ -133,10 +127,7 @@ def test_dense_values_are_hugging_face_attentions(minilm: LoadedModel, sentences
         n = doc.doc.n_tokens
         table = association_table(doc_id, doc, causal=False)
         rebuilt = torch.full((6, 12, n, n), float("nan"))
-        idx = [
-            torch.from_numpy(column(table, c).astype(np.int64))
-            for c in ("layer", "head", "query_pos", "key_pos")
-        ]
+        idx = [torch.from_numpy(column(table, c).astype(np.int64)) for c in ("layer", "head", "query_pos", "key_pos")]
         rebuilt[idx[0], idx[1], idx[2], idx[3]] = torch.tensor(column(table, "attention"))
         expected = torch.stack([a[doc_id, :, :n, :n] for a in hf])
         torch.testing.assert_close(rebuilt, expected, rtol=0, atol=1e-5)
@@ -156,9 +147,7 @@ def test_head_and_layer_rows_carry_their_own_measures(minilm_docs: list[DocAtten
     # Layer rows hold the layer measures of the right cell.
     doc = minilm_docs[0]
     for row in layer_rows.sample(20, random_state=0).itertuples():
-        assert row.rollout == pytest.approx(
-            float(doc.layer_measures["rollout"][row.layer, row.query_pos, row.key_pos])
-        )
+        assert row.rollout == pytest.approx(float(doc.layer_measures["rollout"][row.layer, row.query_pos, row.key_pos]))
 
 
 def test_causal_model_has_no_future_keys(gpt2_docs: list[DocAttention]) -> None:
@@ -205,9 +194,7 @@ def test_top_k_keeps_the_k_largest(k: int, causal: bool, minilm_docs, gpt2_docs)
         for (_, _, query), count in per_row.items():
             allowed = query + 1 if causal else n
             assert count == min(k, allowed)
-        sample = (
-            rows.groupby(["layer", "head", "query_pos"]).agg(list).reset_index().sample(30, random_state=0)
-        )
+        sample = rows.groupby(["layer", "head", "query_pos"]).agg(list).reset_index().sample(30, random_state=0)
         for row in sample.itertuples():
             values = (rank[row.layer, row.head] if head_level else rank[row.layer])[row.query_pos].numpy()
             allowed = row.query_pos + 1 if causal else n
@@ -225,14 +212,8 @@ def test_threshold_keeps_exactly_cells_above(threshold: float, minilm_docs, gpt2
         attention = doc.head_measures["attention"]
         rollout = doc.layer_measures["rollout"]
         expected = {
-            (lay, h, q, k)
-            for lay, h, q, k in (attention >= threshold).nonzero().tolist()
-            if not (causal and k > q)
-        } | {
-            (lay, -1, q, k)
-            for lay, q, k in (rollout >= threshold).nonzero().tolist()
-            if not (causal and k > q)
-        }
+            (lay, h, q, k) for lay, h, q, k in (attention >= threshold).nonzero().tolist() if not (causal and k > q)
+        } | {(lay, -1, q, k) for lay, q, k in (rollout >= threshold).nonzero().tolist() if not (causal and k > q)}
         assert len(expected) > 0
         assert cells(table) == expected
         assert table.num_rows == len(expected)

@@ -62,9 +62,7 @@ def assert_matches_hugging_face(loaded: LoadedModel, texts: list[str]) -> None:
     mask = additive_mask(batch.attention_mask, loaded.adapter.causal)
     for layer in range(loaded.adapter.n_layers):
         # The hooks saw exactly what Hugging Face reports as the layer's input and attention.
-        torch.testing.assert_close(
-            capture.hidden_in[layer], attention_input(loaded, direct.hidden_states, layer)
-        )
+        torch.testing.assert_close(capture.hidden_in[layer], attention_input(loaded, direct.hidden_states, layer))
         torch.testing.assert_close(capture.attentions[layer], direct.attentions[layer], rtol=0, atol=0)
         rec = recompute_attention(capture.hidden_in[layer], loaded.adapter.layer_weights(layer), mask)
         for b, n in enumerate(batch.lengths):
@@ -85,9 +83,7 @@ def assert_matches_hugging_face(loaded: LoadedModel, texts: list[str]) -> None:
 
 
 def verification(loaded: LoadedModel, texts: list[str]):
-    report = analyse_batch(
-        loaded, encode(loaded.tokenizer, texts), measures=("attention",), atol=ATOL
-    ).verification
+    report = analyse_batch(loaded, encode(loaded.tokenizer, texts), measures=("attention",), atol=ATOL).verification
     assert report is not None
     return report
 
@@ -266,9 +262,7 @@ def sha256_file(path: Path) -> str:
 
 
 @pytest.mark.parametrize("which", ["minilm", "gpt2"])
-def test_provenance(
-    which: str, minilm: LoadedModel, tiny_model_dir: Callable[..., Path], tiny_loaded
-) -> None:
+def test_provenance(which: str, minilm: LoadedModel, tiny_model_dir: Callable[..., Path], tiny_loaded) -> None:
     if which == "minilm":
         loaded, folder, spec = minilm, bundled_model_path("minilm"), "minilm"
     else:
@@ -285,9 +279,7 @@ def test_provenance(
     assert loaded.model.config._attn_implementation == "eager"
     assert prov["dtype"] == "float32" and loaded.dtype == torch.float32
     assert prov["tolerance"] == 1e-5
-    assert prov["n_layers"] == len(
-        hf_forward(loaded, encode(loaded.tokenizer, ["a test"]).model_inputs).attentions
-    )
+    assert prov["n_layers"] == len(hf_forward(loaded, encode(loaded.tokenizer, ["a test"]).model_inputs).attentions)
 
 
 def test_provenance_records_requested_tolerance(tiny_model_dir: Callable[..., Path]) -> None:

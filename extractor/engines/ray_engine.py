@@ -90,12 +90,12 @@ class Block:
 def split_blocks(
     records: Iterable[SourceRecord], size: int, first_part_id: int, done: Collection[int]
 ) -> Iterator[Block]:
-    """The blocks that still have work, cut where the local engine drains its buffer: after every `size`
-    readable records, committed ones included, so every batch is planned as in an uninterrupted run.
+    """The corpus cut where the local engine drains its buffer: after every `size` readable records, committed
+    ones included, so every batch is planned as in an uninterrupted run (`Block.todo`: work is left).
 
     Skipped records stay in stream order, so they ride on the same part as in a local run. A block yields at
     most one part per readable record plus one part of trailing skipped records: `size + 1` part ids each,
-    numbered from `first_part_id` (past every committed part) in the order the blocks are sent.
+    numbered from `first_part_id` (past every committed part) for the blocks with work, in order.
     """
     max_parts = size + 1
     sent = 0
