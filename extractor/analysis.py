@@ -14,9 +14,18 @@ from . import measures as M
 from .capture import run_with_capture
 from .encode import EncodedBatch, TokenizedDoc
 from .models import LoadedModel
-from .recompute import additive_mask, attention_output, recompute_attention, value_vectors_out
+from .recompute import (
+    additive_mask,
+    attention_output,
+    project,
+    recompute_attention,
+    value_vector_norms,
+    value_vectors_out,
+)
 from .verify import VerificationReport, layer_errors
 from .words import to_words
+
+VALUE_MEASURES = {"value_norm", "layer_value_norm"}
 
 
 @dataclass
@@ -83,32 +92,40 @@ def analyse_batch(
     per_layer: dict[str, list[torch.Tensor]] = {name: [] for name in measures}
     patterns: list[torch.Tensor] = []
     for layer, weights in enumerate(adapter.all_layer_weights()):
-        rec = recompute_attention(capture.hidden_in[layer], weights, mask)
+        x = capture.hidden_in[layer]  # [batch, pos, d_model]
         if report is not None:
+            rec = recompute_attention(x, weights, mask)
             report.add(layer, *layer_errors(capture.attentions[layer], rec.pattern, capture.z[layer], rec.z, batch.attention_mask))
-        patterns.append(rec.pattern)
+            pattern, v = rec.pattern, rec.v
+        else:
+            # Unverified batch (verify every:N / off): Hugging Face's pattern, which verified batches showed to
+            # equal the recomputation; only V is projected, for the value-weighted measures.
+            pattern = capture.attentions[layer]
+            v = project(x, weights.W_V, weights.b_V) if VALUE_MEASURES & set(measures) else None
+        patterns.append(pattern)
+        # Let go of this layer's captured tensors now: peak memory then holds one layer's extra copies, not all.
+        capture.hidden_in[layer] = capture.z[layer] = capture.attentions[layer] = None  # type: ignore[call-overload]
         if "attention" in measures:
-            per_layer["attention"].append(rec.pattern)
-        if "value_norm" in measures or "layer_value_norm" in measures:
-            f = value_vectors_out(rec.v, weights)  # [batch, head, key, d_model]
-            if "value_norm" in measures:
-                per_layer["value_norm"].append(M.value_norm(rec.pattern, f.norm(dim=-1)))
-            if "layer_value_norm" in measures:
-                per_layer["layer_value_norm"].append(M.layer_value_norm(rec.pattern, f))
+            per_layer["attention"].append(pattern)
+        if "value_norm" in measures:
+            per_layer["value_norm"].append(M.value_norm(pattern, value_vector_norms(v, weights)))
+        if "layer_value_norm" in measures:
+            per_layer["layer_value_norm"].append(M.layer_value_norm(pattern, value_vectors_out(v, weights)))
     if "rollout" in measures:
         per_layer["rollout"] = M.rollout(patterns)
     if report is not None:
         report.n_docs = len(batch.docs)
 
-    stacked = {name: torch.stack(values, dim=1).float().cpu() for name, values in per_layer.items()}
     docs = []
     for i, doc in enumerate(batch.docs):
         n = doc.n_tokens
+        # Trim padding before stacking layers: copies only the real [query, key] block of each document.
+        trimmed = {name: torch.stack([t[i, ..., :n, :n] for t in values]).float().cpu() for name, values in per_layer.items()}
         result = DocAttention(
             doc=doc,
             level="token",
-            head_measures={k: v[i, :, :, :n, :n] for k, v in stacked.items() if k in M.HEAD_MEASURES},
-            layer_measures={k: v[i, :, :n, :n] for k, v in stacked.items() if k in M.LAYER_MEASURES},
+            head_measures={k: v for k, v in trimmed.items() if k in M.HEAD_MEASURES},
+            layer_measures={k: v for k, v in trimmed.items() if k in M.LAYER_MEASURES},
         )
         docs.append(result.to_word_level() if level == "word" else result)
     return BatchAnalysis(docs=docs, verification=report)

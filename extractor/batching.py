@@ -13,13 +13,19 @@ G = TypeVar("G")
 
 
 def plan_batches(
-    group_lengths: Sequence[Sequence[int]], token_budget: int, max_batch: int, bucketing: bool = True
+    group_lengths: Sequence[Sequence[int]],
+    token_budget: int,
+    max_batch: int,
+    bucketing: bool = True,
+    attention_budget: int | None = None,
 ) -> list[list[int]]:
     """Split groups (one per document; each a list of unit lengths) into batches of group indices.
 
-    A batch holds at most `max_batch` units and at most `token_budget` padded tokens (units × longest),
-    except that a single group always fits in a batch of its own.
+    A batch holds at most `max_batch` units, at most `token_budget` padded tokens (units × longest) and at most
+    `attention_budget` attention cells per head (units × longest², which is what memory grows with), except
+    that a single group always fits in a batch of its own.
     """
+    cells = attention_budget or float("inf")
     order = list(range(len(group_lengths)))
     if bucketing:
         order.sort(key=lambda g: max(group_lengths[g]))
@@ -29,7 +35,8 @@ def plan_batches(
     for g in order:
         lengths = group_lengths[g]
         new_units, new_longest = units + len(lengths), max(longest, max(lengths))
-        if current and (new_units > max_batch or new_units * new_longest > token_budget):
+        too_big = new_units * new_longest > token_budget or new_units * new_longest**2 > cells
+        if current and (new_units > max_batch or too_big):
             batches.append(current)
             current, new_units, new_longest = [], len(lengths), max(lengths)
         current.append(g)

@@ -89,7 +89,9 @@ def run_case(case: str, model: str, corpus_file: str, max_length: int, batch_siz
         hf = AutoModel.from_pretrained(source, attn_implementation=implementation, dtype=torch.float32).eval()
         start = time.perf_counter()
         docs = [truncate(d, max_length) for d in tokenize(loaded.tokenizer, texts)]
-        plan = plan_batches([[d.n_tokens] for d in docs], token_budget, batch_size, bucketing=True)
+        # the same batches as the run cases: same budgets as RunConfig's defaults
+        plan = plan_batches([[d.n_tokens] for d in docs], token_budget, batch_size, bucketing=True,
+                            attention_budget=RunConfig().attention_budget)
         with torch.inference_mode():
             for group in plan:
                 batch = collate([docs[g] for g in group], loaded.tokenizer.pad_token_id)

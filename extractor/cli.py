@@ -48,7 +48,6 @@ def user_errors(command: F) -> F:
 
 ModelOption = Annotated[str, typer.Option("--model", "-m", help="Hub id, save_pretrained folder, or 'minilm' (bundled, offline).")]
 TextOption = Annotated[list[str], typer.Option("--text", "-t", help="A text to analyse; repeat for several.")]
-AtolOption = Annotated[float, typer.Option("--atol", help="Absolute tolerance for pass/fail (float32).")]
 
 
 def _texts(texts: list[str]) -> list[str]:
@@ -65,13 +64,20 @@ def _texts(texts: list[str]) -> list[str]:
 def verify(
     text: TextOption = [],  # noqa: B006 - typer reads the default
     model: ModelOption = "minilm",
-    atol: AtolOption = 1e-5,
+    atol: Annotated[float | None, typer.Option("--atol", help="Tolerance; default 1e-5 (float32), 2e-2 (bfloat16).")] = None,
     max_length: Annotated[int | None, typer.Option(help="Truncate each text to this many tokens.")] = None,
+    device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N.")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="float32 | bfloat16.")] = "float32",
 ) -> None:
     """Rebuild Q·Kᵀ·scale, masks, softmax, A and Z from the model's weights and compare with Hugging Face."""
     from .api import extract
+    from .config import BF16_ATOL
+    from .models import load_model
 
-    result = extract(_texts(text), model=model, measures=("attention",), atol=atol, max_length=max_length)
+    texts = _texts(text)
+    tolerance = atol if atol is not None else (BF16_ATOL if dtype == "bfloat16" else 1e-5)
+    loaded = load_model(model, device=device, dtype=dtype, tolerance=tolerance)
+    result = extract(texts, model=loaded, measures=("attention",), atol=tolerance, max_length=max_length)
     assert result.report is not None
     typer.echo(f"model: {model} ({result.provenance['model_class']}, {result.provenance['n_layers']} layers × "
                f"{result.provenance['n_heads']} heads, {result.provenance['attn_implementation']}, "

@@ -10,11 +10,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import UserError
-from .measures import MEASURES
+from .measures import MEASURES, RUN_MEASURES
 
+BF16_ATOL = 2e-2  # verification tolerance for dtype bfloat16 (float32 uses 1e-5)
 Measure = Literal["attention", "value_norm", "layer_value_norm", "rollout"]
 
 
@@ -32,6 +33,7 @@ class RunConfig(BaseModel):
     output: str = "outputs/run"
     batch_size: int = Field(32, ge=1)  # most documents in one forward pass
     token_budget: int = Field(8192, ge=16)  # most padded tokens (batch × longest) in one forward pass
+    attention_budget: int = Field(1 << 20, ge=1)  # most attention cells per head (batch × longest²): bounds memory
     buffer_size: int = Field(512, ge=1)  # documents read ahead and sorted by length before batching
     bucketing: bool = True  # sort by length within the buffer (False: original order)
     max_length: int | None = Field(None, ge=8)  # tokens per document (window) incl. specials; None = model limit
@@ -41,8 +43,8 @@ class RunConfig(BaseModel):
     top_k: int = Field(8, ge=1)  # storage 'topk': keys kept per query row and head
     threshold: float = Field(0.05, ge=0.0)  # storage 'threshold': keep cells with weight ≥ this
     level: Literal["token", "word"] = "token"
-    measures: list[Measure] = Field(default_factory=lambda: list(MEASURES))
-    similarity_rows: int | None = Field(32, ge=1)  # query rows per document sampled for head similarity; None = all
+    measures: list[Measure] = Field(default_factory=lambda: list(RUN_MEASURES))
+    similarity_rows: int | None = Field(8, ge=1)  # query rows per document sampled for head similarity; None = all
     limit: int | None = Field(None, ge=1)  # read at most this many input records
     verify: str = "on"  # on | off | every:N (verify every Nth batch)
     atol: float = Field(1e-5, gt=0.0)
@@ -54,6 +56,14 @@ class RunConfig(BaseModel):
     engine: Literal["local", "ray"] = "local"
     address: str | None = None  # ray: 'auto' or ray://HOST:PORT; None starts a local instance
     workers: int = Field(2, ge=1)  # ray: worker actors
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dtype_tolerance(cls, values: Any) -> Any:
+        """bfloat16 keeps ~3 significant digits: its default tolerance is BF16_ATOL unless atol is given."""
+        if isinstance(values, dict) and values.get("dtype") == "bfloat16" and values.get("atol") is None:
+            values = {**values, "atol": BF16_ATOL}
+        return values
 
     @field_validator("verify")
     @classmethod

@@ -15,6 +15,9 @@ import torch
 HEAD_MEASURES = ("attention", "value_norm")
 LAYER_MEASURES = ("layer_value_norm", "rollout")
 MEASURES = HEAD_MEASURES + LAYER_MEASURES
+# `extractor run`'s default: layer_value_norm needs every head's f_h(x_j) in d_model and a per-key Gram
+# matrix, which costs about as much as the forward pass itself; ask for it when you need it.
+RUN_MEASURES = ("attention", "value_norm", "rollout")
 
 
 def value_norm(pattern: torch.Tensor, f_norm: torch.Tensor) -> torch.Tensor:
@@ -29,8 +32,9 @@ def layer_value_norm(pattern: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     ‖Σ_h α_hij f_h(x_j)‖² = Σ_h Σ_g α_hij α_gij G_j[h, g].
     pattern [batch, head, query, key], f [batch, head, key, d_model] → [batch, query, key].
     """
-    f_by_key = f.permute(0, 2, 1, 3)  # [batch, key, head, d_model]
-    gram = torch.matmul(f_by_key, f_by_key.transpose(-1, -2))  # [batch, key, head, head]
+    batch, n_heads, n_keys, d_model = f.shape
+    f_by_key = f.permute(0, 2, 1, 3).reshape(batch * n_keys, n_heads, d_model)  # [batch·key, head, d_model]
+    gram = torch.bmm(f_by_key, f_by_key.transpose(1, 2)).view(batch, n_keys, n_heads, n_heads)  # [batch, key, head, head]
     alpha = pattern.permute(0, 3, 2, 1)  # [batch, key, query, head]
     weighted = torch.matmul(alpha, gram)  # [batch, key, query, head]
     squared = (weighted * alpha).sum(dim=-1)  # [batch, key, query]

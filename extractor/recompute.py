@@ -74,7 +74,21 @@ def value_vectors_out(v: torch.Tensor, weights: AttentionWeights) -> torch.Tenso
 
     Kobayashi et al. (2020): what each key contributes to the layer's output, before the attention weight.
     """
-    return torch.matmul(v, weights.W_O[None])  # [batch, head, key, d_model]
+    batch, n_heads, n_keys, d_head = v.shape
+    by_head = v.transpose(0, 1).reshape(n_heads, batch * n_keys, d_head)  # [head, batch·key, d_head]
+    f = torch.bmm(by_head, weights.W_O)  # [head, batch·key, d_model]: one large matmul per head
+    return f.view(n_heads, batch, n_keys, -1).transpose(0, 1)  # [batch, head, key, d_model]
+
+
+def value_vector_norms(v: torch.Tensor, weights: AttentionWeights) -> torch.Tensor:
+    """‖f_h(x_j)‖ = √(v_jh·(W_O^h W_O^hᵀ)·v_jh) without building f: v [batch, head, key, d_head] → [batch, head, key].
+
+    The per-head Gram matrix W_O^h W_O^hᵀ is [d_head, d_head], so this costs d_head² per key and head instead
+    of d_head·d_model.
+    """
+    gram = torch.matmul(weights.W_O, weights.W_O.transpose(1, 2))  # [head, d_head, d_head]
+    squared = (torch.matmul(v, gram[None]) * v).sum(dim=-1)  # [batch, head, key]
+    return squared.clamp_min(0).sqrt()
 
 
 def attention_output(pattern: torch.Tensor, f: torch.Tensor, weights: AttentionWeights) -> torch.Tensor:

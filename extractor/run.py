@@ -163,7 +163,7 @@ class Extraction:
             nonlocal part_id, skipped
             documents = prepare_documents(buffer, self.loaded, self.config)
             plan = plan_batches([[u.n_tokens for u in d.units] for d in documents], self.config.token_budget,
-                                self.config.batch_size, self.config.bucketing)
+                                self.config.batch_size, self.config.bucketing, self.config.attention_budget)
             for group in plan:
                 batch = [documents[g] for g in group if documents[g].record.doc_id not in done]
                 if not batch:  # committed before the interruption; still counts for verify every:N
@@ -198,7 +198,9 @@ class Extraction:
         stats = corpus_statistics(loaded, config)
         report: VerificationReport | None = None
         per_doc_tables: list[pa.Table] = []
-        for chunk in chunks(units, config.batch_size):
+        longest = max(u.n_tokens for _, u in units)
+        per_pass = max(1, min(config.batch_size, config.attention_budget // longest**2))  # a long document's windows
+        for chunk in chunks(units, per_pass):
             batch = collate([u for _, u in chunk], loaded.tokenizer.pad_token_id, loaded.device)
             analysis = analyse_batch(loaded, batch, config.measures, verify=verify, atol=config.atol)
             if analysis.verification is not None:
@@ -237,6 +239,7 @@ class Extraction:
 
 # Settings that change what a run writes: a resumed run must keep them, or its parts would not fit together.
 RESULT_SETTINGS = ("model", "input", "input_format", "text_field", "text_column", "batch_size", "token_budget",
+                   "attention_budget",
                    "buffer_size", "bucketing", "max_length", "long_documents", "window_stride", "storage", "top_k",
                    "threshold", "level", "measures", "similarity_rows", "limit", "verify", "atol", "dtype")
 
