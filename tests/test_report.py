@@ -28,6 +28,7 @@ from typer.testing import CliRunner
 from extractor.cli import app
 from extractor.config import RunConfig
 from extractor.errors import UserError
+from extractor.measures import MEASURES
 from extractor.models import LoadedModel
 from extractor.report import (
     DEFAULT_MAX_BYTES,
@@ -79,7 +80,7 @@ def report_run(
     tmp_path_factory: pytest.TempPathFactory, minilm: LoadedModel, sample_texts: list[str]
 ) -> Path:
     """8 sample sentences + a line of HTML, top-k storage, every measure; the run writes report.html."""
-    return _run(tmp_path_factory.mktemp("report-topk"), sample_texts[:8] + [MALICIOUS], minilm)
+    return _run(tmp_path_factory.mktemp("report-topk"), sample_texts[:8] + [MALICIOUS], minilm, measures=list(MEASURES))
 
 
 @pytest.fixture(scope="session")
@@ -100,7 +101,8 @@ def dense_word_run(
 def default_run(tmp_path_factory: pytest.TempPathFactory, minilm: LoadedModel) -> Path:
     """configs/default.yaml's run: the 60-sentence sample corpus, top-k 8, every measure."""
     folder = tmp_path_factory.mktemp("report-default")
-    config = RunConfig(input=str(SAMPLE_CORPUS), output=str(folder / "out"), plots=False, report=True)
+    config = RunConfig(input=str(SAMPLE_CORPUS), output=str(folder / "out"), plots=False, report=True,
+                       measures=list(MEASURES))
     run_extraction(config, quiet=True, loaded=minilm)
     return folder / "out"
 

@@ -29,6 +29,7 @@ from typer.testing import CliRunner, Result
 from extractor.cli import app
 from extractor.config import RunConfig
 from extractor.encode import tokenize, windows
+from extractor.measures import MEASURES
 from extractor.models import LoadedModel
 from extractor.run import run_extraction
 
@@ -252,7 +253,7 @@ def storage_runs(tiny: str, tmp_path_factory: pytest.TempPathFactory) -> dict[st
     outputs = {}
     for name, flags in settings.items():
         outputs[name] = folder / name
-        run_ok(tiny, corpus, outputs[name], *flags)
+        run_ok(tiny, corpus, outputs[name], "--measures", ",".join(MEASURES), *flags)
     return outputs
 
 
