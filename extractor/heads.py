@@ -146,16 +146,20 @@ def mass_on(pattern: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     return torch.einsum("...qk,qk->...q", pattern, reference.to(pattern.dtype))
 
 
-def mass_on_keys(pattern: torch.Tensor, keys: list[bool]) -> torch.Tensor:
-    """pattern [layer, head, query, key], keys [key] flags → Σ over flagged keys [layer, head, query]."""
-    return pattern @ torch.tensor(keys, dtype=pattern.dtype)
+def pattern_score_sums(
+    pattern: torch.Tensor, reference: torch.Tensor, row_sums: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ A⊙P, Σ A) [layer, head] over the query rows where `reference` [query, key] has any 1.
 
-
-def pattern_score_sums(pattern: torch.Tensor, reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Σ A⊙P, Σ A) [layer, head] over the query rows where `reference` [query, key] has any 1."""
+    Reference patterns are sparse, so Σ A⊙P gathers only P's cells; `row_sums` [layer, head, query] (Σ_j A_ij,
+    computed once per document) gives Σ A without another pass over the whole pattern.
+    """
     rows = reference.any(dim=-1)  # [query]
-    hits = mass_on(pattern[..., rows, :], reference[rows]).sum(dim=-1, dtype=torch.float64)
-    mass = pattern[..., rows, :].sum(dim=(-2, -1), dtype=torch.float64)
+    query, key = reference.nonzero(as_tuple=True)  # P's cells
+    hits = pattern[..., query, key].sum(dim=-1, dtype=torch.float64)  # [layer, head]
+    if row_sums is None:
+        row_sums = pattern.sum(dim=-1)
+    mass = row_sums[..., rows].sum(dim=-1, dtype=torch.float64)
     return hits, mass
 
 
@@ -183,23 +187,27 @@ def doc_head_sums(
     # A_i,i−1 for rows 1..n−1 and A_i,i+1 for rows 0..n−2: rows without such a neighbour are not counted.
     sums["previous_token"] = row_mean_sums(attention.diagonal(offset=-1, dim1=-2, dim2=-1))
     sums["next_token"] = row_mean_sums(attention.diagonal(offset=1, dim1=-2, dim2=-1))
-    punctuation = [is_punctuation(t) and not s for t, s in zip(labels, specials, strict=True)]
-    sums["punctuation"] = row_mean_sums(mass_on_keys(attention, punctuation))
-    sums["max_weight"] = row_mean_sums(attention.amax(dim=-1))
-    share = None  # value_norm as each key's share of its row [layer, head, query, key]
-    if value_norm is not None:
-        share = value_norm / value_norm.sum(dim=-1, keepdim=True).clamp_min(1e-30)
+    # Every "share of the row on these keys" metric in one pass: attention @ [key, flag set].
+    flag_sets = {"punctuation": [is_punctuation(t) and not s for t, s in zip(labels, specials, strict=True)]}
     for name, token in (("cls", cls_token), ("sep", sep_token)):
-        if token is None:
-            continue
-        keys = [t == token for t in labels]
-        sums[name] = row_mean_sums(mass_on_keys(attention, keys))
-        if share is not None:
-            sums[f"{name}_value_norm"] = row_mean_sums(mass_on_keys(share, keys))
-    sums["previous_token_score"] = pattern_score_sums(attention, previous_token_pattern(n))
-    sums["duplicate_token_score"] = pattern_score_sums(attention, duplicate_token_pattern(labels))
+        if token is not None:
+            flag_sets[name] = [t == token for t in labels]
+    flags = torch.tensor(list(flag_sets.values()), dtype=attention.dtype).T  # [key, flag set]
+    on_keys = attention @ flags  # [layer, head, query, flag set]
+    for i, name in enumerate(flag_sets):
+        sums[name] = row_mean_sums(on_keys[..., i])
+    sums["max_weight"] = row_mean_sums(attention.amax(dim=-1))
+    special_sets = [i for i, name in enumerate(flag_sets) if name in ("cls", "sep")]
+    if value_norm is not None and special_sets:
+        # value_norm as each key's share of its row: (value_norm @ flags) / Σ_j value_norm, no full-size division
+        shares = (value_norm @ flags[:, special_sets]) / value_norm.sum(dim=-1, keepdim=True).clamp_min(1e-30)
+        for column, i in enumerate(special_sets):
+            sums[f"{list(flag_sets)[i]}_value_norm"] = row_mean_sums(shares[..., column])
+    row_sums = attention.sum(dim=-1)  # [layer, head, query]
+    sums["previous_token_score"] = pattern_score_sums(attention, previous_token_pattern(n), row_sums)
+    sums["duplicate_token_score"] = pattern_score_sums(attention, duplicate_token_pattern(labels), row_sums)
     if causal:
-        sums["induction_score"] = pattern_score_sums(attention, induction_pattern(labels))
+        sums["induction_score"] = pattern_score_sums(attention, induction_pattern(labels), row_sums)
     return sums
 
 
