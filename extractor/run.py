@@ -7,12 +7,11 @@ read records → tokenize a buffer → truncate/window → bucket by length → 
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import chain, islice
 from typing import Any, NoReturn
 
@@ -33,8 +32,6 @@ from .storage import OutputFolder, Part
 from .tables import association_table, tokens_table, words_table
 from .verify import VerificationReport
 
-log = logging.getLogger("extractor.run")
-
 
 @dataclass
 class Document:
@@ -48,17 +45,6 @@ class Document:
     def stored(self) -> TokenizedDoc:
         """The tokens the tables describe: a truncated document is its truncation (positions renumbered)."""
         return self.units[0] if self.units[0].truncated else self.full
-
-
-@dataclass
-class RunStats:
-    documents: int = 0
-    tokens: int = 0
-    association_rows: int = 0
-    batches: int = 0
-    skipped: int = 0
-    truncated: int = 0
-    started: float = field(default_factory=time.time)
 
 
 def corpus_statistics(loaded: LoadedModel, config: RunConfig) -> dict[str, Any]:

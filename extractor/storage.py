@@ -45,8 +45,6 @@ DOCUMENT_SCHEMA = pa.schema(
         pa.field("reason", pa.string()),
     ]
 )
-FINAL_FILES = ("manifest.json", "documents.parquet", "tokens.parquet", "words.parquet", "verification.parquet",
-               "heads.parquet", "head_similarity.parquet", "report.html")
 
 
 @dataclass
