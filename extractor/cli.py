@@ -14,6 +14,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from .adapters import UnsupportedModelError
+from .capture import MissingAttentionsError
 from .errors import UserError
 from .models import ModelLoadError
 
@@ -25,7 +26,7 @@ app = typer.Typer(
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
-USER_ERRORS = (UserError, ModelLoadError, UnsupportedModelError)
+USER_ERRORS = (UserError, ModelLoadError, UnsupportedModelError, MissingAttentionsError)
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:

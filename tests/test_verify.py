@@ -286,3 +286,18 @@ def test_provenance_records_requested_tolerance(tiny_model_dir: Callable[..., Pa
     loaded = load_model(str(tiny_model_dir("distilbert")), tolerance=1e-4)
     assert loaded.provenance["tolerance"] == 1e-4
     assert loaded.provenance["model_type"] == "distilbert"
+
+
+def test_sdpa_model_is_refused_with_a_fix_it_message(minilm) -> None:
+    """A model whose attention implementation returns no weights (sdpa) is refused, naming the fix."""
+    from transformers import AutoModel
+
+    from extractor.adapters import adapter_for
+    from extractor.capture import MissingAttentionsError, run_with_capture
+    from extractor.encode import encode
+    from extractor.models import bundled_model_path
+
+    sdpa = AutoModel.from_pretrained(str(bundled_model_path("minilm")), attn_implementation="sdpa").eval()
+    batch = encode(minilm.tokenizer, ["I love pets, especially cats."])
+    with pytest.raises(MissingAttentionsError, match="attn_implementation='eager'"):
+        run_with_capture(adapter_for(sdpa), batch.model_inputs)
