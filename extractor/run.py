@@ -131,6 +131,10 @@ class Extraction:
         self.causal = loaded.adapter.causal
         self.batch_counter = 0
         self.value_type = pa.float16() if config.storage == "dense" else pa.float32()
+        # Dense parts hold (layers·heads + layers) rows per attention cell until written: a smaller budget keeps
+        # a part near 10 million rows (≈ 300 MB) instead of letting it grow with the batch.
+        self.attention_budget = min(config.attention_budget, DENSE_ATTENTION_BUDGET) if config.storage == "dense" \
+            else config.attention_budget
 
     def parts(
         self, records: Iterable[SourceRecord], first_part_id: int, done: Collection[int] = frozenset()
@@ -149,7 +153,7 @@ class Extraction:
             nonlocal part_id, skipped
             documents = prepare_documents(buffer, self.loaded, self.config)
             plan = plan_batches([[u.n_tokens for u in d.units] for d in documents], self.config.token_budget,
-                                self.config.batch_size, self.config.bucketing, self.config.attention_budget)
+                                self.config.batch_size, self.config.bucketing, self.attention_budget)
             for group in plan:
                 batch = [documents[g] for g in group if documents[g].record.doc_id not in done]
                 if not batch:  # committed before the interruption; still counts for verify every:N
@@ -185,7 +189,7 @@ class Extraction:
         report: VerificationReport | None = None
         per_doc_tables: list[pa.Table] = []
         longest = max(u.n_tokens for _, u in units)
-        per_pass = max(1, min(config.batch_size, config.attention_budget // longest**2))  # a long document's windows
+        per_pass = max(1, min(config.batch_size, self.attention_budget // longest**2))  # a long document's windows
         for chunk in chunks(units, per_pass):
             batch = collate([u for _, u in chunk], loaded.tokenizer.pad_token_id, loaded.device)
             analysis = analyse_batch(loaded, batch, config.measures, verify=verify, atol=config.atol)
@@ -240,6 +244,9 @@ def check_resumable(previous: dict[str, Any], config: RunConfig) -> None:
             f"cannot resume '{config.output}' with different settings: {', '.join(changed)}; "
             "use the interrupted run's settings, or --overwrite to start again"
         )
+
+
+DENSE_ATTENTION_BUDGET = 1 << 17
 
 
 def peeked(records: Iterator[SourceRecord], config: RunConfig) -> Iterator[SourceRecord]:
