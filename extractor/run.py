@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from itertools import chain, islice
 from typing import Any, NoReturn
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
@@ -213,7 +214,7 @@ class Extraction:
         if associations is not None and config.long_documents == "window":
             window_of = [u.window for _, u in units]
             counts = [t.num_rows for t in per_doc_tables]
-            column = pa.array([w for w, c in zip(window_of, counts, strict=True) for _ in range(c)], pa.int16())
+            column = pa.array(np.repeat(np.asarray(window_of, dtype=np.int16), counts), pa.int16())
             associations = associations.append_column("window", column)
         return Part(part_id, rows, tokens, words, associations,
                     state={"verification": report, **stats, "n_tokens": sum(u.n_tokens for _, u in units)})
