@@ -26,6 +26,7 @@ from .config import RunConfig
 from .encode import TokenizedDoc, collate, model_max_length, tokenize, truncate, windows
 from .errors import UserError
 from .heads import HeadStats
+from .measures import HEAD_MEASURES
 from .models import LoadedModel, load_model
 from .readers import SourceRecord, count_records, read_documents
 from .similarity import HeadSimilarity
@@ -132,6 +133,9 @@ class Extraction:
         self.causal = loaded.adapter.causal
         self.batch_counter = 0
         self.value_type = pa.float16() if config.storage == "dense" else pa.float32()
+        # storage summary keeps no pair tables: compute only what the per-head metrics read
+        self.measures = [m for m in config.measures if m in HEAD_MEASURES] if config.storage == "summary" \
+            else list(config.measures)
         # Dense parts hold (layers·heads + layers) rows per attention cell until written: a smaller budget keeps
         # a part near 10 million rows (≈ 300 MB) instead of letting it grow with the batch.
         self.attention_budget = min(config.attention_budget, DENSE_ATTENTION_BUDGET) if config.storage == "dense" \
@@ -193,7 +197,7 @@ class Extraction:
         per_pass = max(1, min(config.batch_size, self.attention_budget // longest**2))  # a long document's windows
         for chunk in chunks(units, per_pass):
             batch = collate([u for _, u in chunk], loaded.tokenizer.pad_token_id, loaded.device)
-            analysis = analyse_batch(loaded, batch, config.measures, verify=verify, atol=config.atol)
+            analysis = analyse_batch(loaded, batch, self.measures, verify=verify, atol=config.atol)
             if analysis.verification is not None:
                 if report is None:
                     report = analysis.verification
