@@ -255,11 +255,16 @@ DENSE_ATTENTION_BUDGET = 1 << 17
 
 
 def peeked(records: Iterator[SourceRecord], config: RunConfig) -> Iterator[SourceRecord]:
-    """Read the first record now (so format errors and an empty input surface early); give back the stream."""
-    first = next(records, None)
-    if first is None:
+    """Read up to the first readable record now, so that format errors (a missing field or column, checked on
+    the first readable record) and an empty input surface before anything is written; give back the stream."""
+    head: list[SourceRecord] = []
+    for record in records:
+        head.append(record)
+        if record.text is not None:
+            break
+    if not head:
         raise_empty(config)
-    return chain([first], records)
+    return chain(head, records)
 
 
 def limited(records: Iterable[SourceRecord], limit: int | None) -> Iterable[SourceRecord]:

@@ -615,3 +615,12 @@ def test_peak_memory_does_not_grow_with_the_corpus(tiny: str, tmp_path: Path) ->
     assert peaks["documents"] == 48
     growth = peaks["final"] - peaks["first"]
     assert growth < 0.05 * peaks["first"] + 30, peaks
+
+
+def test_missing_jsonl_field_after_a_bad_first_line_writes_nothing(tiny: str, tmp_path: Path) -> None:
+    """The field check happens on the first readable object, before the output folder is created."""
+    corpus = write_lines(tmp_path / "c.jsonl", ["{not json", '{"body": "no text field here"}', '{"text": "x"}'])
+    out = tmp_path / "out"
+    message = user_error(["run", "--model", tiny, "-i", str(corpus), "-o", str(out), *NO_EXTRAS])
+    assert "line 2" in message and "'text'" in message
+    assert not out.exists()
