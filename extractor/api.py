@@ -18,7 +18,7 @@ from .explain import normalise_token
 from .measures import MEASURES
 from .models import LoadedModel, load_model
 from .tables import association_table, tokens_table, words_table
-from .verify import DEFAULT_ATOL, VerificationReport
+from .verify import DEFAULT_ATOL, VerificationReport, fold
 
 LEVELS = ("token", "word")
 
@@ -126,11 +126,7 @@ def extract(
         batch = encode(loaded.tokenizer, texts[start : start + batch_size], max_length, loaded.device, loaded.model.config)
         analysis = analyse_batch(loaded, batch, measures, verify=verify, atol=atol, level=level)
         docs.extend(analysis.docs)
-        if analysis.verification is not None:
-            if report is None:
-                report = analysis.verification
-            else:
-                report.merge(analysis.verification)
+        report = fold(report, analysis.verification)
     return ExtractionResult(
         texts=texts, docs=docs, report=report, causal=loaded.adapter.causal, top_k=top_k, provenance=loaded.provenance
     )

@@ -72,11 +72,11 @@ def verify(
 ) -> None:
     """Rebuild Q·Kᵀ·scale, masks, softmax, A and Z from the model's weights and compare with Hugging Face."""
     from .api import extract
-    from .config import BF16_ATOL
+    from .config import default_atol
     from .models import load_model
 
     texts = _texts(text)
-    tolerance = atol if atol is not None else (BF16_ATOL if dtype == "bfloat16" else 1e-5)
+    tolerance = atol if atol is not None else default_atol(dtype)
     loaded = load_model(model, device=device, dtype=dtype, tolerance=tolerance)
     result = extract(texts, model=loaded, measures=("attention",), atol=tolerance, max_length=max_length)
     assert result.report is not None

@@ -14,8 +14,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import UserError
 from .measures import MEASURES, RUN_MEASURES
+from .verify import DEFAULT_ATOL
 
-BF16_ATOL = 2e-2  # verification tolerance for dtype bfloat16 (float32 uses 1e-5)
+BF16_ATOL = 2e-2  # verification tolerance for dtype bfloat16 (float32 uses DEFAULT_ATOL, 1e-5)
+
+
+def default_atol(dtype: str) -> float:
+    """The verification tolerance that fits `dtype` when the user gives none."""
+    return BF16_ATOL if dtype == "bfloat16" else DEFAULT_ATOL
 Measure = Literal["attention", "value_norm", "layer_value_norm", "rollout"]
 
 
@@ -47,7 +53,7 @@ class RunConfig(BaseModel):
     similarity_rows: int | None = Field(8, ge=1)  # query rows per document sampled for head similarity; None = all
     limit: int | None = Field(None, ge=1)  # read at most this many input records
     verify: str = "on"  # on | off | every:N (verify every Nth batch)
-    atol: float = Field(1e-5, gt=0.0)
+    atol: float = Field(DEFAULT_ATOL, gt=0.0)
     device: str = "cpu"  # cpu | cuda | cuda:N
     dtype: Literal["float32", "bfloat16"] = "float32"
     threads: int | None = Field(None, ge=1)  # torch intra-op threads; None = torch's default
@@ -62,7 +68,7 @@ class RunConfig(BaseModel):
     def _dtype_tolerance(cls, values: Any) -> Any:
         """bfloat16 keeps ~3 significant digits: its default tolerance is BF16_ATOL unless atol is given."""
         if isinstance(values, dict) and values.get("dtype") == "bfloat16" and values.get("atol") is None:
-            values = {**values, "atol": BF16_ATOL}
+            values = {**values, "atol": default_atol("bfloat16")}
         return values
 
     @field_validator("verify")

@@ -11,6 +11,15 @@ from dataclasses import dataclass, replace
 import torch
 from transformers import PreTrainedTokenizerBase
 
+SUBWORD_MARKERS = ("##", "Ġ", "▁")  # BERT WordPiece, GPT-2 byte-level BPE, SentencePiece
+
+
+def strip_subword_markers(token: str) -> str:
+    """A token's text without subword markers ('##ing' → 'ing', 'Ġthe' → 'the')."""
+    for marker in SUBWORD_MARKERS:
+        token = token.replace(marker, "")
+    return token
+
 
 @dataclass(frozen=True)
 class TokenizedDoc:

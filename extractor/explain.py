@@ -6,17 +6,17 @@ how token i spreads its attention over every token j; Z is the mixture of value 
 
 from __future__ import annotations
 
-import torch
-
 from .analysis import DocAttention
+from .encode import strip_subword_markers
 from .errors import UserError
+from .measures import row_entropy
 
 SHOW_MEASURES = ("attention", "value_norm", "rollout")
 
 
 def normalise_token(token: str) -> str:
     """Token text without subword markers (BERT `##`, GPT-2 `Ġ`), lower-cased."""
-    return token.replace("##", "").replace("Ġ", "").strip().lower()
+    return strip_subword_markers(token).strip().lower()
 
 
 def find_token(doc: DocAttention, token: str, occurrence: int = 1) -> int:
@@ -36,14 +36,8 @@ def doc_labels(doc: DocAttention) -> list[str]:
         return list(doc.doc.tokens)
     labels: dict[int, str] = {}
     for token, word in zip(doc.doc.tokens, doc.doc.word_index, strict=True):
-        labels[word] = labels.get(word, "") + token.replace("##", "").replace("Ġ", "")
+        labels[word] = labels.get(word, "") + strip_subword_markers(token)
     return [labels[w] for w in sorted(labels)]
-
-
-def row_entropy(rows: torch.Tensor) -> torch.Tensor:
-    """Entropy (nats) of each distribution along the last dim."""
-    p = rows.clamp_min(1e-12)
-    return -(rows * p.log()).sum(dim=-1)
 
 
 def sharpest_heads(doc: DocAttention, position: int, count: int = 3) -> list[tuple[int, int]]:

@@ -42,7 +42,9 @@ import pandas as pd
 import torch
 
 from .analysis import DocAttention
+from .encode import strip_subword_markers
 from .explain import doc_labels
+from .measures import row_entropy
 
 ROW_METRICS = (
     "entropy",
@@ -62,18 +64,12 @@ ROW_METRICS = (
 DETECTORS = ("previous_token_score", "duplicate_token_score", "induction_score")
 METRICS = ROW_METRICS + DETECTORS
 
-SUBWORD_MARKERS = ("##", "Ġ", "▁")  # BERT WordPiece, GPT-2 byte-level BPE, SentencePiece
-
-
 # --- token properties --------------------------------------------------------------------------------------
 
 
 def is_punctuation(token: str) -> bool:
     """Whether a token's text, without subword markers, is non-empty and all punctuation (Unicode P*)."""
-    text = token
-    for marker in SUBWORD_MARKERS:
-        text = text.replace(marker, "")
-    text = text.strip()
+    text = strip_subword_markers(token).strip()
     return bool(text) and all(unicodedata.category(c).startswith("P") for c in text)
 
 
@@ -118,11 +114,6 @@ def induction_pattern(labels: list[str]) -> torch.Tensor:
 # --- per-document sums --------------------------------------------------------------------------------------
 
 Sums = dict[str, tuple[torch.Tensor, torch.Tensor]]  # metric → (total [layer, head], weight [layer, head])
-
-
-def row_entropy(pattern: torch.Tensor) -> torch.Tensor:
-    """[..., query, key] → [..., query]: −Σ_j A_ij ln A_ij in nats (0 ln 0 = 0)."""
-    return -torch.special.xlogy(pattern, pattern).sum(dim=-1)
 
 
 def row_lengths(n: int, causal: bool) -> torch.Tensor:

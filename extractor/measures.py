@@ -20,6 +20,11 @@ MEASURES = HEAD_MEASURES + LAYER_MEASURES
 RUN_MEASURES = ("attention", "value_norm", "rollout")
 
 
+def row_entropy(pattern: torch.Tensor) -> torch.Tensor:
+    """[..., query, key] → [..., query]: −Σ_j A_ij ln A_ij in nats (0 ln 0 = 0)."""
+    return -torch.special.xlogy(pattern, pattern).sum(dim=-1)
+
+
 def value_norm(pattern: torch.Tensor, f_norm: torch.Tensor) -> torch.Tensor:
     """pattern [batch, head, query, key], f_norm = ‖f_h(x_j)‖ [batch, head, key] → [batch, head, query, key]."""
     return pattern * f_norm[:, :, None, :]

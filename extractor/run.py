@@ -32,7 +32,7 @@ from .readers import SourceRecord, count_records, read_documents
 from .similarity import HeadSimilarity
 from .storage import OutputFolder, Part
 from .tables import association_table, tokens_table, words_table
-from .verify import VerificationReport
+from .verify import VerificationReport, fold
 
 
 @dataclass
@@ -198,11 +198,7 @@ class Extraction:
         for chunk in chunks(units, per_pass):
             batch = collate([u for _, u in chunk], loaded.tokenizer.pad_token_id, loaded.device)
             analysis = analyse_batch(loaded, batch, self.measures, verify=verify, atol=config.atol)
-            if analysis.verification is not None:
-                if report is None:
-                    report = analysis.verification
-                else:
-                    report.merge(analysis.verification)
+            report = fold(report, analysis.verification)
             for (d_index, _), doc in zip(chunk, analysis.docs, strict=True):
                 if "attention" in doc.head_measures:
                     for accumulator in stats.values():
@@ -348,16 +344,12 @@ def finish(folder: OutputFolder, manifest: dict[str, Any], started: float, load_
         n_parts += 1
         n_tokens += state.get("n_tokens", 0)
         for key, value in state.items():
-            if value is None or key == "n_tokens":
-                continue
-            if key not in merged:
-                merged[key] = value
-            else:
-                merged[key].merge(value)
+            if key != "n_tokens":
+                merged[key] = fold(merged.get(key), value)
     verification = merged.get("verification")
     if verification is not None:
         folder.write_table("verification.parquet", verification.table())
-    if "heads" in merged:
+    if merged.get("heads") is not None:
         folder.write_table("heads.parquet", merged["heads"].table())
         folder.write_table("head_similarity.parquet", merged["similarity"].table())
     status = documents.column("status").to_pylist()

@@ -8,11 +8,19 @@ real (non-padded) query rows. A head passes when both errors are ≤ the toleran
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
 
 import pandas as pd
 import torch
 
 DEFAULT_ATOL = 1e-5
+
+
+class Mergeable(Protocol):
+    def merge(self, other, /) -> None: ...  # noqa: ANN001
+
+
+T = TypeVar("T", bound=Mergeable)
 
 
 def layer_errors(
@@ -29,6 +37,15 @@ def layer_errors(
     z_diff = (hf_z.float() - z.float()).abs().amax(dim=-1)  # [batch, query, head]
     z_diff = z_diff.masked_fill(~real[:, :, None], 0.0)
     return pattern_diff.amax(dim=(0, 2)), z_diff.amax(dim=(0, 1))
+
+
+def fold(total: T | None, part: T | None) -> T | None:
+    """Running merge of optional accumulators (reports, head statistics): `part` into `total`, None-safe."""
+    if total is None:
+        return part
+    if part is not None:
+        total.merge(part)
+    return total
 
 
 @dataclass
