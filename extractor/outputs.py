@@ -32,13 +32,8 @@ def read_manifest(run_dir: str | Path) -> dict[str, Any]:
     """manifest.json of a run; a UserError when `run_dir` is not a run's output folder."""
     folder = Path(run_dir)
     file = folder / "manifest.json"
-    if not folder.is_dir():
-        raise UserError(f"'{run_dir}' is not a folder; give the output folder of an `extractor run`")
     if not file.is_file():
-        raise UserError(
-            f"'{run_dir}' is not a run output folder (no manifest.json); "
-            "give the folder `extractor run` wrote"
-        )
+        raise UserError(f"'{run_dir}' is not a run output folder (no manifest.json); run `extractor run` first")
     try:
         return json.loads(file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:

@@ -7,6 +7,7 @@ from pathlib import Path
 import pandas as pd
 
 from .errors import UserError
+from .outputs import read_manifest
 
 VIEWS = {
     "documents": "documents.parquet",
@@ -23,8 +24,7 @@ def connect(output_dir: str | Path):  # noqa: ANN201 - duckdb connection
     import duckdb
 
     folder = Path(output_dir)
-    if not (folder / "manifest.json").is_file():
-        raise UserError(f"'{output_dir}' is not a run output folder (no manifest.json); run `extractor run` first")
+    read_manifest(folder)  # a clear error when this is not a run's output folder
     con = duckdb.connect()
     parts = sorted((folder / "associations").glob("part-*.parquet"))
     if parts:

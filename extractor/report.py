@@ -44,6 +44,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from .errors import UserError
+from .outputs import read_manifest
 
 log = logging.getLogger("extractor.report")
 
@@ -449,12 +450,7 @@ def build_report(
     folder = Path(output_dir)
     if max_docs < 0:
         raise UserError(f"--max-docs must be ≥ 0 (got {max_docs})")
-    manifest_file = folder / "manifest.json"
-    if not manifest_file.is_file():
-        raise UserError(
-            f"'{output_dir}' is not a run output folder (no manifest.json); run `extractor run` first"
-        )
-    manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
+    manifest = read_manifest(folder)
     documents = _read_table(folder, "documents.parquet")
     if documents is None or not (folder / "tokens.parquet").is_file():
         raise UserError(
