@@ -87,10 +87,14 @@ def heads_shape(run_dir: str | Path) -> tuple[int, int]:
     return int(heads["layer"].max()) + 1, int(heads["head"].max()) + 1
 
 
+def association_files(run_dir: str | Path) -> list[Path]:
+    """The run's committed association parts (`associations/part-*.parquet`), in part order."""
+    return sorted((Path(run_dir) / "associations").glob("part-*.parquet"))
+
+
 def has_associations(run_dir: str | Path) -> bool:
     """Whether the run stored associations (storage: summary stores none)."""
-    folder = Path(run_dir) / "associations"
-    return folder.is_dir() and any(folder.rglob("*.parquet"))
+    return bool(association_files(run_dir))
 
 
 def _associations(run_dir: str | Path) -> ds.Dataset:
@@ -100,7 +104,7 @@ def _associations(run_dir: str | Path) -> ds.Dataset:
             f"run '{run_dir}' stored no associations (storage: {storage}); "
             "rerun with storage dense, topk or threshold to draw a document's attention"
         )
-    return ds.dataset(Path(run_dir) / "associations", format="parquet", partitioning="hive")
+    return ds.dataset(association_files(run_dir), format="parquet")
 
 
 def stored_measures(run_dir: str | Path) -> list[str]:

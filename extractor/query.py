@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 
 from .errors import UserError
-from .outputs import read_manifest
+from .outputs import association_files, read_manifest
 
 VIEWS = {
     "documents": "documents.parquet",
@@ -26,7 +26,7 @@ def connect(output_dir: str | Path):  # noqa: ANN201 - duckdb connection
     folder = Path(output_dir)
     read_manifest(folder)  # a clear error when this is not a run's output folder
     con = duckdb.connect()
-    parts = sorted((folder / "associations").glob("part-*.parquet"))
+    parts = association_files(folder)
     if parts:
         files = ", ".join(f"'{p.as_posix()}'" for p in parts)
         con.execute(f"CREATE VIEW associations AS SELECT * FROM read_parquet([{files}])")

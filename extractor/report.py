@@ -44,7 +44,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from .errors import UserError
-from .outputs import read_manifest
+from .outputs import association_files, read_manifest
 
 log = logging.getLogger("extractor.report")
 
@@ -265,7 +265,7 @@ def _labels(folder: Path, doc_ids: list[int], level: str) -> dict[int, dict[str,
 
 def _association_rows(folder: Path, doc_ids: list[int]) -> pd.DataFrame | None:
     """The stored association rows of `doc_ids` (the columns the page uses), or None without pair tables."""
-    files = sorted((folder / "associations").glob("part-*.parquet"))
+    files = association_files(folder)
     if not files:
         return None
     dataset = ds.dataset(files, format="parquet")
@@ -462,7 +462,7 @@ def build_report(
     n_layers, n_heads = _shape(manifest, heads, verification)
     config = manifest.get("config") or {}
     provenance = manifest.get("provenance") or {}
-    rows_probe = sorted((folder / "associations").glob("part-*.parquet"))
+    rows_probe = association_files(folder)
     stored = set(pq.read_schema(rows_probe[0]).names) if rows_probe else set()
     measures = {m: info for m, info in MEASURE_INFO.items() if m in stored}
     metrics = _heads_metrics(heads, n_layers, n_heads)

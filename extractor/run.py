@@ -28,6 +28,7 @@ from .errors import UserError
 from .heads import HeadStats
 from .measures import HEAD_MEASURES
 from .models import LoadedModel, load_model
+from .outputs import association_files
 from .readers import SourceRecord, count_records, read_documents
 from .similarity import HeadSimilarity
 from .storage import OutputFolder, Part
@@ -354,7 +355,7 @@ def finish(folder: OutputFolder, manifest: dict[str, Any], started: float, load_
         folder.write_table("head_similarity.parquet", merged["similarity"].table())
     status = documents.column("status").to_pylist()
     association_rows = sum(
-        pq.ParquetFile(f).metadata.num_rows for f in folder.associations_dir.glob("part-*.parquet")
+        pq.ParquetFile(f).metadata.num_rows for f in association_files(folder.path)
     )
     seconds = time.time() - started
     manifest["status"] = "complete"

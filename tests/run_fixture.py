@@ -8,13 +8,13 @@ import json
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from extractor.api import extract
 from extractor.heads import HeadStats
 from extractor.models import LoadedModel
 from extractor.similarity import HeadSimilarity
+from extractor.storage import write_associations
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_CORPUS = REPO_ROOT / "data" / "sample.txt"
@@ -37,7 +37,7 @@ def build_run_folder(
     measures: tuple[str, ...] = ("attention", "value_norm"),
 ) -> Path:
     """Write manifest.json, documents/tokens(/words).parquet, heads.parquet, head_similarity.parquet and
-    (unless storage is 'summary') the Hive-partitioned associations/ dataset for `texts` under `folder`."""
+    (unless storage is 'summary') associations/part-000000.parquet, as `extractor run` lays it out, for `texts` under `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
     result = extract(
         texts,
@@ -76,11 +76,6 @@ def build_run_folder(
     if level == "word":
         pq.write_table(pa.Table.from_pandas(result.words(), preserve_index=False), folder / "words.parquet")
     if storage != "summary":
-        ds.write_dataset(
-            result.association_arrow(),
-            folder / "associations",
-            format="parquet",
-            partitioning=["layer"],
-            partitioning_flavor="hive",
-        )
+        (folder / "associations").mkdir(exist_ok=True)
+        write_associations(result.association_arrow(), folder / "associations" / "part-000000.parquet")
     return folder
