@@ -264,6 +264,12 @@ def peeked(records: Iterator[SourceRecord], config: RunConfig) -> Iterator[Sourc
     return chain(head, records)
 
 
+def expected_records(config: RunConfig) -> int | None:
+    """How many records the run will read (for the progress ETA), when that can be known cheaply."""
+    total = count_records(config.input, config.input_format)
+    return min(total, config.limit) if total is not None and config.limit else total
+
+
 def limited(records: Iterable[SourceRecord], limit: int | None) -> Iterable[SourceRecord]:
     return islice(records, limit) if limit else records
 
@@ -301,9 +307,7 @@ def run_extraction(
     manifest = base_manifest(config, loaded.provenance, started)
     folder.write_manifest(manifest)
     done = folder.committed_doc_ids()
-    total = count_records(config.input, config.input_format)
-    total = min(total, config.limit) if total is not None and config.limit else total
-    progress = Progress(total, quiet, initial=len(done))
+    progress = Progress(expected_records(config), quiet, initial=len(done))
     extraction = Extraction(config, loaded)
     try:
         for part in extraction.parts(records, folder.next_part_id(), done):

@@ -33,8 +33,8 @@ from ..adapters import UnsupportedModelError
 from ..config import RunConfig
 from ..errors import UserError
 from ..models import BUNDLED_ALIASES, ModelLoadError, load_model
-from ..readers import SourceRecord, count_records
-from ..run import Extraction, Progress, base_manifest, finish, limited
+from ..readers import SourceRecord
+from ..run import Extraction, Progress, base_manifest, expected_records, finish, limited
 from ..storage import OutputFolder
 
 log = logging.getLogger("extractor.ray")
@@ -354,9 +354,7 @@ def run_on_ray(
     try:
         with ray_session(ray, config.address) if blocks else nullcontext(), data_settings(ray):
             folder.write_manifest(manifest)
-            total = count_records(config.input, config.input_format)
-            total = min(total, config.limit) if total is not None and config.limit else total
-            progress = Progress(total, quiet, initial=len(done))
+            progress = Progress(expected_records(config), quiet, initial=len(done))
             try:
                 if blocks:
                     outcome = run_blocks(ray, config, folder, manifest, blocks, progress)
