@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
@@ -63,8 +64,38 @@ class DocAttention:
 
 @dataclass
 class BatchAnalysis:
-    docs: list[DocAttention]
+    """One batch's measures as computed, padded, per layer; per-document views on demand.
+
+    per_layer: name → per layer [batch, head, query, key] (head measures) or [batch, query, key] (layer
+    measures), padded to the batch's longest document. Batch-wide consumers (tables, head statistics,
+    similarity) read these directly; `docs` trims each document out (a copy) for per-document use.
+    """
+
+    batch: EncodedBatch
+    level: str
+    per_layer: dict[str, list[torch.Tensor]]
     verification: VerificationReport | None
+
+    @cached_property
+    def docs(self) -> list[DocAttention]:
+        docs = []
+        for i, doc in enumerate(self.batch.docs):
+            n = doc.n_tokens
+            # Trim padding before stacking layers: copies only the real [query, key] block of each document.
+            trimmed = {name: torch.stack([t[i, ..., :n, :n] for t in values]).float().cpu()
+                       for name, values in self.per_layer.items()}
+            result = DocAttention(
+                doc=doc,
+                level="token",
+                head_measures={k: v for k, v in trimmed.items() if k in M.HEAD_MEASURES},
+                layer_measures={k: v for k, v in trimmed.items() if k in M.LAYER_MEASURES},
+            )
+            docs.append(result.to_word_level() if self.level == "word" else result)
+        return docs
+
+    def head_layers(self, name: str) -> list[torch.Tensor] | None:
+        """A head measure per layer [batch, head, query, key], or None if it was not computed."""
+        return self.per_layer.get(name) if name in M.HEAD_MEASURES else None
 
 
 def validate_measures(measures: Sequence[str]) -> tuple[str, ...]:
@@ -115,20 +146,7 @@ def analyse_batch(
         per_layer["rollout"] = M.rollout(patterns)
     if report is not None:
         report.n_docs = len(batch.docs)
-
-    docs = []
-    for i, doc in enumerate(batch.docs):
-        n = doc.n_tokens
-        # Trim padding before stacking layers: copies only the real [query, key] block of each document.
-        trimmed = {name: torch.stack([t[i, ..., :n, :n] for t in values]).float().cpu() for name, values in per_layer.items()}
-        result = DocAttention(
-            doc=doc,
-            level="token",
-            head_measures={k: v for k, v in trimmed.items() if k in M.HEAD_MEASURES},
-            layer_measures={k: v for k, v in trimmed.items() if k in M.LAYER_MEASURES},
-        )
-        docs.append(result.to_word_level() if level == "word" else result)
-    return BatchAnalysis(docs=docs, verification=report)
+    return BatchAnalysis(batch=batch, level=level, per_layer=per_layer, verification=report)
 
 
 @torch.inference_mode()

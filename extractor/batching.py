@@ -43,7 +43,8 @@ def plan_batches(
         units, longest = new_units, new_longest
     if current:
         batches.append(current)
-    return batches
+    # Within a batch, documents keep their reading order: the batch's rows then come out in doc_id order.
+    return [sorted(batch) for batch in batches]
 
 
 def chunks(items: Sequence[G], size: int) -> list[Sequence[G]]:

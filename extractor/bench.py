@@ -141,6 +141,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-length", type=int, default=512, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
+        from .runtime import tune_allocator
+
+        tune_allocator()  # every case, the baselines too, runs with the allocator settings `extractor run` uses
         result = run_case(args.worker, args.model, args.corpus, args.max_length, args.batch_size, args.token_budget)
         result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps(result))

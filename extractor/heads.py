@@ -41,7 +41,7 @@ import unicodedata
 import pandas as pd
 import torch
 
-from .analysis import DocAttention
+from .analysis import BatchAnalysis, DocAttention
 from .encode import strip_subword_markers
 from .explain import doc_labels
 from .measures import row_entropy
@@ -111,47 +111,108 @@ def induction_pattern(labels: list[str]) -> torch.Tensor:
     return shifted.tril()
 
 
-# --- per-document sums --------------------------------------------------------------------------------------
+# --- sums over a padded batch ------------------------------------------------------------------------------
 
-Sums = dict[str, tuple[torch.Tensor, torch.Tensor]]  # metric → (total [layer, head], weight [layer, head])
-
-
-def row_lengths(n: int, causal: bool) -> torch.Tensor:
-    """[query]: how many keys each query row can see."""
-    return torch.arange(1, n + 1) if causal else torch.full((n,), n)
+Sums = dict[str, tuple[torch.Tensor, torch.Tensor]]  # metric → (total [head], weight [head])
 
 
-def row_mean_sums(
-    values: torch.Tensor, rows: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """values [layer, head, query], rows [query] bool (None = all) → (Σ over kept rows, row count), each
-    [layer, head]."""
-    if rows is None:
-        rows = torch.ones(values.shape[-1], dtype=torch.bool)
-    total = values[..., rows].sum(dim=-1, dtype=torch.float64)  # [layer, head]
+def rows_sum(values: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """values [batch, head, query], rows [batch, query] bool → (Σ over kept rows, kept row count), each [head]."""
+    total = values.masked_fill(~rows[:, None, :], 0.0).sum(dim=(0, 2), dtype=torch.float64)
     return total, torch.full_like(total, float(rows.sum()))
 
 
 def mass_on(pattern: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """pattern [layer, head, query, key], reference [query, key] → Σ_j A_ij P_ij [layer, head, query]."""
+    """pattern [..., query, key], reference [query, key] → Σ_j A_ij P_ij [..., query]."""
     return torch.einsum("...qk,qk->...q", pattern, reference.to(pattern.dtype))
 
 
-def pattern_score_sums(
-    pattern: torch.Tensor, reference: torch.Tensor, row_sums: torch.Tensor | None = None
+def cell_score_sums(
+    attention: torch.Tensor, references: list[torch.Tensor], row_sums: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Σ A⊙P, Σ A) [layer, head] over the query rows where `reference` [query, key] has any 1.
+    """(Σ A⊙P, Σ A) [head] over the query rows where each document's reference P_b [n_b, n_b] has any 1.
 
-    Reference patterns are sparse, so Σ A⊙P gathers only P's cells; `row_sums` [layer, head, query] (Σ_j A_ij,
-    computed once per document) gives Σ A without another pass over the whole pattern.
+    Reference patterns are sparse, so Σ A⊙P gathers only their cells; `row_sums` [batch, head, query] gives Σ A.
     """
-    rows = reference.any(dim=-1)  # [query]
-    query, key = reference.nonzero(as_tuple=True)  # P's cells
-    hits = pattern[..., query, key].sum(dim=-1, dtype=torch.float64)  # [layer, head]
-    if row_sums is None:
-        row_sums = pattern.sum(dim=-1)
-    mass = row_sums[..., rows].sum(dim=-1, dtype=torch.float64)
-    return hits, mass
+    batch, n_heads, n, _ = attention.shape
+    rows = torch.zeros(batch, n, dtype=torch.bool, device=attention.device)
+    cells = []
+    for b, reference in enumerate(references):
+        rows[b, : reference.shape[0]] = reference.any(dim=-1)
+        query, key = reference.nonzero(as_tuple=True)
+        cells.append(torch.stack([torch.full_like(query, b), query, key]))
+    b_index, query, key = torch.cat(cells, dim=1).to(attention.device)
+    hits = attention[b_index, :, query, key].sum(dim=0, dtype=torch.float64)  # [head]
+    return hits, rows_sum(row_sums, rows)[0]
+
+
+def key_flags(labels: list[list[str]], specials: list[list[bool]], n: int, cls_token: str | None,
+              sep_token: str | None) -> tuple[list[str], torch.Tensor]:
+    """Per document and key, which "share of the row on these keys" sets it belongs to: (set names,
+    [batch, key, set] float, 0 in padding)."""
+    names = ["punctuation"] + [name for name, token in (("cls", cls_token), ("sep", sep_token)) if token is not None]
+    flags = torch.zeros(len(labels), n, len(names))
+    for b, (doc_labels_, doc_specials) in enumerate(zip(labels, specials, strict=True)):
+        for j, (label, special) in enumerate(zip(doc_labels_, doc_specials, strict=True)):
+            flags[b, j, 0] = float(is_punctuation(label) and not special)
+            for i, token in enumerate(t for t in (cls_token, sep_token) if t is not None):
+                flags[b, j, i + 1] = float(label == token)
+    return names, flags
+
+
+def head_sums(
+    attention: torch.Tensor,
+    lengths: torch.Tensor,
+    labels: list[list[str]],
+    specials: list[list[bool]],
+    causal: bool,
+    cls_token: str | None,
+    sep_token: str | None,
+    value_norm: torch.Tensor | None = None,
+) -> Sums:
+    """Every metric's (total, weight) [head] over a padded batch.
+
+    attention, value_norm: [batch, head, query, key], padded to the longest document; lengths: [batch];
+    labels, specials: per document, per position. Padded rows and keys never count.
+    """
+    batch, n_heads, n, _ = attention.shape
+    device = attention.device
+    position = torch.arange(n, device=device)
+    real = position[None, :] < lengths[:, None]  # [batch, query]
+    row_length = (position + 1)[None, :].expand(batch, n) if causal else lengths[:, None].expand(batch, n)
+    sums: Sums = {}
+    entropy = row_entropy(attention)  # [batch, head, query]
+    sums["entropy"] = rows_sum(entropy, real)
+    normalised = entropy / row_length.double().log().clamp_min(1e-30)[:, None, :]
+    sums["entropy_normalised"] = rows_sum(normalised, real & (row_length > 1))
+    distance = (position[:, None] - position[None, :]).abs()  # [query, key]
+    sums["mean_distance"] = rows_sum(mass_on(attention, distance), real)
+    sums["first_token"] = rows_sum(attention[..., 0], real)
+    sums["self"] = rows_sum(attention.diagonal(dim1=-2, dim2=-1), real)
+    # A_i,i−1 for rows 1..n−1 and A_i,i+1 for rows 0..n−2: rows without such a neighbour are not counted.
+    previous = attention.diagonal(offset=-1, dim1=-2, dim2=-1)  # [batch, head, n − 1], rows 1..n−1
+    sums["previous_token"] = rows_sum(previous, real[:, 1:])
+    sums["next_token"] = rows_sum(attention.diagonal(offset=1, dim1=-2, dim2=-1), real[:, 1:])
+    # Every "share of the row on these keys" metric in one pass: attention @ [key, flag set].
+    names, flags = key_flags(labels, specials, n, cls_token, sep_token)
+    flags = flags.to(device=device, dtype=attention.dtype)
+    on_keys = attention @ flags[:, None]  # [batch, head, query, flag set]
+    for i, name in enumerate(names):
+        sums[name] = rows_sum(on_keys[..., i], real)
+    sums["max_weight"] = rows_sum(attention.amax(dim=-1), real)
+    special_sets = [i for i, name in enumerate(names) if name in ("cls", "sep")]
+    if value_norm is not None and special_sets:
+        # value_norm as each key's share of its row: (value_norm @ flags) / Σ_j value_norm, no full-size division
+        shares = (value_norm @ flags[:, None, :, special_sets]) / value_norm.sum(dim=-1, keepdim=True).clamp_min(1e-30)
+        for column, i in enumerate(special_sets):
+            sums[f"{names[i]}_value_norm"] = rows_sum(shares[..., column], real)
+    row_sums = attention.sum(dim=-1)  # [batch, head, query]
+    # previous_token_score: P = the sub-diagonal, so its cells are `previous` and its rows 1..n_b − 1
+    sums["previous_token_score"] = (rows_sum(previous, real[:, 1:])[0], rows_sum(row_sums[..., 1:], real[:, 1:])[0])
+    sums["duplicate_token_score"] = cell_score_sums(attention, [duplicate_token_pattern(t) for t in labels], row_sums)
+    if causal:
+        sums["induction_score"] = cell_score_sums(attention, [induction_pattern(t) for t in labels], row_sums)
+    return sums
 
 
 def doc_head_sums(
@@ -163,43 +224,14 @@ def doc_head_sums(
     sep_token: str | None,
     value_norm: torch.Tensor | None = None,
 ) -> Sums:
-    """Every metric's (total, weight) for one document; attention, value_norm: [layer, head, query, key]."""
-    n = attention.shape[-1]
-    sums: Sums = {}
-    entropy = row_entropy(attention)  # [layer, head, query]
-    lengths = row_lengths(n, causal)  # [query]
-    sums["entropy"] = row_mean_sums(entropy)
-    sums["entropy_normalised"] = row_mean_sums(entropy / lengths.double().log().clamp_min(1e-30), lengths > 1)
-    query = torch.arange(n)
-    distance = (query[:, None] - query[None, :]).abs().to(attention.dtype)  # [query, key]
-    sums["mean_distance"] = row_mean_sums(mass_on(attention, distance))
-    sums["first_token"] = row_mean_sums(attention[..., 0])
-    sums["self"] = row_mean_sums(attention.diagonal(dim1=-2, dim2=-1))
-    # A_i,i−1 for rows 1..n−1 and A_i,i+1 for rows 0..n−2: rows without such a neighbour are not counted.
-    sums["previous_token"] = row_mean_sums(attention.diagonal(offset=-1, dim1=-2, dim2=-1))
-    sums["next_token"] = row_mean_sums(attention.diagonal(offset=1, dim1=-2, dim2=-1))
-    # Every "share of the row on these keys" metric in one pass: attention @ [key, flag set].
-    flag_sets = {"punctuation": [is_punctuation(t) and not s for t, s in zip(labels, specials, strict=True)]}
-    for name, token in (("cls", cls_token), ("sep", sep_token)):
-        if token is not None:
-            flag_sets[name] = [t == token for t in labels]
-    flags = torch.tensor(list(flag_sets.values()), dtype=attention.dtype).T  # [key, flag set]
-    on_keys = attention @ flags  # [layer, head, query, flag set]
-    for i, name in enumerate(flag_sets):
-        sums[name] = row_mean_sums(on_keys[..., i])
-    sums["max_weight"] = row_mean_sums(attention.amax(dim=-1))
-    special_sets = [i for i, name in enumerate(flag_sets) if name in ("cls", "sep")]
-    if value_norm is not None and special_sets:
-        # value_norm as each key's share of its row: (value_norm @ flags) / Σ_j value_norm, no full-size division
-        shares = (value_norm @ flags[:, special_sets]) / value_norm.sum(dim=-1, keepdim=True).clamp_min(1e-30)
-        for column, i in enumerate(special_sets):
-            sums[f"{list(flag_sets)[i]}_value_norm"] = row_mean_sums(shares[..., column])
-    row_sums = attention.sum(dim=-1)  # [layer, head, query]
-    sums["previous_token_score"] = pattern_score_sums(attention, previous_token_pattern(n), row_sums)
-    sums["duplicate_token_score"] = pattern_score_sums(attention, duplicate_token_pattern(labels), row_sums)
-    if causal:
-        sums["induction_score"] = pattern_score_sums(attention, induction_pattern(labels), row_sums)
-    return sums
+    """Every metric's (total, weight) [layer, head] for one document; attention, value_norm: [layer, head, q, k]."""
+    n_layers, n_heads, n, _ = attention.shape
+    sums = head_sums(
+        attention.reshape(1, n_layers * n_heads, n, n), torch.tensor([n], device=attention.device), [labels],
+        [specials], causal, cls_token, sep_token,
+        None if value_norm is None else value_norm.reshape(1, n_layers * n_heads, n, n),
+    )
+    return {k: (total.view(n_layers, n_heads), weight.view(n_layers, n_heads)) for k, (total, weight) in sums.items()}
 
 
 def checked_attention(doc: DocAttention, n_layers: int, n_heads: int) -> torch.Tensor:
@@ -252,6 +284,28 @@ class HeadStats:
             self.totals[name] += total
             self.weights[name] += weight
         self.n_rows += attention.shape[-1]
+
+    def update_batch(self, analysis: BatchAnalysis) -> None:
+        """Add a whole batch: token level straight from its padded per-layer tensors, word level per document."""
+        if analysis.level != "token":
+            for doc in analysis.docs:
+                self.update(doc)
+            return
+        docs = analysis.batch.docs
+        attention = analysis.per_layer["attention"]
+        if (len(attention), attention[0].shape[1]) != (self.n_layers, self.n_heads):
+            raise ValueError(f"attention has ({len(attention)}, {attention[0].shape[1]}) layers × heads, "
+                             f"expected ({self.n_layers}, {self.n_heads})")
+        lengths = torch.tensor([d.n_tokens for d in docs], device=attention[0].device)
+        labels, specials = [list(d.tokens) for d in docs], [list(d.is_special) for d in docs]
+        value_norm = analysis.per_layer.get("value_norm")
+        for layer, pattern in enumerate(attention):
+            sums = head_sums(pattern.float(), lengths, labels, specials, self.causal, self.cls_token, self.sep_token,
+                             None if value_norm is None else value_norm[layer].float())
+            for name, (total, weight) in sums.items():
+                self.totals[name][layer] += total.cpu()
+                self.weights[name][layer] += weight.cpu()
+        self.n_rows += int(lengths.sum())
 
     def merge(self, other: HeadStats) -> None:
         """Fold in another worker's stats (same model): the result equals one pass over both corpora."""

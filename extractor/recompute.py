@@ -63,7 +63,8 @@ def recompute_attention(x: torch.Tensor, weights: AttentionWeights, mask: torch.
     q = project(x, weights.W_Q, weights.b_Q)  # [batch, head, query_pos, d_head]
     k = project(x, weights.W_K, weights.b_K)  # [batch, head, key_pos, d_head]
     v = project(x, weights.W_V, weights.b_V)  # [batch, head, key_pos, d_head]
-    attn_scores = torch.matmul(q, k.transpose(-1, -2)) * weights.scale + mask  # [batch, head, query_pos, key_pos]
+    # In place: the same values as Hugging Face's `matmul(q, kᵀ) * scale + mask`, without two more temporaries.
+    attn_scores = torch.matmul(q, k.transpose(-1, -2)).mul_(weights.scale).add_(mask)  # [batch, head, query, key]
     pattern = torch.softmax(attn_scores, dim=-1)  # [batch, head, query_pos, key_pos]
     z = torch.matmul(pattern, v).transpose(1, 2)  # [batch, query_pos, head, d_head]
     return AttentionRecompute(q=q, k=k, v=v, attn_scores=attn_scores, pattern=pattern, z=z)

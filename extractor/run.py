@@ -18,9 +18,9 @@ from typing import Any, NoReturn
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
-from .analysis import DocAttention, analyse_batch
+from . import runtime
+from .analysis import BatchAnalysis, analyse_batch
 from .batching import chunks, plan_batches
 from .config import RunConfig
 from .encode import TokenizedDoc, collate, model_max_length, tokenize, truncate, windows
@@ -32,7 +32,7 @@ from .outputs import association_files
 from .readers import SourceRecord, count_records, read_documents
 from .similarity import HeadSimilarity
 from .storage import OutputFolder, Part
-from .tables import association_table, tokens_table, words_table
+from .tables import association_table, batch_association_table, tokens_table, words_table
 from .verify import VerificationReport, fold
 
 
@@ -198,35 +198,38 @@ class Extraction:
         per_pass = max(1, min(config.batch_size, self.attention_budget // longest**2))  # a long document's windows
         for chunk in chunks(units, per_pass):
             batch = collate([u for _, u in chunk], loaded.tokenizer.pad_token_id, loaded.device)
-            analysis = analyse_batch(loaded, batch, self.measures, verify=verify, atol=config.atol)
+            analysis = analyse_batch(loaded, batch, self.measures, verify=verify, atol=config.atol, level=config.level)
             report = fold(report, analysis.verification)
-            for (d_index, _), doc in zip(chunk, analysis.docs, strict=True):
-                if "attention" in doc.head_measures:
-                    for accumulator in stats.values():
-                        accumulator.update(doc)
-                if config.storage != "summary":
-                    per_doc_tables.append(self.associations(documents[d_index].record.doc_id, doc))
+            if "attention" in analysis.per_layer:
+                for accumulator in stats.values():
+                    accumulator.update_batch(analysis)
+            if config.storage != "summary":
+                doc_ids = [documents[d_index].record.doc_id for d_index, _ in chunk]
+                per_doc_tables.append(self.associations(analysis, doc_ids))
         rows = [document_row(r, None) for r in skipped] + [document_row(d.record, d) for d in documents]
         tokens = pa.concat_tables([tokens_table(d.record.doc_id, d.stored) for d in documents])
         words = None
         if config.level == "word":
             words = pa.concat_tables([words_table(d.record.doc_id, d.stored, d.record.text) for d in documents])  # type: ignore[arg-type]
         associations = pa.concat_tables(per_doc_tables) if per_doc_tables else None
-        if associations is not None and config.long_documents == "window":
-            window_of = [u.window for _, u in units]
-            counts = [t.num_rows for t in per_doc_tables]
-            column = pa.array(np.repeat(np.asarray(window_of, dtype=np.int16), counts), pa.int16())
-            associations = associations.append_column("window", column)
         return Part(part_id, rows, tokens, words, associations,
                     state={"verification": report, **stats, "n_tokens": sum(u.n_tokens for _, u in units)})
 
-    def associations(self, doc_id: int, doc: DocAttention) -> pa.Table:
+    def associations(self, analysis: BatchAnalysis, doc_ids: list[int]) -> pa.Table:
+        """One pass's association rows: straight from the batch's tensors at token level, per document for words."""
         config = self.config
-        if config.level == "word":
-            doc = doc.to_word_level()
         top_k = config.top_k if config.storage == "topk" else None
         threshold = config.threshold if config.storage == "threshold" else None
-        return association_table(doc_id, doc, self.causal, top_k, threshold, self.value_type)
+        windows = [u.window for u in analysis.batch.docs] if config.long_documents == "window" else None
+        if config.level == "token":
+            return batch_association_table(analysis, doc_ids, self.causal, top_k, threshold, self.value_type, windows)
+        tables = [association_table(doc_id, doc, self.causal, top_k, threshold, self.value_type)
+                  for doc_id, doc in zip(doc_ids, analysis.docs, strict=True)]
+        if windows is not None:
+            counts = [t.num_rows for t in tables]
+            tables = [pa.concat_tables(tables).append_column(
+                "window", pa.array(np.repeat(np.asarray(windows, dtype=np.int16), counts), pa.int16()))]
+        return pa.concat_tables(tables)
 
 
 # Settings that change what a run writes: a resumed run must keep them, or its parts would not fit together.
@@ -279,8 +282,7 @@ def run_extraction(
     loaded: LoadedModel | None = None, after_part: Callable[[Part], None] | None = None,
 ) -> dict[str, Any]:
     """Run (or finish) an extraction; returns the manifest."""
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    runtime.configure(config.threads)
     # Open the input first: a missing file, field or column, or no records, fails before anything is written.
     records = peeked(read_documents(config.input, config.input_format, config.text_field, config.text_column),
                      config)

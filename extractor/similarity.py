@@ -25,7 +25,7 @@ import torch
 from scipy.cluster.hierarchy import leaves_list, linkage
 from scipy.spatial.distance import squareform
 
-from .analysis import DocAttention
+from .analysis import BatchAnalysis, DocAttention
 from .heads import checked_attention
 
 # Most float32 elements in one [pair, query chunk, key] block (32 MiB): bounds memory on long documents.
@@ -37,32 +37,40 @@ def head_label(layer: int, head: int) -> str:
     return f"L{layer}H{head}"
 
 
+def x_log_x(p: torch.Tensor) -> torch.Tensor:
+    """Σ over the last dim of p ln p (0 ln 0 = 0), float32 elementwise, summed in float64: [..., key] → [...].
+
+    ln is taken of max(p, 1e-38), which changes nothing: p ln p is exactly 0 at p = 0 and below 1e-36 otherwise.
+    """
+    return p.clamp_min(1e-38).log_().mul_(p).sum(dim=-1, dtype=torch.float64)
+
+
 def js_divergence_sums(patterns: torch.Tensor, block_elements: int = BLOCK_ELEMENTS) -> torch.Tensor:
     """patterns [head, query, key] (rows are distributions) → Σ over query rows of JS in bits [head, head].
 
     Per row, JS(p, q) = Σ_k [½ p_k ln p_k + ½ q_k ln q_k] − Σ_k m_k ln m_k (then / ln 2), computed for every
-    unordered pair a ≤ b at once and mirrored (JS is symmetric). Identical rows give m = p, hence exactly 0.
-    Query rows are processed in chunks so that no [pair, chunk, key] block exceeds `block_elements`; keys that
-    are 0 in every head for a chunk's rows (causal models: keys after the chunk's last query) are skipped,
-    since 0 ln 0 = 0.
+    unordered pair a ≤ b at once and mirrored (JS is symmetric). Identical rows give m = p bit for bit (and the
+    same x_log_x), hence exactly 0. Query rows are processed in chunks so that no [pair, chunk, key] block
+    exceeds `block_elements`; keys that are 0 in every head for a chunk's rows (padding; causal models: keys
+    after the chunk's last query) are skipped, since 0 ln 0 = 0.
     """
     n_heads, n_query, n_key = patterns.shape
-    index_a, index_b = torch.triu_indices(n_heads, n_heads)  # [pair]: every unordered pair, a ≤ b
+    index_a, index_b = torch.triu_indices(n_heads, n_heads, device=patterns.device)  # [pair]: a ≤ b
     chunk = max(1, block_elements // max(1, index_a.numel() * n_key))
-    upper = torch.zeros(index_a.numel(), dtype=torch.float64)  # [pair]
+    upper = torch.zeros(index_a.numel(), dtype=torch.float64, device=patterns.device)  # [pair]
     for start in range(0, n_query, chunk):
         p = patterns[:, start : start + chunk].float()  # [head, chunk, key]
-        p = p[..., p.amax(dim=(0, 1)) > 0]  # [head, chunk, key seen by some head]
-        p_log_p = torch.special.xlogy(p, p).sum(dim=-1, dtype=torch.float64)  # [head, chunk]
-        m = p[index_a] + p[index_b]  # [pair, chunk, key]
-        m.mul_(0.5)
-        m_log_m = torch.special.xlogy(m, m).sum(dim=-1, dtype=torch.float64)  # [pair, chunk]
-        js = 0.5 * (p_log_p[index_a] + p_log_p[index_b]) - m_log_m  # [pair, chunk]
+        seen = p.amax(dim=(0, 1)) > 0
+        if not bool(seen.all()):
+            p = p[..., seen]  # [head, chunk, key seen by some head]
+        p_log_p = x_log_x(p)  # [head, chunk]
+        m = torch.index_select(p, 0, index_a).add_(torch.index_select(p, 0, index_b)).mul_(0.5)  # [pair, chunk, key]
+        js = 0.5 * (p_log_p[index_a] + p_log_p[index_b]) - x_log_x(m)  # [pair, chunk]
         upper += js.clamp_min(0).sum(dim=-1)
-    total = torch.zeros(n_heads, n_heads, dtype=torch.float64)  # [head_a, head_b]
+    total = torch.zeros(n_heads, n_heads, dtype=torch.float64, device=patterns.device)  # [head_a, head_b]
     total[index_a, index_b] = upper
     total[index_b, index_a] = upper
-    return total / math.log(2)
+    return total.cpu() / math.log(2)
 
 
 def sampled_rows(n: int, limit: int | None) -> torch.Tensor:
@@ -92,6 +100,24 @@ class HeadSimilarity:
         rows = sampled_rows(attention.shape[-2], self.max_rows_per_doc)  # [row]
         self.js_total += js_divergence_sums(attention[..., rows, :].flatten(0, 1))  # [layer·head, row, key]
         self.n_rows += rows.numel()
+
+    def update_batch(self, analysis: BatchAnalysis) -> None:
+        """Add a whole batch: each document's sampled rows gathered from the padded per-layer tensors at once
+        (token level; word level goes document by document). Padded keys are 0 and add nothing."""
+        if analysis.level != "token":
+            for doc in analysis.docs:
+                self.update(doc)
+            return
+        attention = analysis.per_layer["attention"]  # per layer [batch, head, query, key]
+        if (len(attention), attention[0].shape[1]) != (self.n_layers, self.n_heads):
+            raise ValueError(f"attention has ({len(attention)}, {attention[0].shape[1]}) layers × heads, "
+                             f"expected ({self.n_layers}, {self.n_heads})")
+        rows = [sampled_rows(doc.n_tokens, self.max_rows_per_doc) for doc in analysis.batch.docs]
+        doc_index = torch.cat([torch.full_like(r, b) for b, r in enumerate(rows)]).to(attention[0].device)
+        query = torch.cat(rows).to(attention[0].device)
+        sampled = torch.stack([a[doc_index, :, query, :] for a in attention], dim=1)  # [row, layer, head, key]
+        self.js_total += js_divergence_sums(sampled.flatten(1, 2).transpose(0, 1))  # [layer·head, row, key]
+        self.n_rows += query.numel()
 
     def merge(self, other: HeadSimilarity) -> None:
         mine = (self.n_layers, self.n_heads, self.max_rows_per_doc)

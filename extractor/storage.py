@@ -86,9 +86,12 @@ def write_associations(table: pa.Table, path: Path) -> None:
     doc = table["doc_id"].to_numpy()
     doc_rank = doc - doc.min() if len(doc) else doc
     key = (layer * (int(head.max(initial=0)) + 1) + head) * (int(doc_rank.max(initial=0)) + 1) + doc_rank
-    order = np.argsort(key, kind="stable")
-    table = table.take(pa.array(order))
-    layers = layer[order]
+    if len(key) and bool((key[1:] >= key[:-1]).all()):  # already in order (a token-level batch's rows are)
+        layers = layer
+    else:
+        order = np.argsort(key, kind="stable")
+        table = table.take(pa.array(order))
+        layers = layer[order]
     starts = np.flatnonzero(np.diff(layers, prepend=-1)) if len(layers) else np.array([], dtype=np.int64)
     bounds = [*starts.tolist(), len(layers)]
 

@@ -8,10 +8,11 @@ For causal models, keys after the query are structural zeros and are left out.
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 import torch
 
-from .analysis import DocAttention
+from .analysis import BatchAnalysis, DocAttention
 from .encode import TokenizedDoc
 from .measures import HEAD_MEASURES, LAYER_MEASURES
 
@@ -61,37 +62,138 @@ def ranking_measure(names: list[str] | tuple[str, ...], head_level: bool) -> str
     return preferred if preferred in names else names[0]
 
 
-def _select(
-    values: dict[str, torch.Tensor], causal: bool, top_k: int | None, threshold: float | None
-) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
-    """Pick the kept (…, query, key) cells of same-shaped tensors [..., query, key].
+def visible_cells(lengths: torch.Tensor, n: int, causal: bool) -> torch.Tensor:
+    """[batch, query, key] bool: real query rows × real keys (× key ≤ query for causal models). lengths: [batch]."""
+    position = torch.arange(n, device=lengths.device)
+    real = position[None, :] < lengths[:, None]  # [batch, pos]
+    visible = real[:, :, None] & real[:, None, :]
+    if causal:
+        visible &= position[None, :, None] >= position[None, None, :]
+    return visible
 
-    Returns (index [n_kept, ndim] of kept cells, each measure's kept values [n_kept], kept_mass [n_kept] or None).
+
+def select_cells(
+    values: dict[str, torch.Tensor], lengths: torch.Tensor, causal: bool, top_k: int | None, threshold: float | None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
+    """Pick the kept cells of same-shaped tensors [group, batch, query, key] (group: heads, or 1 for a layer).
+
+    lengths: [batch] real tokens per document (the rest is padding). Every measure is exactly 0 on keys a
+    query cannot see (padding, causal future: the softmax gives them exp(finfo.min) = 0), so row totals need
+    no masking; top-k masks unseen keys only when a batch has any (padding or causal).
+    Returns (index [n_kept, 4] of (group, batch, query, key), each measure's kept values [n_kept],
+    kept_mass [n_kept] or None), in (group, batch, query) order.
     """
     rank_name = ranking_measure(list(values), head_level=next(iter(values)) in HEAD_MEASURES)
     rank = values[rank_name]
     n = rank.shape[-1]
-    query = torch.arange(n)[:, None]
-    key = torch.arange(n)[None, :]
-    structural = (key <= query) if causal else torch.ones(n, n, dtype=torch.bool)  # [query, key]
+    masked = causal or bool((lengths < n).any())
+    visible = visible_cells(lengths, n, causal) if masked else None  # [batch, query, key]
     if top_k is None:
-        keep = structural.expand_as(rank).clone()
-        if threshold is not None:
-            keep &= rank >= threshold
+        if visible is None and threshold is None:  # dense, no padding: every cell
+            keep = torch.ones((), dtype=torch.bool, device=rank.device).expand(rank.shape)
+        else:
+            keep = visible.expand(rank.shape) if visible is not None else rank >= threshold  # type: ignore[operator]
+            if visible is not None and threshold is not None:
+                keep = keep & (rank >= threshold)
         index = keep.nonzero()
         return index, {name: v[keep] for name, v in values.items()}, None
     k = min(top_k, n)
-    masked_rank = rank.masked_fill(~structural, float("-inf"))
-    top_values, top_keys = masked_rank.topk(k, dim=-1)  # [..., query, k]
-    valid = torch.isfinite(top_values)  # causal rows shorter than k
-    row_total = rank.masked_fill(~structural, 0.0).sum(dim=-1, keepdim=True)  # [..., query, 1]
-    kept = top_values.masked_fill(~valid, 0.0).sum(dim=-1, keepdim=True)
-    kept_mass = (kept / row_total.clamp_min(1e-30)).expand_as(top_values)
-    lead = valid.nonzero()  # [n_kept, ndim]: (..., query, slot)
-    keys = top_keys[valid]
-    index = torch.cat([lead[:, :-1], keys[:, None]], dim=1)
-    gathered = {name: v.gather(-1, top_keys)[valid] for name, v in values.items()}
-    return index, gathered, kept_mass[valid]
+    ranked = rank.masked_fill(~visible, float("-inf")) if visible is not None else rank
+    top_values, top_keys = ranked.topk(k, dim=-1)  # [group, batch, query, k]
+    if visible is not None:
+        valid = torch.isfinite(top_values)  # padded query rows, and rows with fewer than k visible keys
+        top_values = top_values.masked_fill(~valid, 0.0)
+    else:
+        valid = torch.ones((), dtype=torch.bool, device=rank.device).expand(top_values.shape)
+    kept_mass = top_values.sum(dim=-1, keepdim=True) / rank.sum(dim=-1, keepdim=True).clamp_min(1e-30)
+    lead = valid.nonzero()  # [n_kept, 4]: (group, batch, query, slot)
+    index = torch.cat([lead[:, :-1], top_keys[valid][:, None]], dim=1)
+    gathered = {name: (top_values if name == rank_name else v.gather(-1, top_keys))[valid] for name, v in values.items()}
+    return index, gathered, kept_mass.expand_as(top_values)[valid]
+
+
+def measures_table(
+    per_layer: dict[str, list[torch.Tensor]],
+    lengths: torch.Tensor,
+    positions: torch.Tensor,
+    doc_ids: torch.Tensor,
+    causal: bool,
+    top_k: int | None = None,
+    threshold: float | None = None,
+    value_type: pa.DataType = pa.float32(),
+    windows: torch.Tensor | None = None,
+) -> pa.Table:
+    """The associations of a padded batch, in (layer, head, batch, query) order (layer rows, head -1, first).
+
+    per_layer: name → per layer [batch, head, query, key] (head measures) or [batch, query, key] (layer
+    measures); lengths [batch]; positions [batch, pos] each matrix index's document position; doc_ids
+    [batch]; windows [batch] (adds a `window` column) or None.
+    """
+    names = tuple(per_layer)
+    schema = association_schema(names, value_type, top_k=top_k is not None)
+    if windows is not None:
+        schema = schema.append(pa.field("window", pa.int16()))
+    n_layers = len(next(iter(per_layer.values())))
+    tables = []
+    for layer in range(n_layers):
+        layer_group = {m: per_layer[m][layer][None] for m in LAYER_MEASURES if m in per_layer}  # [1, batch, q, k]
+        head_group = {m: per_layer[m][layer].transpose(0, 1) for m in HEAD_MEASURES if m in per_layer}  # [head, …]
+        for group, head_level in ((layer_group, False), (head_group, True)):
+            if not group:
+                continue
+            index, kept, kept_mass = select_cells(group, lengths, causal, top_k, threshold)
+            index = index.cpu()
+            group_index, batch, query, key = index.unbind(dim=1)
+            rows = index.shape[0]
+            columns = {
+                "doc_id": pa.array(doc_ids[batch].numpy(), pa.int64()),
+                "layer": pa.array(np.full(rows, layer, dtype=np.int16)),
+                "head": pa.array(group_index.to(torch.int16).numpy() if head_level else np.full(rows, -1, np.int16)),
+                "query_pos": pa.array(positions[batch, query].to(torch.int32).numpy()),
+                "key_pos": pa.array(positions[batch, key].to(torch.int32).numpy()),
+            }
+            if windows is not None:
+                columns["window"] = pa.array(windows[batch].to(torch.int16).numpy())
+            for f in schema:
+                if f.name in columns:
+                    continue
+                if f.name == "kept_mass":
+                    columns[f.name] = pa.array(kept_mass.float().cpu().numpy(), pa.float32())  # type: ignore[union-attr]
+                elif f.name in kept:
+                    columns[f.name] = pa.array(kept[f.name].float().cpu().numpy(), pa.float32()).cast(value_type)
+                else:
+                    columns[f.name] = pa.nulls(rows, f.type)
+            tables.append(pa.table([columns[f.name] for f in schema], schema=schema))
+    return pa.concat_tables(tables) if tables else schema.empty_table()
+
+
+def padded_positions(positions: list[list[int]]) -> torch.Tensor:
+    """[batch, longest] each matrix index's document position (0 in padding)."""
+    out = torch.zeros(len(positions), max((len(p) for p in positions), default=0), dtype=torch.long)
+    for i, p in enumerate(positions):
+        out[i, : len(p)] = torch.tensor(p, dtype=torch.long)
+    return out
+
+
+def batch_association_table(
+    analysis: BatchAnalysis,
+    doc_ids: list[int],
+    causal: bool,
+    top_k: int | None = None,
+    threshold: float | None = None,
+    value_type: pa.DataType = pa.float32(),
+    windows: list[int] | None = None,
+) -> pa.Table:
+    """A token-level batch's associations straight from its padded tensors (no per-document copies)."""
+    docs = analysis.batch.docs
+    return measures_table(
+        analysis.per_layer,
+        torch.tensor([d.n_tokens for d in docs], dtype=torch.long, device=analysis.batch.attention_mask.device),
+        padded_positions([d.positions for d in docs]),
+        torch.tensor(doc_ids, dtype=torch.long),
+        causal, top_k, threshold, value_type,
+        None if windows is None else torch.tensor(windows, dtype=torch.long),
+    )
 
 
 def association_table(
@@ -102,40 +204,15 @@ def association_table(
     threshold: float | None = None,
     value_type: pa.DataType = pa.float32(),
 ) -> pa.Table:
-    """The associations of one document, dense, top-k per query row, or above a threshold."""
-    names = tuple(doc.head_measures) + tuple(doc.layer_measures)
-    schema = association_schema(names, value_type, top_k=top_k is not None)
-    parts = []
-    for group, head_level in ((doc.head_measures, True), (doc.layer_measures, False)):
-        if not group:
-            continue
-        index, kept, kept_mass = _select(group, causal, top_k, threshold)
-        rows = index.shape[0]
-        if head_level:
-            layer, head, query, key = index.unbind(dim=1)
-        else:
-            layer, query, key = index.unbind(dim=1)
-            head = torch.full((rows,), -1, dtype=torch.long)
-        positions = doc.document_positions()  # window → document positions
-        query, key = positions[query], positions[key]
-        columns = {
-            "doc_id": pa.array(torch.full((rows,), doc_id, dtype=torch.long).numpy(), pa.int64()),
-            "layer": pa.array(layer.to(torch.int16).numpy()),
-            "head": pa.array(head.to(torch.int16).numpy()),
-            "query_pos": pa.array(query.to(torch.int32).numpy()),
-            "key_pos": pa.array(key.to(torch.int32).numpy()),
-        }
-        for f in schema:
-            if f.name in columns:
-                continue
-            if f.name == "kept_mass":
-                columns[f.name] = pa.array(kept_mass.float().numpy(), pa.float32())
-            elif f.name in kept:
-                columns[f.name] = pa.array(kept[f.name].float().numpy(), pa.float32()).cast(value_type)
-            else:
-                columns[f.name] = pa.nulls(rows, f.type)
-        parts.append(pa.table([columns[f.name] for f in schema], schema=schema))
-    return pa.concat_tables(parts) if parts else schema.empty_table()
+    """The associations of one document (token or word level), dense, top-k per query row, or above a threshold."""
+    per_layer = {name: list(v[:, None]) for name, v in {**doc.head_measures, **doc.layer_measures}.items()}
+    return measures_table(
+        per_layer,
+        torch.tensor([doc.size]),
+        doc.document_positions()[None],
+        torch.tensor([doc_id]),
+        causal, top_k, threshold, value_type,
+    )
 
 
 def tokens_table(doc_id: int, doc: TokenizedDoc) -> pa.Table:

@@ -32,9 +32,9 @@ def layer_errors(
     attention_mask: [batch, pos] (1 = real). Returns (pattern_err [head], z_err [head]).
     """
     real = attention_mask.bool()  # [batch, query]
-    pattern_diff = (hf_pattern.float() - pattern.float()).abs().amax(dim=-1)  # [batch, head, query]
+    pattern_diff = torch.sub(hf_pattern.float(), pattern.float()).abs_().amax(dim=-1)  # [batch, head, query]
     pattern_diff = pattern_diff.masked_fill(~real[:, None, :], 0.0)
-    z_diff = (hf_z.float() - z.float()).abs().amax(dim=-1)  # [batch, query, head]
+    z_diff = torch.sub(hf_z.float(), z.float()).abs_().amax(dim=-1)  # [batch, query, head]
     z_diff = z_diff.masked_fill(~real[:, :, None], 0.0)
     return pattern_diff.amax(dim=(0, 2)), z_diff.amax(dim=(0, 1))
 

@@ -33,9 +33,12 @@ def test_every_group_once_and_limits_hold(bucketing: bool) -> None:
     for batch in plan:
         assert sum(len(groups[g]) for g in batch) <= max_batch
         assert padded_tokens(batch, groups) <= budget or len(batch) == 1
+    for batch in plan:
+        assert batch == sorted(batch)  # reading order within a batch: its rows come out in doc_id order
     if bucketing:
-        longest = [max(groups[g]) for g in flat]
-        assert longest == sorted(longest)
+        # batches go from short to long documents: each batch's longest ≤ the next batch's shortest
+        for this, following in zip(plan, plan[1:], strict=False):
+            assert max(max(groups[g]) for g in this) <= min(max(groups[g]) for g in following)
     else:
         assert flat == list(range(len(groups)))
 

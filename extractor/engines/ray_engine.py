@@ -29,6 +29,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from .. import runtime
 from ..adapters import UnsupportedModelError
 from ..config import RunConfig
 from ..errors import UserError
@@ -155,13 +156,10 @@ class BlockWorker:
     commits the parts into the shared output folder itself."""
 
     def __init__(self, config: dict[str, Any], fault: str | None = None) -> None:
-        import torch
-
         self.config = RunConfig(**config)
         self.faults = Fault.parse(fault)
         self.load_seconds, self.provenance, self.unusable = 0.0, "{}", ""
-        if self.config.threads:
-            torch.set_num_threads(self.config.threads)
+        runtime.configure(self.config.threads)
         started = time.time()
         try:
             loaded = load_model(self.config.model, self.config.device, self.config.dtype, self.config.atol)

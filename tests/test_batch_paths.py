@@ -1,0 +1,93 @@
+"""The padded-batch paths (tables, head statistics, similarity straight from [batch, head, query, key]
+tensors) give exactly what the per-document paths give on each document trimmed out of the batch.
+
+Batches here are padded to clearly different lengths (and, for GPT-2, causal), so padding that leaks into a
+row, a key or a count would show.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from extractor.analysis import BatchAnalysis, analyse_batch
+from extractor.encode import encode
+from extractor.heads import HeadStats
+from extractor.similarity import HeadSimilarity
+from extractor.tables import association_table, batch_association_table
+
+MEASURES = ("attention", "value_norm", "layer_value_norm", "rollout")
+MODES = [{"top_k": 3}, {"top_k": 200}, {}, {"threshold": 0.05}]
+
+
+@pytest.fixture(scope="module", params=["minilm", "gpt2"])
+def analysis(request: pytest.FixtureRequest, minilm, tiny_loaded, sentences: list[str]) -> tuple[BatchAnalysis, bool]:
+    loaded = minilm if request.param == "minilm" else tiny_loaded("gpt2")
+    batch = encode(loaded.tokenizer, [sentences[2], sentences[0], sentences[1]])
+    assert len(set(batch.lengths)) == 3  # three different lengths: two documents are padded
+    return analyse_batch(loaded, batch, measures=MEASURES, verify=False), loaded.adapter.causal
+
+
+def sorted_rows(table: pa.Table) -> pa.Table:
+    keys = ["doc_id", "layer", "head", "query_pos", "key_pos"]
+    return table.sort_by([(k, "ascending") for k in keys])
+
+
+@pytest.mark.parametrize("mode", MODES, ids=str)
+def test_batch_table_equals_per_document_tables(analysis: tuple[BatchAnalysis, bool], mode: dict) -> None:
+    result, causal = analysis
+    doc_ids = [7, 3, 11]
+    batch = batch_association_table(result, doc_ids, causal, **mode)
+    per_doc = pa.concat_tables(
+        [association_table(doc_id, doc, causal, **mode) for doc_id, doc in zip(doc_ids, result.docs, strict=True)]
+    )
+    assert batch.schema == per_doc.schema
+    assert batch.num_rows == per_doc.num_rows > 0
+    batch, per_doc = sorted_rows(batch).to_pandas(), sorted_rows(per_doc).to_pandas()
+    index = ["doc_id", "layer", "head", "query_pos", "key_pos"]
+    assert batch[index].equals(per_doc[index])
+    # Values are the same cells; sums over a padded row (kept_mass) may round in another order.
+    for name in batch.columns.difference(index):
+        np.testing.assert_allclose(batch[name], per_doc[name], rtol=1e-6, atol=0, err_msg=name)
+
+
+def test_batch_table_rows_come_layer_then_head_then_document(analysis: tuple[BatchAnalysis, bool]) -> None:
+    """Rows arrive grouped as the writer stores them: (layer, head with -1 first, batch order)."""
+    result, causal = analysis
+    table = batch_association_table(result, [1, 2, 3], causal, top_k=2).to_pandas()
+    key = list(zip(table["layer"], table["head"], table["doc_id"], strict=True))
+    assert key == sorted(key)
+
+
+def test_batch_table_windows_column(analysis: tuple[BatchAnalysis, bool]) -> None:
+    result, causal = analysis
+    table = batch_association_table(result, [1, 2, 3], causal, top_k=2, windows=[0, 4, 9]).to_pandas()
+    assert dict(zip(table["doc_id"], table["window"], strict=False)) == {1: 0, 2: 4, 3: 9}
+
+
+def test_head_stats_batch_equals_per_document(analysis: tuple[BatchAnalysis, bool], minilm) -> None:
+    result, causal = analysis
+    n_layers, n_heads = len(result.per_layer["attention"]), result.per_layer["attention"][0].shape[1]
+    tokens = ("[CLS]", "[SEP]") if not causal else (None, None)
+    batched, per_doc = HeadStats(n_layers, n_heads, causal, *tokens), HeadStats(n_layers, n_heads, causal, *tokens)
+    batched.update_batch(result)
+    for doc in result.docs:
+        per_doc.update(doc)
+    assert batched.n_rows == per_doc.n_rows == sum(result.batch.lengths)
+    for name, value in per_doc.values().items():
+        torch.testing.assert_close(batched.values()[name], value, rtol=1e-6, atol=1e-9, equal_nan=True, msg=name)
+
+
+def test_similarity_batch_equals_per_document(analysis: tuple[BatchAnalysis, bool]) -> None:
+    result, _ = analysis
+    n_layers, n_heads = len(result.per_layer["attention"]), result.per_layer["attention"][0].shape[1]
+    for rows in (None, 3):
+        batched, per_doc = HeadSimilarity(n_layers, n_heads, rows), HeadSimilarity(n_layers, n_heads, rows)
+        batched.update_batch(result)
+        for doc in result.docs:
+            per_doc.update(doc)
+        assert batched.n_rows == per_doc.n_rows
+        torch.testing.assert_close(batched.matrix(), per_doc.matrix(), rtol=1e-6, atol=1e-9)
+        assert torch.equal(batched.matrix().diagonal(), torch.zeros(n_layers * n_heads, dtype=torch.float64))
