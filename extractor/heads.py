@@ -35,8 +35,10 @@ Tokens are compared by their text (token level: the tokenizer's tokens; word lev
 
 from __future__ import annotations
 
+import functools
 import math
 import unicodedata
+from dataclasses import dataclass
 
 import pandas as pd
 import torch
@@ -127,64 +129,90 @@ def mass_on(pattern: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     return torch.einsum("...qk,qk->...q", pattern, reference.to(pattern.dtype))
 
 
-def cell_score_sums(
-    attention: torch.Tensor, references: list[torch.Tensor], row_sums: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Σ A⊙P, Σ A) [head] over the query rows where each document's reference P_b [n_b, n_b] has any 1.
+@dataclass(frozen=True)
+class ReferenceCells:
+    """A reference pattern P over a padded batch, kept sparse: its cells and the query rows that have any."""
 
-    Reference patterns are sparse, so Σ A⊙P gathers only their cells; `row_sums` [batch, head, query] gives Σ A.
-    """
-    batch, n_heads, n, _ = attention.shape
-    rows = torch.zeros(batch, n, dtype=torch.bool, device=attention.device)
-    cells = []
-    for b, reference in enumerate(references):
-        rows[b, : reference.shape[0]] = reference.any(dim=-1)
-        query, key = reference.nonzero(as_tuple=True)
-        cells.append(torch.stack([torch.full_like(query, b), query, key]))
-    b_index, query, key = torch.cat(cells, dim=1).to(attention.device)
-    hits = attention[b_index, :, query, key].sum(dim=0, dtype=torch.float64)  # [head]
-    return hits, rows_sum(row_sums, rows)[0]
+    cells: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (batch, query, key) index of every 1 in P
+    rows: torch.Tensor  # [batch, query] bool: rows where P has at least one 1
 
+    @classmethod
+    def from_documents(cls, references: list[torch.Tensor], n: int, device: torch.device | str) -> ReferenceCells:
+        """references: per document, P_b [n_b, n_b] bool."""
+        rows = torch.zeros(len(references), n, dtype=torch.bool)
+        cells = []
+        for b, reference in enumerate(references):
+            rows[b, : reference.shape[0]] = reference.any(dim=-1)
+            query, key = reference.nonzero(as_tuple=True)
+            cells.append(torch.stack([torch.full_like(query, b), query, key]))
+        b_index, query, key = torch.cat(cells, dim=1).to(device)
+        return cls((b_index, query, key), rows.to(device))
 
-def key_flags(labels: list[list[str]], specials: list[list[bool]], n: int, cls_token: str | None,
-              sep_token: str | None) -> tuple[list[str], torch.Tensor]:
-    """Per document and key, which "share of the row on these keys" sets it belongs to: (set names,
-    [batch, key, set] float, 0 in padding)."""
-    names = ["punctuation"] + [name for name, token in (("cls", cls_token), ("sep", sep_token)) if token is not None]
-    flags = torch.zeros(len(labels), n, len(names))
-    for b, (doc_labels_, doc_specials) in enumerate(zip(labels, specials, strict=True)):
-        for j, (label, special) in enumerate(zip(doc_labels_, doc_specials, strict=True)):
-            flags[b, j, 0] = float(is_punctuation(label) and not special)
-            for i, token in enumerate(t for t in (cls_token, sep_token) if t is not None):
-                flags[b, j, i + 1] = float(label == token)
-    return names, flags
+    def score_sums(self, attention: torch.Tensor, row_sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Σ A⊙P, Σ A) [head] over the rows where P has any 1; attention [batch, head, query, key],
+        row_sums [batch, head, query] (Σ_j A_ij). P is sparse, so Σ A⊙P gathers only its cells."""
+        b_index, query, key = self.cells
+        hits = attention[b_index, :, query, key].sum(dim=0, dtype=torch.float64)  # [head]
+        return hits, rows_sum(row_sums, self.rows)[0]
 
 
-def head_sums(
-    attention: torch.Tensor,
-    lengths: torch.Tensor,
-    labels: list[list[str]],
-    specials: list[list[bool]],
-    causal: bool,
-    cls_token: str | None,
-    sep_token: str | None,
-    value_norm: torch.Tensor | None = None,
-) -> Sums:
+@functools.lru_cache(maxsize=1 << 16)
+def _punctuation_key(label: str, special: bool) -> bool:
+    return is_punctuation(label) and not special
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """What the metrics need to know about a padded batch besides its patterns; built once, used per layer."""
+
+    real: torch.Tensor  # [batch, query] bool: real (non-padding) positions
+    row_length: torch.Tensor  # [batch, query]: keys each row can see
+    flag_names: list[str]  # "share of the row on these keys" sets: punctuation, cls, sep
+    flags: torch.Tensor  # [batch, key, flag set] float, 0 in padding
+    duplicate: ReferenceCells
+    induction: ReferenceCells | None  # causal models only
+
+    @classmethod
+    def build(cls, lengths: list[int], labels: list[list[str]], specials: list[list[bool]], causal: bool,
+              cls_token: str | None, sep_token: str | None, device: torch.device | str = "cpu") -> BatchLayout:
+        """lengths, labels, specials: per document (labels and specials per position)."""
+        n = max(lengths)
+        position = torch.arange(n)
+        length = torch.tensor(lengths)
+        real = position[None, :] < length[:, None]
+        row_length = (position + 1)[None, :].expand(len(lengths), n) if causal else length[:, None].expand(-1, n)
+        tokens = [t for t in (cls_token, sep_token) if t is not None]
+        names = ["punctuation"] + [name for name, t in (("cls", cls_token), ("sep", sep_token)) if t is not None]
+        flags = torch.zeros(len(lengths), n, len(names))
+        for b, (doc_labels_, doc_specials) in enumerate(zip(labels, specials, strict=True)):
+            size = len(doc_labels_)
+            flags[b, :size, 0] = torch.tensor(
+                [_punctuation_key(t, s) for t, s in zip(doc_labels_, doc_specials, strict=True)], dtype=torch.float32
+            )
+            for i, token in enumerate(tokens):
+                flags[b, :size, i + 1] = torch.tensor([t == token for t in doc_labels_], dtype=torch.float32)
+        return cls(
+            real=real.to(device), row_length=row_length.to(device), flag_names=names, flags=flags.to(device),
+            duplicate=ReferenceCells.from_documents([duplicate_token_pattern(t) for t in labels], n, device),
+            induction=ReferenceCells.from_documents([induction_pattern(t) for t in labels], n, device)
+            if causal else None,
+        )
+
+
+def head_sums(attention: torch.Tensor, layout: BatchLayout, value_norm: torch.Tensor | None = None) -> Sums:
     """Every metric's (total, weight) [head] over a padded batch.
 
-    attention, value_norm: [batch, head, query, key], padded to the longest document; lengths: [batch];
-    labels, specials: per document, per position. Padded rows and keys never count.
+    attention, value_norm: [batch, head, query, key], padded to the longest document; `layout` describes the
+    batch (real positions, key flags, reference patterns). Padded rows and keys never count.
     """
-    batch, n_heads, n, _ = attention.shape
-    device = attention.device
-    position = torch.arange(n, device=device)
-    real = position[None, :] < lengths[:, None]  # [batch, query]
-    row_length = (position + 1)[None, :].expand(batch, n) if causal else lengths[:, None].expand(batch, n)
+    n = attention.shape[-1]
+    real, flags = layout.real, layout.flags.to(attention.dtype)
+    position = torch.arange(n, device=attention.device)
     sums: Sums = {}
     entropy = row_entropy(attention)  # [batch, head, query]
     sums["entropy"] = rows_sum(entropy, real)
-    normalised = entropy / row_length.double().log().clamp_min(1e-30)[:, None, :]
-    sums["entropy_normalised"] = rows_sum(normalised, real & (row_length > 1))
+    normalised = entropy / layout.row_length.double().log().clamp_min(1e-30)[:, None, :]
+    sums["entropy_normalised"] = rows_sum(normalised, real & (layout.row_length > 1))
     distance = (position[:, None] - position[None, :]).abs()  # [query, key]
     sums["mean_distance"] = rows_sum(mass_on(attention, distance), real)
     sums["first_token"] = rows_sum(attention[..., 0], real)
@@ -194,24 +222,22 @@ def head_sums(
     sums["previous_token"] = rows_sum(previous, real[:, 1:])
     sums["next_token"] = rows_sum(attention.diagonal(offset=1, dim1=-2, dim2=-1), real[:, 1:])
     # Every "share of the row on these keys" metric in one pass: attention @ [key, flag set].
-    names, flags = key_flags(labels, specials, n, cls_token, sep_token)
-    flags = flags.to(device=device, dtype=attention.dtype)
     on_keys = attention @ flags[:, None]  # [batch, head, query, flag set]
-    for i, name in enumerate(names):
+    for i, name in enumerate(layout.flag_names):
         sums[name] = rows_sum(on_keys[..., i], real)
     sums["max_weight"] = rows_sum(attention.amax(dim=-1), real)
-    special_sets = [i for i, name in enumerate(names) if name in ("cls", "sep")]
+    special_sets = [i for i, name in enumerate(layout.flag_names) if name in ("cls", "sep")]
     if value_norm is not None and special_sets:
         # value_norm as each key's share of its row: (value_norm @ flags) / Σ_j value_norm, no full-size division
         shares = (value_norm @ flags[:, None, :, special_sets]) / value_norm.sum(dim=-1, keepdim=True).clamp_min(1e-30)
         for column, i in enumerate(special_sets):
-            sums[f"{names[i]}_value_norm"] = rows_sum(shares[..., column], real)
+            sums[f"{layout.flag_names[i]}_value_norm"] = rows_sum(shares[..., column], real)
     row_sums = attention.sum(dim=-1)  # [batch, head, query]
     # previous_token_score: P = the sub-diagonal, so its cells are `previous` and its rows 1..n_b − 1
     sums["previous_token_score"] = (rows_sum(previous, real[:, 1:])[0], rows_sum(row_sums[..., 1:], real[:, 1:])[0])
-    sums["duplicate_token_score"] = cell_score_sums(attention, [duplicate_token_pattern(t) for t in labels], row_sums)
-    if causal:
-        sums["induction_score"] = cell_score_sums(attention, [induction_pattern(t) for t in labels], row_sums)
+    sums["duplicate_token_score"] = layout.duplicate.score_sums(attention, row_sums)
+    if layout.induction is not None:
+        sums["induction_score"] = layout.induction.score_sums(attention, row_sums)
     return sums
 
 
@@ -226,11 +252,9 @@ def doc_head_sums(
 ) -> Sums:
     """Every metric's (total, weight) [layer, head] for one document; attention, value_norm: [layer, head, q, k]."""
     n_layers, n_heads, n, _ = attention.shape
-    sums = head_sums(
-        attention.reshape(1, n_layers * n_heads, n, n), torch.tensor([n], device=attention.device), [labels],
-        [specials], causal, cls_token, sep_token,
-        None if value_norm is None else value_norm.reshape(1, n_layers * n_heads, n, n),
-    )
+    layout = BatchLayout.build([n], [labels], [specials], causal, cls_token, sep_token, attention.device)
+    sums = head_sums(attention.reshape(1, n_layers * n_heads, n, n), layout,
+                     None if value_norm is None else value_norm.reshape(1, n_layers * n_heads, n, n))
     return {k: (total.view(n_layers, n_heads), weight.view(n_layers, n_heads)) for k, (total, weight) in sums.items()}
 
 
@@ -296,16 +320,16 @@ class HeadStats:
         if (len(attention), attention[0].shape[1]) != (self.n_layers, self.n_heads):
             raise ValueError(f"attention has ({len(attention)}, {attention[0].shape[1]}) layers × heads, "
                              f"expected ({self.n_layers}, {self.n_heads})")
-        lengths = torch.tensor([d.n_tokens for d in docs], device=attention[0].device)
-        labels, specials = [list(d.tokens) for d in docs], [list(d.is_special) for d in docs]
+        layout = BatchLayout.build([d.n_tokens for d in docs], [list(d.tokens) for d in docs],
+                                   [list(d.is_special) for d in docs], self.causal, self.cls_token, self.sep_token,
+                                   attention[0].device)
         value_norm = analysis.per_layer.get("value_norm")
         for layer, pattern in enumerate(attention):
-            sums = head_sums(pattern.float(), lengths, labels, specials, self.causal, self.cls_token, self.sep_token,
-                             None if value_norm is None else value_norm[layer].float())
+            sums = head_sums(pattern.float(), layout, None if value_norm is None else value_norm[layer].float())
             for name, (total, weight) in sums.items():
                 self.totals[name][layer] += total.cpu()
                 self.weights[name][layer] += weight.cpu()
-        self.n_rows += int(lengths.sum())
+        self.n_rows += sum(d.n_tokens for d in docs)
 
     def merge(self, other: HeadStats) -> None:
         """Fold in another worker's stats (same model): the result equals one pass over both corpora."""

@@ -213,7 +213,9 @@ class Extraction:
             words = pa.concat_tables([words_table(d.record.doc_id, d.stored, d.record.text) for d in documents])  # type: ignore[arg-type]
         associations = pa.concat_tables(per_doc_tables) if per_doc_tables else None
         return Part(part_id, rows, tokens, words, associations,
-                    state={"verification": report, **stats, "n_tokens": sum(u.n_tokens for _, u in units)})
+                    state={"verification": report, **stats, "n_tokens": sum(u.n_tokens for _, u in units)},
+                    # one token-level pass over documents in reading order comes out in (layer, head, doc_id) order
+                    associations_ordered=config.level == "token" and len(per_doc_tables) == 1)
 
     def associations(self, analysis: BatchAnalysis, doc_ids: list[int]) -> pa.Table:
         """One pass's association rows: straight from the batch's tensors at token level, per document for words."""

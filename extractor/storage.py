@@ -57,6 +57,7 @@ class Part:
     words: pa.Table | None = None
     associations: pa.Table | None = None
     state: dict[str, Any] = field(default_factory=dict)  # picklable accumulators (verification, head stats)
+    associations_ordered: bool = False  # rows already in (layer, head, doc_id) order: the writer skips its sort
 
     @property
     def doc_ids(self) -> list[int]:
@@ -75,25 +76,28 @@ def _write_table(table: pa.Table, path: Path) -> None:
     _atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
 
 
-def write_associations(table: pa.Table, path: Path) -> None:
+def write_associations(table: pa.Table, path: Path, ordered: bool = False) -> None:
     """One file, sorted by (layer, head, doc_id) with one row group per layer, so layer/head filters skip data.
 
-    Rows of one document arrive in (layer, head, query_pos, key_pos) order, so a stable sort on a single
-    integer key keeps query/key order within each (layer, head, doc) and costs a fraction of a multi-key sort.
+    `ordered`: the rows already come in that order (a token-level batch's table does), so only the layer
+    boundaries are looked up. Otherwise rows of one document arrive in (layer, head, query_pos, key_pos)
+    order, and a stable sort on a single integer key keeps query/key order within each (layer, head, doc) at a
+    fraction of a multi-key sort's cost.
     """
-    layer = table["layer"].to_numpy().astype(np.int64)
-    head = table["head"].to_numpy().astype(np.int64) + 1  # head -1 (layer-level rows) sorts first
-    doc = table["doc_id"].to_numpy()
-    doc_rank = doc - doc.min() if len(doc) else doc
-    key = (layer * (int(head.max(initial=0)) + 1) + head) * (int(doc_rank.max(initial=0)) + 1) + doc_rank
-    if len(key) and bool((key[1:] >= key[:-1]).all()):  # already in order (a token-level batch's rows are)
+    layer = table["layer"].to_numpy()
+    if ordered:
         layers = layer
     else:
+        layer = layer.astype(np.int64)
+        head = table["head"].to_numpy().astype(np.int64) + 1  # head -1 (layer-level rows) sorts first
+        doc = table["doc_id"].to_numpy()
+        doc_rank = doc - doc.min() if len(doc) else doc
+        key = (layer * (int(head.max(initial=0)) + 1) + head) * (int(doc_rank.max(initial=0)) + 1) + doc_rank
         order = np.argsort(key, kind="stable")
         table = table.take(pa.array(order))
         layers = layer[order]
-    starts = np.flatnonzero(np.diff(layers, prepend=-1)) if len(layers) else np.array([], dtype=np.int64)
-    bounds = [*starts.tolist(), len(layers)]
+    starts = np.flatnonzero(layers[1:] != layers[:-1]) + 1 if len(layers) else np.array([], dtype=np.int64)
+    bounds = [0, *starts.tolist(), len(layers)] if len(layers) else [0]
 
     def write(tmp: Path) -> None:
         # Dictionary encoding and statistics only where they pay: the index columns. On the float measures a
@@ -193,7 +197,8 @@ class OutputFolder:
     def _commit(self, part: Part) -> None:
         name = f"{part.part_id:06d}"
         if part.associations is not None and part.associations.num_rows:
-            write_associations(part.associations, self.associations_dir / f"part-{name}.parquet")
+            write_associations(part.associations, self.associations_dir / f"part-{name}.parquet",
+                               part.associations_ordered)
         documents = pa.Table.from_pylist(part.documents, schema=DOCUMENT_SCHEMA)
         _write_table(documents, self.parts_dir / f"{name}.documents.parquet")
         for label, table in (("tokens", part.tokens), ("words", part.words)):

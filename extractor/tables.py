@@ -8,6 +8,8 @@ For causal models, keys after the query are structural zeros and are left out.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pyarrow as pa
 import torch
@@ -72,16 +74,48 @@ def visible_cells(lengths: torch.Tensor, n: int, causal: bool) -> torch.Tensor:
     return visible
 
 
+@dataclass(frozen=True)
+class KeptCells:
+    """The cells a storage mode keeps from tensors [group, batch, query, key], in (group, batch, query) order."""
+
+    group: torch.Tensor  # [n_kept] (head, or 0 for a layer measure)
+    batch: torch.Tensor  # [n_kept]
+    query: torch.Tensor  # [n_kept]
+    key: torch.Tensor  # [n_kept]
+    values: dict[str, torch.Tensor]  # measure → [n_kept]
+    kept_mass: torch.Tensor | None  # [n_kept] (top-k only)
+
+
+def _grid(shape: tuple[int, ...], device: torch.device) -> list[torch.Tensor]:
+    """Every cell of a tensor of `shape`, in storage order: one flattened index tensor per dimension."""
+    grid = []
+    for dim, size in enumerate(shape):
+        view = [1] * len(shape)
+        view[dim] = size
+        grid.append(torch.arange(size, device=device).view(view).expand(shape).reshape(-1))
+    return grid
+
+
+def _where(mask: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The True cells of a 4-d mask: (one index tensor per dimension, flat indices into the contiguous tensor).
+
+    Flat indices are built by multiply-add from `nonzero`'s columns (integer division is slow on CPU)."""
+    index = mask.nonzero()  # [n, 4]
+    flat = index[:, 0]
+    for dim in range(1, mask.dim()):
+        flat = flat * mask.shape[dim] + index[:, dim]
+    return list(index.unbind(dim=1)), flat
+
+
 def select_cells(
     values: dict[str, torch.Tensor], lengths: torch.Tensor, causal: bool, top_k: int | None, threshold: float | None
-) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
+) -> KeptCells:
     """Pick the kept cells of same-shaped tensors [group, batch, query, key] (group: heads, or 1 for a layer).
 
     lengths: [batch] real tokens per document (the rest is padding). Every measure is exactly 0 on keys a
     query cannot see (padding, causal future: the softmax gives them exp(finfo.min) = 0), so row totals need
-    no masking; top-k masks unseen keys only when a batch has any (padding or causal).
-    Returns (index [n_kept, 4] of (group, batch, query, key), each measure's kept values [n_kept],
-    kept_mass [n_kept] or None), in (group, batch, query) order.
+    no masking; top-k masks unseen keys only when a batch has any (padding or causal). Kept cells are found
+    once as flat indices, and every measure is gathered with them (no repeated boolean-mask indexing).
     """
     rank_name = ranking_measure(list(values), head_level=next(iter(values)) in HEAD_MEASURES)
     rank = values[rank_name]
@@ -89,27 +123,34 @@ def select_cells(
     masked = causal or bool((lengths < n).any())
     visible = visible_cells(lengths, n, causal) if masked else None  # [batch, query, key]
     if top_k is None:
-        if visible is None and threshold is None:  # dense, no padding: every cell
-            keep = torch.ones((), dtype=torch.bool, device=rank.device).expand(rank.shape)
-        else:
-            keep = visible.expand(rank.shape) if visible is not None else rank >= threshold  # type: ignore[operator]
-            if visible is not None and threshold is not None:
-                keep = keep & (rank >= threshold)
-        index = keep.nonzero()
-        return index, {name: v[keep] for name, v in values.items()}, None
+        keep = None if visible is None else visible.expand(rank.shape)
+        if threshold is not None:
+            keep = rank >= threshold if keep is None else keep & (rank >= threshold)
+        if keep is None:  # dense without padding: every cell, in storage order
+            group, batch, query, key = _grid(tuple(rank.shape), rank.device)
+            return KeptCells(group, batch, query, key, {name: v.reshape(-1) for name, v in values.items()}, None)
+        (group, batch, query, key), flat = _where(keep)
+        kept = {name: v.reshape(-1).index_select(0, flat) for name, v in values.items()}
+        return KeptCells(group, batch, query, key, kept, None)
     k = min(top_k, n)
     ranked = rank.masked_fill(~visible, float("-inf")) if visible is not None else rank
     top_values, top_keys = ranked.topk(k, dim=-1)  # [group, batch, query, k]
     if visible is not None:
         valid = torch.isfinite(top_values)  # padded query rows, and rows with fewer than k visible keys
         top_values = top_values.masked_fill(~valid, 0.0)
+        (group, batch, query, _), flat = _where(valid)
+        row = (group * valid.shape[1] + batch) * valid.shape[2] + query
     else:
-        valid = torch.ones((), dtype=torch.bool, device=rank.device).expand(top_values.shape)
-    kept_mass = top_values.sum(dim=-1, keepdim=True) / rank.sum(dim=-1, keepdim=True).clamp_min(1e-30)
-    lead = valid.nonzero()  # [n_kept, 4]: (group, batch, query, slot)
-    index = torch.cat([lead[:, :-1], top_keys[valid][:, None]], dim=1)
-    gathered = {name: (top_values if name == rank_name else v.gather(-1, top_keys))[valid] for name, v in values.items()}
-    return index, gathered, kept_mass.expand_as(top_values)[valid]
+        group, batch, query, _ = _grid(tuple(top_values.shape), rank.device)
+        flat = None
+        row = torch.arange(top_values.numel() // k, device=rank.device).repeat_interleave(k)
+
+    def take(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(-1) if flat is None else t.reshape(-1).index_select(0, flat)
+
+    kept_mass = top_values.sum(dim=-1) / rank.sum(dim=-1).clamp_min(1e-30)  # [group, batch, query]
+    kept = {name: take(top_values if name == rank_name else v.gather(-1, top_keys)) for name, v in values.items()}
+    return KeptCells(group, batch, query, take(top_keys), kept, kept_mass.reshape(-1).index_select(0, row))
 
 
 def measures_table(
@@ -141,14 +182,13 @@ def measures_table(
         for group, head_level in ((layer_group, False), (head_group, True)):
             if not group:
                 continue
-            index, kept, kept_mass = select_cells(group, lengths, causal, top_k, threshold)
-            index = index.cpu()
-            group_index, batch, query, key = index.unbind(dim=1)
-            rows = index.shape[0]
+            cells = select_cells(group, lengths, causal, top_k, threshold)
+            batch, query, key = cells.batch.cpu(), cells.query.cpu(), cells.key.cpu()
+            rows = batch.shape[0]
             columns = {
                 "doc_id": pa.array(doc_ids[batch].numpy(), pa.int64()),
                 "layer": pa.array(np.full(rows, layer, dtype=np.int16)),
-                "head": pa.array(group_index.to(torch.int16).numpy() if head_level else np.full(rows, -1, np.int16)),
+                "head": pa.array(cells.group.to(torch.int16).cpu().numpy() if head_level else np.full(rows, -1, np.int16)),
                 "query_pos": pa.array(positions[batch, query].to(torch.int32).numpy()),
                 "key_pos": pa.array(positions[batch, key].to(torch.int32).numpy()),
             }
@@ -158,9 +198,9 @@ def measures_table(
                 if f.name in columns:
                     continue
                 if f.name == "kept_mass":
-                    columns[f.name] = pa.array(kept_mass.float().cpu().numpy(), pa.float32())  # type: ignore[union-attr]
-                elif f.name in kept:
-                    columns[f.name] = pa.array(kept[f.name].float().cpu().numpy(), pa.float32()).cast(value_type)
+                    columns[f.name] = pa.array(cells.kept_mass.float().cpu().numpy(), pa.float32())  # type: ignore[union-attr]
+                elif f.name in cells.values:
+                    columns[f.name] = pa.array(cells.values[f.name].float().cpu().numpy(), pa.float32()).cast(value_type)
                 else:
                     columns[f.name] = pa.nulls(rows, f.type)
             tables.append(pa.table([columns[f.name] for f in schema], schema=schema))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -16,6 +17,7 @@ from extractor.analysis import BatchAnalysis, analyse_batch
 from extractor.encode import encode
 from extractor.heads import HeadStats
 from extractor.similarity import HeadSimilarity
+from extractor.storage import write_associations
 from extractor.tables import association_table, batch_association_table
 
 MEASURES = ("attention", "value_norm", "layer_value_norm", "rollout")
@@ -91,3 +93,15 @@ def test_similarity_batch_equals_per_document(analysis: tuple[BatchAnalysis, boo
         assert batched.n_rows == per_doc.n_rows
         torch.testing.assert_close(batched.matrix(), per_doc.matrix(), rtol=1e-6, atol=1e-9)
         assert torch.equal(batched.matrix().diagonal(), torch.zeros(n_layers * n_heads, dtype=torch.float64))
+
+
+def test_writer_takes_an_ordered_batch_as_is(analysis: tuple[BatchAnalysis, bool], tmp_path) -> None:
+    """A token-level batch table is already in the writer's order: writing it unsorted-aware or as ordered
+    gives the same file contents and the same per-layer row groups."""
+    result, causal = analysis
+    table = batch_association_table(result, [1, 2, 5], causal, top_k=4)
+    write_associations(table, tmp_path / "sorted.parquet", ordered=False)
+    write_associations(table, tmp_path / "ordered.parquet", ordered=True)
+    sorted_file, ordered_file = pq.ParquetFile(tmp_path / "sorted.parquet"), pq.ParquetFile(tmp_path / "ordered.parquet")
+    assert ordered_file.read().equals(sorted_file.read())
+    assert ordered_file.num_row_groups == sorted_file.num_row_groups == len(result.per_layer["attention"])

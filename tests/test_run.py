@@ -193,6 +193,9 @@ def test_associations_are_trimmed_and_laid_out_by_layer(messy_run: tuple[Path, d
             for i in range(meta.num_row_groups)
         ]
         assert bounds == [(0, 0), (1, 1)]
+        # rows in (layer, head, doc_id) order, as the writer promises (it skips its sort for ordered batches)
+        key = pq.read_table(part, columns=["layer", "head", "doc_id"]).to_pandas()
+        assert list(key.itertuples(index=False)) == sorted(key.itertuples(index=False))
 
 
 def test_verification_on_by_default(messy_run: tuple[Path, dict[str, Any]]) -> None:
