@@ -50,7 +50,7 @@ class RunConfig(BaseModel):
     threshold: float = Field(0.05, ge=0.0)  # storage 'threshold': keep cells with weight ≥ this
     level: Literal["token", "word"] = "token"
     measures: list[Measure] = Field(default_factory=lambda: list(RUN_MEASURES))
-    similarity_rows: int | None = Field(8, ge=1)  # query rows per document sampled for head similarity; None = all
+    similarity_rows: int | None = Field(4, ge=1)  # query rows per document sampled for head similarity; None = all
     limit: int | None = Field(None, ge=1)  # read at most this many input records
     verify: str = "on"  # on | off | every:N (verify every Nth batch)
     atol: float = Field(DEFAULT_ATOL, gt=0.0)

@@ -74,10 +74,15 @@ def js_divergence_sums(patterns: torch.Tensor, block_elements: int = BLOCK_ELEME
 
 
 def sampled_rows(n: int, limit: int | None) -> torch.Tensor:
-    """[row] query rows to use: all n, or `limit` evenly spaced ones (first and last too) when n > limit."""
+    """[row] query rows to use: all n, or a systematic sample of `limit` rows when n > limit.
+
+    Row i of the sample is the middle of the i-th of `limit` equal strata of the rows, ⌊(i + ½)·n / limit⌋: spread
+    over the document without always taking its first and last rows ([CLS]/[SEP] or BOS, whose attention is
+    unlike the other rows' and would otherwise weigh 2/limit of every document).
+    """
     if limit is None or n <= limit:
         return torch.arange(n)
-    return torch.linspace(0, n - 1, limit).round().long().unique()
+    return ((torch.arange(limit, dtype=torch.float64) + 0.5) * n / limit).floor().long()
 
 
 class HeadSimilarity:

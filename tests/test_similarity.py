@@ -147,5 +147,6 @@ def test_row_sampling_bounds_the_rows_used() -> None:
     np.testing.assert_allclose(sampled.matrix().numpy(), expected, atol=1e-6)
     with pytest.raises(ValueError, match="row sampling"):
         exact.merge(sampled)
-    assert sampled_rows(10, 4).tolist() == [0, 3, 6, 9]
+    assert sampled_rows(10, 4).tolist() == [1, 3, 6, 8]  # the middle of each of 4 strata of 2.5 rows
+    assert sampled_rows(128, 4).tolist() == [16, 48, 80, 112]  # never the first ([CLS]) or last ([SEP]) row
     assert sampled_rows(3, 4).tolist() == [0, 1, 2]
