@@ -1,6 +1,6 @@
 """Benchmark: what the extractor costs next to the model's own forward pass, measured side by side.
 
-    python -m extractor.bench [--model minilm] [--quick] [--json FILE]
+    python -m extractor.bench [--model minilm] [--quick] [--json FILE] [--steps-only]
 
 Cases, on the same inputs and the same batches (length bucketing, token budget):
   (a) Hugging Face forward, sdpa, no attentions             the floor
@@ -10,7 +10,10 @@ Cases, on the same inputs and the same batches (length bucketing, token budget):
   (e) summary storage (no pair tables; per-head metrics only)
   (f) (c) with documents in their original order (no length bucketing)
 Corpora: the shipped sample corpus; real text cut to 32, 128 and 512 tokens; a mixed-length corpus for (f).
-Every case runs in its own subprocess so peak memory (max RSS) is the case's own.
+Every case runs in its own subprocess so peak memory (max RSS) is the case's own; every case, the baselines
+too, runs with the allocator settings `extractor run` uses (`extractor.runtime`).
+Then, in the same run, where the time goes: each step of a run timed alone on one batch of the 32-, 128- and
+512-token corpora (`extractor.bench_steps`).
 """
 
 from __future__ import annotations
@@ -136,6 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--token-budget", type=int, default=8192)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--steps-only", action="store_true", help="only the per-step profile (where the time goes)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--corpus", help=argparse.SUPPRESS)
     parser.add_argument("--max-length", type=int, default=512, help=argparse.SUPPRESS)
@@ -144,6 +148,12 @@ def main(argv: list[str] | None = None) -> None:
         from .runtime import tune_allocator
 
         tune_allocator()  # every case, the baselines too, runs with the allocator settings `extractor run` uses
+        if args.worker == "steps":
+            from .bench_steps import profile_batch
+
+            texts = [t for t in Path(args.corpus).read_text(encoding="utf-8").splitlines() if t.strip()]
+            print(json.dumps(profile_batch(args.model, texts, args.max_length)))
+            return
         result = run_case(args.worker, args.model, args.corpus, args.max_length, args.batch_size, args.token_budget)
         result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps(result))
@@ -161,24 +171,38 @@ def main(argv: list[str] | None = None) -> None:
         path.write_text("\n".join(texts) + "\n", encoding="utf-8")
         corpora[name] = (path, max_length, cases)
 
+    # Enough documents for 8-16 batches per corpus, so that a run's fixed costs (output folder, consolidation,
+    # manifest) weigh what they weigh on a real corpus, not on one batch.
     write("sample", sample_sentences(), 512, "abcde")
-    write("len32", corpus_of_length(tokenizer, 128 // scale, 32, 1), 32, "abcde")
-    write("len128", corpus_of_length(tokenizer, 64 // scale, 128, 2), 128, "abcde")
+    write("len32", corpus_of_length(tokenizer, 512 // scale, 32, 1), 32, "abcde")
+    write("len128", corpus_of_length(tokenizer, 256 // scale, 128, 2), 128, "abcde")
     # dense at 512 tokens is 72 heads × 512² ≈ 19M rows per document: left out on purpose
-    write("len512", corpus_of_length(tokenizer, 16 // scale, 512, 3), 512, "abce")
-    write("mixed", mixed_corpus(256 // scale, 4), 512, "bcf")
+    write("len512", corpus_of_length(tokenizer, 64 // scale, 512, 3), 512, "abce")
+    write("mixed", mixed_corpus(512 // scale, 4), 512, "bcf")
 
     rows = []
     for name, (path, max_length, cases) in corpora.items():
-        for case in cases:
+        for case in "" if args.steps_only else cases:
             result = measure(case, args.model, str(path), max_length, args.batch_size, args.token_budget, args.threads)
             result.update(corpus=name, case=case)
             rows.append(result)
             print(f"  measured {name:<7} ({case}) {result['seconds']:.2f}s", file=sys.stderr, flush=True)
+    steps = {}
+    for name in ("len32", "len128", "len512"):
+        path, max_length, _ = corpora[name]
+        steps[name] = measure("steps", args.model, str(path), max_length, args.batch_size, args.token_budget,
+                              args.threads)
+        print(f"  profiled {name:<7} steps", file=sys.stderr, flush=True)
     shutil.rmtree(work, ignore_errors=True)
-    print(format_table(rows, args))
+    from .bench_steps import format_steps
+
+    if rows:
+        print(format_table(rows, args))
+        print()
+    print("Where the time goes (one batch, each step timed alone, median of 3):\n")
+    print(format_steps(steps))
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+        Path(args.json).write_text(json.dumps({"cases": rows, "steps": steps}, indent=2))
 
 
 def format_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
