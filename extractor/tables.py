@@ -16,6 +16,7 @@ import torch
 
 from .analysis import BatchAnalysis, DocAttention
 from .encode import TokenizedDoc
+from .kernels import topk_rows
 from .measures import HEAD_MEASURES, LAYER_MEASURES
 
 INDEX_FIELDS = [
@@ -74,6 +75,15 @@ def visible_cells(lengths: torch.Tensor, n: int, causal: bool) -> torch.Tensor:
     return visible
 
 
+def visible_keys(lengths: torch.Tensor, n: int, causal: bool) -> torch.Tensor:
+    """[batch, query]: each row sees keys [0, limit): n_b for a real row (q + 1 if causal), 0 for padding."""
+    position = torch.arange(n, device=lengths.device)
+    limit = lengths[:, None].expand(-1, n)
+    if causal:
+        limit = torch.minimum(limit, position[None, :] + 1)
+    return limit.masked_fill(position[None, :] >= lengths[:, None], 0)
+
+
 @dataclass(frozen=True)
 class KeptCells:
     """The cells a storage mode keeps from tensors [group, batch, query, key], in (group, batch, query) order."""
@@ -114,16 +124,16 @@ def select_cells(
 
     lengths: [batch] real tokens per document (the rest is padding). Every measure is exactly 0 on keys a
     query cannot see (padding, causal future: the softmax gives them exp(finfo.min) = 0), so row totals need
-    no masking; top-k masks unseen keys only when a batch has any (padding or causal). Kept cells are found
-    once as flat indices, and every measure is gathered with them (no repeated boolean-mask indexing).
+    no masking. Top-k reads only each row's visible keys (`kernels.topk_rows`); dense and threshold mask the
+    unseen cells only when a batch has any (padding or causal). Kept cells are found once as flat indices, and
+    every measure is gathered with them (no repeated boolean-mask indexing).
     """
     rank_name = ranking_measure(list(values), head_level=next(iter(values)) in HEAD_MEASURES)
     rank = values[rank_name]
     n = rank.shape[-1]
     masked = causal or bool((lengths < n).any())
-    visible = visible_cells(lengths, n, causal) if masked else None  # [batch, query, key]
     if top_k is None:
-        keep = None if visible is None else visible.expand(rank.shape)
+        keep = visible_cells(lengths, n, causal).expand(rank.shape) if masked else None
         if threshold is not None:
             keep = rank >= threshold if keep is None else keep & (rank >= threshold)
         if keep is None:  # dense without padding: every cell, in storage order
@@ -133,11 +143,11 @@ def select_cells(
         kept = {name: v.reshape(-1).index_select(0, flat) for name, v in values.items()}
         return KeptCells(group, batch, query, key, kept, None)
     k = min(top_k, n)
-    ranked = rank.masked_fill(~visible, float("-inf")) if visible is not None else rank
-    top_values, top_keys = ranked.topk(k, dim=-1)  # [group, batch, query, k]
-    if visible is not None:
-        valid = torch.isfinite(top_values)  # padded query rows, and rows with fewer than k visible keys
-        top_values = top_values.masked_fill(~valid, 0.0)
+    # the kernel reads rows in storage order: [batch, group, query, key] for both head and layer measures
+    limits = visible_keys(lengths, n, causal)[:, None, :].expand(rank.shape[1], rank.shape[0], n)
+    top_values, top_keys, counts = (t.transpose(0, 1) for t in topk_rows(rank.transpose(0, 1), limits, k))
+    if masked:
+        valid = torch.arange(k, device=rank.device) < counts[..., None]  # [group, batch, query, k]
         (group, batch, query, _), flat = _where(valid)
         row = (group * valid.shape[1] + batch) * valid.shape[2] + query
     else:
