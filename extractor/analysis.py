@@ -16,8 +16,8 @@ from .capture import run_with_capture
 from .encode import EncodedBatch, TokenizedDoc
 from .models import LoadedModel
 from .recompute import (
-    additive_mask,
     attention_output,
+    mask_if_needed,
     project,
     recompute_attention,
     value_vector_norms,
@@ -118,7 +118,7 @@ def analyse_batch(
     measures = validate_measures(measures)
     adapter = loaded.adapter
     capture = run_with_capture(adapter, batch.model_inputs)
-    mask = additive_mask(batch.attention_mask, adapter.causal, capture.hidden_in[0].dtype)
+    mask = mask_if_needed(batch.attention_mask, adapter.causal, capture.hidden_in[0].dtype)
     report = VerificationReport(adapter.n_layers, adapter.n_heads, atol=atol) if verify else None
     per_layer: dict[str, list[torch.Tensor]] = {name: [] for name in measures}
     patterns: list[torch.Tensor] = []
@@ -157,7 +157,7 @@ def decomposition_error(loaded: LoadedModel, batch: EncodedBatch) -> list[float]
     """
     adapter = loaded.adapter
     capture = run_with_capture(adapter, batch.model_inputs)
-    mask = additive_mask(batch.attention_mask, adapter.causal, capture.hidden_in[0].dtype)
+    mask = mask_if_needed(batch.attention_mask, adapter.causal, capture.hidden_in[0].dtype)
     real = batch.attention_mask.bool()[:, :, None]
     errors = []
     for layer, weights in enumerate(adapter.all_layer_weights()):

@@ -168,7 +168,10 @@ class BatchLayout:
     real: torch.Tensor  # [batch, query] bool: real (non-padding) positions
     row_length: torch.Tensor  # [batch, query]: keys each row can see
     flag_names: list[str]  # "share of the row on these keys" sets: punctuation, cls, sep
-    flags: torch.Tensor  # [batch, key, flag set] float, 0 in padding
+    # Those sets are a few keys per document, so they are kept sparse: each document's flagged keys (padded with
+    # key 0) and, per flagged key, which sets it belongs to (all 0 on padding entries).
+    flag_keys: torch.Tensor  # [batch, flagged] long
+    flag_sets: torch.Tensor  # [batch, flagged, flag set] float
     duplicate: ReferenceCells
     induction: ReferenceCells | None  # causal models only
 
@@ -183,20 +186,36 @@ class BatchLayout:
         row_length = (position + 1)[None, :].expand(len(lengths), n) if causal else length[:, None].expand(-1, n)
         tokens = [t for t in (cls_token, sep_token) if t is not None]
         names = ["punctuation"] + [name for name, t in (("cls", cls_token), ("sep", sep_token)) if t is not None]
-        flags = torch.zeros(len(lengths), n, len(names))
+        flags = torch.zeros(len(lengths), n, len(names), dtype=torch.bool)
         for b, (doc_labels_, doc_specials) in enumerate(zip(labels, specials, strict=True)):
             size = len(doc_labels_)
             flags[b, :size, 0] = torch.tensor(
-                [_punctuation_key(t, s) for t, s in zip(doc_labels_, doc_specials, strict=True)], dtype=torch.float32
+                [_punctuation_key(t, s) for t, s in zip(doc_labels_, doc_specials, strict=True)], dtype=torch.bool
             )
             for i, token in enumerate(tokens):
-                flags[b, :size, i + 1] = torch.tensor([t == token for t in doc_labels_], dtype=torch.float32)
+                flags[b, :size, i + 1] = torch.tensor([t == token for t in doc_labels_], dtype=torch.bool)
+        flagged = flags.any(dim=-1)  # [batch, key]
+        width = max(1, int(flagged.sum(dim=-1).max()))
+        flag_keys = torch.zeros(len(lengths), width, dtype=torch.long)
+        flag_sets = torch.zeros(len(lengths), width, len(names))
+        for b in range(len(lengths)):
+            keys = flagged[b].nonzero()[:, 0]
+            flag_keys[b, : len(keys)] = keys
+            flag_sets[b, : len(keys)] = flags[b, keys].float()
         return cls(
-            real=real.to(device), row_length=row_length.to(device), flag_names=names, flags=flags.to(device),
+            real=real.to(device), row_length=row_length.to(device), flag_names=names,
+            flag_keys=flag_keys.to(device), flag_sets=flag_sets.to(device),
             duplicate=ReferenceCells.from_documents([duplicate_token_pattern(t) for t in labels], n, device),
             induction=ReferenceCells.from_documents([induction_pattern(t) for t in labels], n, device)
             if causal else None,
         )
+
+
+def on_flagged_keys(values: torch.Tensor, layout: BatchLayout) -> torch.Tensor:
+    """values [batch, head, query, key] → Σ_j values_ij over each flag set's keys [batch, head, query, flag set]."""
+    batch, n_heads, n, _ = values.shape
+    keys = layout.flag_keys[:, None, None, :].expand(batch, n_heads, n, -1)  # [batch, head, query, flagged]
+    return values.gather(-1, keys) @ layout.flag_sets[:, None].to(values.dtype)
 
 
 def head_sums(attention: torch.Tensor, layout: BatchLayout, value_norm: torch.Tensor | None = None) -> Sums:
@@ -206,7 +225,7 @@ def head_sums(attention: torch.Tensor, layout: BatchLayout, value_norm: torch.Te
     batch (real positions, key flags, reference patterns). Padded rows and keys never count.
     """
     n = attention.shape[-1]
-    real, flags = layout.real, layout.flags.to(attention.dtype)
+    real = layout.real
     position = torch.arange(n, device=attention.device)
     sums: Sums = {}
     entropy = row_entropy(attention)  # [batch, head, query]
@@ -221,15 +240,15 @@ def head_sums(attention: torch.Tensor, layout: BatchLayout, value_norm: torch.Te
     previous = attention.diagonal(offset=-1, dim1=-2, dim2=-1)  # [batch, head, n − 1], rows 1..n−1
     sums["previous_token"] = rows_sum(previous, real[:, 1:])
     sums["next_token"] = rows_sum(attention.diagonal(offset=1, dim1=-2, dim2=-1), real[:, 1:])
-    # Every "share of the row on these keys" metric in one pass: attention @ [key, flag set].
-    on_keys = attention @ flags[:, None]  # [batch, head, query, flag set]
+    # Every "share of the row on these keys" metric at once, from the few flagged keys of each document.
+    on_keys = on_flagged_keys(attention, layout)  # [batch, head, query, flag set]
     for i, name in enumerate(layout.flag_names):
         sums[name] = rows_sum(on_keys[..., i], real)
     sums["max_weight"] = rows_sum(attention.amax(dim=-1), real)
     special_sets = [i for i, name in enumerate(layout.flag_names) if name in ("cls", "sep")]
     if value_norm is not None and special_sets:
-        # value_norm as each key's share of its row: (value_norm @ flags) / Σ_j value_norm, no full-size division
-        shares = (value_norm @ flags[:, None, :, special_sets]) / value_norm.sum(dim=-1, keepdim=True).clamp_min(1e-30)
+        # value_norm as each key's share of its row: Σ over the set's keys / Σ_j value_norm
+        shares = on_flagged_keys(value_norm, layout)[..., special_sets] / value_norm.sum(dim=-1, keepdim=True).clamp_min(1e-30)
         for column, i in enumerate(special_sets):
             sums[f"{layout.flag_names[i]}_value_norm"] = rows_sum(shares[..., column], real)
     row_sums = attention.sum(dim=-1)  # [batch, head, query]

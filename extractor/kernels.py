@@ -2,9 +2,9 @@
 
 `torch.topk` on CPU costs about 4.5 ns per element for k = 8 of 128 keys (it partially sorts a copy of every
 row), which made top-k storage a third of the forward pass. `topk_rows` compiles (numba, cached on disk) a
-two-pass selection instead: the smallest of the maxima of k disjoint spans of the row is a lower bound of the
-row's k-th largest value, so the second pass only inserts the few keys at or above it into a sorted buffer of
-k. Rows run in parallel. Each row's visible keys are [0, limit), which replaces the masked copy that padding
+two-pass selection instead: the k-th largest of the maxima of blocks of 8 keys is a lower bound of the row's
+k-th largest value, so the second pass only inserts the few keys at or above it (about 2k on MiniLM's rows)
+into a sorted buffer of k. Rows run in parallel. Each row's visible keys are [0, limit), which replaces the masked copy that padding
 and causal masks needed before `torch.topk`. On CUDA, or without numba, the same contract runs on torch.
 """
 
@@ -21,19 +21,24 @@ except ImportError:  # pragma: no cover - numba is a dependency; this keeps the 
     HAVE_NUMBA = False
 
 
+BLOCK = 8  # keys per block for the first pass's lower bound
+
 if HAVE_NUMBA:
 
     @njit(inline="always")
-    def _insert(top_v, top_k, count, k, v, j):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202
-        """Insert (v, key j) into the descending buffer of `count` ≤ k entries; returns the new count."""
+    def _insert(top_v, top_k, r, count, k, v, j):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202
+        """Insert (v, key j) into row r's descending buffer of `count` ≤ k entries; returns the new count.
+
+        Indexes the 2-d buffers directly: a row view per call would touch a shared reference count from every
+        thread."""
         pos = count if count < k else k - 1
         count = min(count + 1, k)
-        while pos > 0 and top_v[pos - 1] < v:  # equal values keep their order: the earlier key stays first
-            top_v[pos] = top_v[pos - 1]
-            top_k[pos] = top_k[pos - 1]
+        while pos > 0 and top_v[r, pos - 1] < v:  # equal values keep their order: the earlier key stays first
+            top_v[r, pos] = top_v[r, pos - 1]
+            top_k[r, pos] = top_k[r, pos - 1]
             pos -= 1
-        top_v[pos] = v
-        top_k[pos] = j
+        top_v[r, pos] = v
+        top_k[r, pos] = j
         return count
 
     @njit(parallel=True, cache=True, boundscheck=False)
@@ -41,23 +46,24 @@ if HAVE_NUMBA:
         rows = values.shape[0]
         for r in prange(rows):
             limit = limits[r]
-            row = values[r]
-            top_v = out_values[r]
-            top_k = out_keys[r]
             threshold = -np.inf
-            if limit >= 2 * k:
-                span = limit // k
-                threshold = np.inf
-                for b in range(k):
-                    m = row[b * span]
-                    for i in range(b * span + 1, (b + 1) * span):
-                        m = max(m, row[i])
-                    threshold = min(threshold, m)
+            n_blocks = limit // BLOCK
+            if n_blocks >= k:
+                # The k-th largest of the blocks' maxima is ≤ the row's k-th largest value (k distinct keys are
+                # at least that large): a threshold that real attention rows pass at only ~2k keys.
+                count = 0
+                for b in range(n_blocks):
+                    m = values[r, b * BLOCK]
+                    for i in range(b * BLOCK + 1, (b + 1) * BLOCK):
+                        m = max(m, values[r, i])
+                    if count < k or m > out_values[r, k - 1]:
+                        count = _insert(out_values, out_keys, r, count, k, m, b)
+                threshold = out_values[r, k - 1]
             count = 0
             for j in range(limit):
-                v = row[j]
-                if v >= threshold and (count < k or v > top_v[k - 1]):
-                    count = _insert(top_v, top_k, count, k, v, j)
+                v = values[r, j]
+                if v >= threshold and (count < k or v > out_values[r, k - 1]):
+                    count = _insert(out_values, out_keys, r, count, k, v, j)
             out_counts[r] = count
 
 

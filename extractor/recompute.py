@@ -43,6 +43,14 @@ def additive_mask(attention_mask: torch.Tensor, causal: bool, dtype: torch.dtype
     return torch.where(visible, zero, torch.finfo(dtype).min)
 
 
+def mask_if_needed(attention_mask: torch.Tensor, causal: bool, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+    """`additive_mask`, or None when it would hide nothing (no padding, not causal): adding zeros changes no
+    value, and skipping it saves a pass over every [batch, head, query, key] score tensor."""
+    if not causal and bool(attention_mask.bool().all()):
+        return None
+    return additive_mask(attention_mask, causal, dtype)
+
+
 def project(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-head projection: x [batch, pos, d_model], W [head, d_model, d_head], b [head, d_head] → [batch, head, pos, d_head].
 
@@ -54,17 +62,19 @@ def project(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return out.view(*x.shape[:-1], n_heads, d_head).transpose(1, 2)
 
 
-def recompute_attention(x: torch.Tensor, weights: AttentionWeights, mask: torch.Tensor) -> AttentionRecompute:
+def recompute_attention(x: torch.Tensor, weights: AttentionWeights, mask: torch.Tensor | None) -> AttentionRecompute:
     """Rebuild one layer's attention from its input hidden states.
 
     x: [batch, pos, d_model], the hidden states the attention module received (after any pre-LayerNorm).
-    mask: [batch, 1, query_pos, key_pos], from `additive_mask`.
+    mask: [batch, 1, query_pos, key_pos], from `additive_mask`, or None when no key is hidden.
     """
     q = project(x, weights.W_Q, weights.b_Q)  # [batch, head, query_pos, d_head]
     k = project(x, weights.W_K, weights.b_K)  # [batch, head, key_pos, d_head]
     v = project(x, weights.W_V, weights.b_V)  # [batch, head, key_pos, d_head]
     # In place: the same values as Hugging Face's `matmul(q, kᵀ) * scale + mask`, without two more temporaries.
-    attn_scores = torch.matmul(q, k.transpose(-1, -2)).mul_(weights.scale).add_(mask)  # [batch, head, query, key]
+    attn_scores = torch.matmul(q, k.transpose(-1, -2)).mul_(weights.scale)  # [batch, head, query, key]
+    if mask is not None:
+        attn_scores.add_(mask)
     pattern = torch.softmax(attn_scores, dim=-1)  # [batch, head, query_pos, key_pos]
     z = torch.matmul(pattern, v).transpose(1, 2)  # [batch, query_pos, head, d_head]
     return AttentionRecompute(q=q, k=k, v=v, attn_scores=attn_scores, pattern=pattern, z=z)

@@ -31,6 +31,10 @@ def layer_errors(
     hf_pattern, pattern: [batch, head, query, key]; hf_z, z: [batch, query, head, d_head];
     attention_mask: [batch, pos] (1 = real). Returns (pattern_err [head], z_err [head]).
     """
+    n_heads = pattern.shape[1]
+    if torch.equal(hf_pattern, pattern) and torch.equal(hf_z, z):  # one read of each: the usual case on CPU float32
+        zero = torch.zeros(n_heads, dtype=torch.float32, device=pattern.device)
+        return zero, zero.clone()
     real = attention_mask.bool()  # [batch, query]
     pattern_diff = torch.sub(hf_pattern.float(), pattern.float()).abs_().amax(dim=-1)  # [batch, head, query]
     pattern_diff = pattern_diff.masked_fill(~real[:, None, :], 0.0)
