@@ -43,7 +43,15 @@ def tune_allocator() -> bool:
 
 
 def configure(threads: int | None = None) -> None:
-    """What `extractor run`, its Ray workers and the benchmark's every case start with."""
+    """What `extractor run`, its Ray workers and the benchmark's every case start with.
+
+    `threads` caps both torch's intra-op threads and the compiled kernels' (numba) threads."""
     tune_allocator()
     if threads:
         torch.set_num_threads(threads)
+        try:
+            import numba
+
+            numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+        except ImportError:  # pragma: no cover - numba is a dependency
+            pass

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numba
 import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as ds
@@ -100,9 +101,10 @@ def tiny(tiny_model_dir: Callable[..., Path]) -> str:
 @pytest.fixture()
 def one_thread() -> Iterator[None]:
     """`--set threads=1` in-process changes torch's global setting: put it back afterwards."""
-    threads = torch.get_num_threads()
+    threads, kernel_threads = torch.get_num_threads(), numba.get_num_threads()
     yield
     torch.set_num_threads(threads)
+    numba.set_num_threads(kernel_threads)
 
 
 # -- every record accounted for -------------------------------------------------------------------------
