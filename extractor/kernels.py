@@ -64,6 +64,9 @@ if HAVE_NUMBA:
                 v = values[r, j]
                 if v >= threshold and (count < k or v > out_values[r, k - 1]):
                     count = _insert(out_values, out_keys, r, count, k, v, j)
+            for slot in range(count, k):  # rows with fewer than k visible keys (or NaN values): empty slots
+                out_values[r, slot] = 0.0
+                out_keys[r, slot] = 0
             out_counts[r] = count
 
 
@@ -74,11 +77,17 @@ def topk_rows(
 
     values: [..., key]; limits: [...] (int, 0 = no visible key). Returns (top_values [..., k],
     top_keys [..., k], counts [...]): slots at or beyond a row's count (rows with fewer than k visible keys)
-    hold value 0 and key 0. Ties keep the earlier key first.
+    hold value 0 and key 0. Ties keep the earlier key first. Limits beyond the row are read as the row's length.
+    NaN values are never selected on the numba path, and a row holding NaN may come back short (torch.topk
+    ranks NaN first instead); softmax patterns hold none.
     """
     n = values.shape[-1]
     k = min(k, n)
     lead = values.shape[:-1]
+    limits = limits.clamp(0, n)  # the kernel reads keys [0, limit) without bounds checks
+    if k == 0:
+        empty = torch.zeros(*lead, 0, device=values.device)
+        return empty.to(values.dtype), empty.long(), torch.zeros(lead, dtype=torch.long, device=values.device)
     if use_numba is None:
         use_numba = HAVE_NUMBA and values.device.type == "cpu"
     if use_numba:

@@ -198,7 +198,9 @@ class Extraction:
         per_pass = max(1, min(config.batch_size, self.attention_budget // longest**2))  # a long document's windows
         for chunk in chunks(units, per_pass):
             batch = collate([u for _, u in chunk], loaded.tokenizer.pad_token_id, loaded.device)
-            analysis = analyse_batch(loaded, batch, self.measures, verify=verify, atol=config.atol, level=config.level)
+            # token level always: per-head metrics and similarity are token-level statistics; word-level tables
+            # are aggregated from the token matrices in `associations`
+            analysis = analyse_batch(loaded, batch, self.measures, verify=verify, atol=config.atol)
             report = fold(report, analysis.verification)
             if "attention" in analysis.per_layer:
                 for accumulator in stats.values():
@@ -225,7 +227,7 @@ class Extraction:
         windows = [u.window for u in analysis.batch.docs] if config.long_documents == "window" else None
         if config.level == "token":
             return batch_association_table(analysis, doc_ids, self.causal, top_k, threshold, self.value_type, windows)
-        tables = [association_table(doc_id, doc, self.causal, top_k, threshold, self.value_type)
+        tables = [association_table(doc_id, doc.to_word_level(), self.causal, top_k, threshold, self.value_type)
                   for doc_id, doc in zip(doc_ids, analysis.docs, strict=True)]
         if windows is not None:
             counts = [t.num_rows for t in tables]

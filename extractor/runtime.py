@@ -52,6 +52,6 @@ def configure(threads: int | None = None) -> None:
         try:
             import numba
 
-            numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+            numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))  # type: ignore[attr-defined]
         except ImportError:  # pragma: no cover - numba is a dependency
             pass

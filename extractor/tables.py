@@ -129,7 +129,7 @@ def select_cells(
     every measure is gathered with them (no repeated boolean-mask indexing).
     """
     rank_name = ranking_measure(list(values), head_level=next(iter(values)) in HEAD_MEASURES)
-    rank = values[rank_name]
+    rank = values[rank_name].float()  # bfloat16 runs: compare with the threshold and sum kept_mass in float32
     n = rank.shape[-1]
     masked = causal or bool((lengths < n).any())
     if top_k is None:
@@ -146,13 +146,13 @@ def select_cells(
     # the kernel reads rows in storage order: [batch, group, query, key] for both head and layer measures
     limits = visible_keys(lengths, n, causal)[:, None, :].expand(rank.shape[1], rank.shape[0], n)
     top_values, top_keys, counts = (t.transpose(0, 1) for t in topk_rows(rank.transpose(0, 1), limits, k))
+    flat: torch.Tensor | None = None  # kept slots as flat indices; None: every slot
     if masked:
         valid = torch.arange(k, device=rank.device) < counts[..., None]  # [group, batch, query, k]
         (group, batch, query, _), flat = _where(valid)
         row = (group * valid.shape[1] + batch) * valid.shape[2] + query
     else:
         group, batch, query, _ = _grid(tuple(top_values.shape), rank.device)
-        flat = None
         row = torch.arange(top_values.numel() // k, device=rank.device).repeat_interleave(k)
 
     def take(t: torch.Tensor) -> torch.Tensor:

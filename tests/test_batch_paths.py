@@ -105,3 +105,18 @@ def test_writer_takes_an_ordered_batch_as_is(analysis: tuple[BatchAnalysis, bool
     sorted_file, ordered_file = pq.ParquetFile(tmp_path / "sorted.parquet"), pq.ParquetFile(tmp_path / "ordered.parquet")
     assert ordered_file.read().equals(sorted_file.read())
     assert ordered_file.num_row_groups == sorted_file.num_row_groups == len(result.per_layer["attention"])
+
+
+def test_bfloat16_threshold_and_kept_mass_are_taken_in_float32() -> None:
+    """A bfloat16 value just below the threshold stays out (bf16 would round the threshold onto it), and kept_mass
+    sums in float32."""
+    from extractor.tables import select_cells
+
+    row = torch.tensor([0.0498046875, 0.5, 0.44921875], dtype=torch.bfloat16)  # exact in bfloat16
+    values = {"attention": row.view(1, 1, 1, 3)}
+    cells = select_cells(values, torch.tensor([3]), causal=False, top_k=None, threshold=0.0499)
+    assert cells.key.tolist() == [1, 2]
+    top = select_cells(values, torch.tensor([3]), causal=False, top_k=2, threshold=None)
+    assert top.kept_mass is not None and top.kept_mass.dtype == torch.float32
+    expected = torch.tensor((0.5 + 0.44921875) / (0.0498046875 + 0.5 + 0.44921875), dtype=torch.float32)
+    torch.testing.assert_close(top.kept_mass, expected.expand(2), rtol=0, atol=1e-7)

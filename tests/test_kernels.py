@@ -59,3 +59,14 @@ def test_ties_keep_the_earlier_key_first() -> None:
     values = torch.tensor([[0.1, 0.3, 0.3, 0.3, 0.0, 0.3]])
     top_values, top_keys, counts = topk_rows(values, torch.tensor([6]), 3, use_numba=True)
     assert top_keys.tolist() == [[1, 2, 3]] and counts.tolist() == [3]
+
+
+def test_limits_beyond_the_row_zero_width_rows_and_nan_leave_clean_slots() -> None:
+    values = torch.tensor([[0.5, 0.2, 0.3], [float("nan"), 0.9, 0.1]])
+    top_values, top_keys, counts = topk_rows(values, torch.tensor([99, 3]), 2, use_numba=True)
+    assert top_keys[0].tolist() == [0, 2] and counts[0] == 2  # limit 99 read as 3
+    slot = torch.arange(2)
+    assert (top_values[1][slot >= counts[1]] == 0).all() and (top_keys[1][slot >= counts[1]] == 0).all()
+    assert not torch.isnan(top_values).any()
+    empty = topk_rows(torch.zeros(4, 0), torch.zeros(4, dtype=torch.long), 8)
+    assert [tuple(t.shape) for t in empty] == [(4, 0), (4, 0), (4,)]

@@ -331,6 +331,10 @@ def test_word_level_positions_are_words(tiny: str, tmp_path: Path) -> None:
     sums = heads.groupby(["doc_id", "layer", "head", "query_pos"])["attention"].sum()
     assert ((sums - 1).abs() < 1e-5).all()  # sum over key pieces keeps rows summing to 1
     assert "Unbelievably" in words["word"].tolist()
+    # per-head metrics and head similarity are token-level statistics whatever level the tables are stored at
+    run_ok(tiny, corpus, tmp_path / "tokens", "--top-k", "64")
+    for name in ("heads", "head_similarity"):
+        pd.testing.assert_frame_equal(table(out, name), table(tmp_path / "tokens", name))
 
 
 # -- verification settings ------------------------------------------------------------------------------
