@@ -93,10 +93,6 @@ class BatchAnalysis:
             docs.append(result.to_word_level() if self.level == "word" else result)
         return docs
 
-    def head_layers(self, name: str) -> list[torch.Tensor] | None:
-        """A head measure per layer [batch, head, query, key], or None if it was not computed."""
-        return self.per_layer.get(name) if name in M.HEAD_MEASURES else None
-
 
 def validate_measures(measures: Sequence[str]) -> tuple[str, ...]:
     unknown = [m for m in measures if m not in M.MEASURES]
