@@ -9,9 +9,10 @@ in **bits** (log base 2), so 0 ≤ JS ≤ 1: 0 for identical rows, 1 for rows on
 All pairs of heads (L·H × L·H) are computed at once with tensors; documents are streamed (sums of JS and
 a row count are kept), so `update` per document, `merge` across workers and one pass over everything agree.
 
-Cost: (L·H)²/2 · n² per document of n tokens (minilm, n = 512: about 10–15 CPU seconds). To bound it on long
-documents, `HeadSimilarity(..., max_rows_per_doc=R)` uses R evenly spaced query rows of each longer document
-(a systematic sample of the rows; `n_rows` counts the rows used). The default uses every row.
+Cost: (L·H)²/2 · n² per document of n tokens (every row; minilm, n = 512: several CPU seconds). To bound it on
+long documents, `HeadSimilarity(..., max_rows_per_doc=R)` uses R query rows of each longer document, the middles
+of R equal strata of its rows (`sampled_rows`; `n_rows` counts the rows used). The default uses every row;
+`extractor run` uses 4 (`similarity_rows`).
 """
 
 from __future__ import annotations
