@@ -47,6 +47,7 @@ from .analysis import BatchAnalysis, DocAttention
 from .encode import strip_subword_markers
 from .explain import doc_labels
 from .measures import row_entropy
+from .recompute import visible_keys
 
 ROW_METRICS = (
     "entropy",
@@ -166,7 +167,7 @@ class BatchLayout:
     """What the metrics need to know about a padded batch besides its patterns; built once, used per layer."""
 
     real: torch.Tensor  # [batch, query] bool: real (non-padding) positions
-    row_length: torch.Tensor  # [batch, query]: keys each row can see
+    row_length: torch.Tensor  # [batch, query]: keys each row can see (0 on padding rows)
     flag_names: list[str]  # "share of the row on these keys" sets: punctuation, cls, sep
     # Those sets are a few keys per document, so they are kept sparse: each document's flagged keys (padded with
     # key 0) and, per flagged key, which sets it belongs to (all 0 on padding entries).
@@ -180,10 +181,7 @@ class BatchLayout:
               cls_token: str | None, sep_token: str | None, device: torch.device | str = "cpu") -> BatchLayout:
         """lengths, labels, specials: per document (labels and specials per position)."""
         n = max(lengths)
-        position = torch.arange(n)
-        length = torch.tensor(lengths)
-        real = position[None, :] < length[:, None]
-        row_length = (position + 1)[None, :].expand(len(lengths), n) if causal else length[:, None].expand(-1, n)
+        row_length = visible_keys(torch.tensor(lengths), n, causal)  # 0 on padding rows
         tokens = [t for t in (cls_token, sep_token) if t is not None]
         names = ["punctuation"] + [name for name, t in (("cls", cls_token), ("sep", sep_token)) if t is not None]
         flags = torch.zeros(len(lengths), n, len(names), dtype=torch.bool)
@@ -203,7 +201,7 @@ class BatchLayout:
             flag_keys[b, : len(keys)] = keys
             flag_sets[b, : len(keys)] = flags[b, keys].float()
         return cls(
-            real=real.to(device), row_length=row_length.to(device), flag_names=names,
+            real=(row_length > 0).to(device), row_length=row_length.to(device), flag_names=names,
             flag_keys=flag_keys.to(device), flag_sets=flag_sets.to(device),
             duplicate=ReferenceCells.from_documents([duplicate_token_pattern(t) for t in labels], n, device),
             induction=ReferenceCells.from_documents([induction_pattern(t) for t in labels], n, device)
@@ -230,7 +228,7 @@ def head_sums(attention: torch.Tensor, layout: BatchLayout, value_norm: torch.Te
     sums: Sums = {}
     entropy = row_entropy(attention)  # [batch, head, query]
     sums["entropy"] = rows_sum(entropy, real)
-    normalised = entropy / layout.row_length.double().log().clamp_min(1e-30)[:, None, :]
+    normalised = entropy / layout.row_length.clamp_min(1).double().log().clamp_min(1e-30)[:, None, :]
     sums["entropy_normalised"] = rows_sum(normalised, real & (layout.row_length > 1))
     distance = (position[:, None] - position[None, :]).abs()  # [query, key]
     sums["mean_distance"] = rows_sum(mass_on(attention, distance), real)
@@ -253,7 +251,7 @@ def head_sums(attention: torch.Tensor, layout: BatchLayout, value_norm: torch.Te
             sums[f"{layout.flag_names[i]}_value_norm"] = rows_sum(shares[..., column], real)
     row_sums = attention.sum(dim=-1)  # [batch, head, query]
     # previous_token_score: P = the sub-diagonal, so its cells are `previous` and its rows 1..n_b − 1
-    sums["previous_token_score"] = (rows_sum(previous, real[:, 1:])[0], rows_sum(row_sums[..., 1:], real[:, 1:])[0])
+    sums["previous_token_score"] = (sums["previous_token"][0], rows_sum(row_sums[..., 1:], real[:, 1:])[0])
     sums["duplicate_token_score"] = layout.duplicate.score_sums(attention, row_sums)
     if layout.induction is not None:
         sums["induction_score"] = layout.induction.score_sums(attention, row_sums)

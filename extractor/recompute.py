@@ -43,6 +43,19 @@ def additive_mask(attention_mask: torch.Tensor, causal: bool, dtype: torch.dtype
     return torch.where(visible, zero, torch.finfo(dtype).min)
 
 
+def visible_keys(lengths: torch.Tensor, n: int, causal: bool) -> torch.Tensor:
+    """Which keys each row of a padded batch sees, from document lengths: [batch, query], keys [0, limit).
+
+    The limit is n_b for a real row of a document of n_b tokens (q + 1 if causal), 0 for a padding row; the
+    same visibility `additive_mask` encodes, as a count per row. lengths: [batch].
+    """
+    position = torch.arange(n, device=lengths.device)
+    limit = lengths[:, None].expand(-1, n)
+    if causal:
+        limit = torch.minimum(limit, position[None, :] + 1)
+    return limit.masked_fill(position[None, :] >= lengths[:, None], 0)
+
+
 def mask_if_needed(attention_mask: torch.Tensor, causal: bool, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
     """`additive_mask`, or None when it would hide nothing (no padding, not causal): adding zeros changes no
     value, and skipping it saves a pass over every [batch, head, query, key] score tensor."""

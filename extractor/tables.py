@@ -18,6 +18,7 @@ from .analysis import BatchAnalysis, DocAttention
 from .encode import TokenizedDoc
 from .kernels import topk_rows
 from .measures import HEAD_MEASURES, LAYER_MEASURES
+from .recompute import visible_keys
 
 INDEX_FIELDS = [
     pa.field("doc_id", pa.int64()),
@@ -63,25 +64,6 @@ def ranking_measure(names: list[str] | tuple[str, ...], head_level: bool) -> str
     """The measure top-k and threshold select by: `attention` for heads, `rollout` for layers, else the first present."""
     preferred = "attention" if head_level else "rollout"
     return preferred if preferred in names else names[0]
-
-
-def visible_cells(lengths: torch.Tensor, n: int, causal: bool) -> torch.Tensor:
-    """[batch, query, key] bool: real query rows × real keys (× key ≤ query for causal models). lengths: [batch]."""
-    position = torch.arange(n, device=lengths.device)
-    real = position[None, :] < lengths[:, None]  # [batch, pos]
-    visible = real[:, :, None] & real[:, None, :]
-    if causal:
-        visible &= position[None, :, None] >= position[None, None, :]
-    return visible
-
-
-def visible_keys(lengths: torch.Tensor, n: int, causal: bool) -> torch.Tensor:
-    """[batch, query]: each row sees keys [0, limit): n_b for a real row (q + 1 if causal), 0 for padding."""
-    position = torch.arange(n, device=lengths.device)
-    limit = lengths[:, None].expand(-1, n)
-    if causal:
-        limit = torch.minimum(limit, position[None, :] + 1)
-    return limit.masked_fill(position[None, :] >= lengths[:, None], 0)
 
 
 @dataclass(frozen=True)
@@ -132,8 +114,10 @@ def select_cells(
     rank = values[rank_name].float()  # bfloat16 runs: compare with the threshold and sum kept_mass in float32
     n = rank.shape[-1]
     masked = causal or bool((lengths < n).any())
+    limits = visible_keys(lengths, n, causal)  # [batch, query]: keys [0, limit) visible
     if top_k is None:
-        keep = visible_cells(lengths, n, causal).expand(rank.shape) if masked else None
+        key_position = torch.arange(n, device=rank.device)
+        keep = (key_position < limits[..., None]).expand(rank.shape) if masked else None  # [group, batch, q, k]
         if threshold is not None:
             keep = rank >= threshold if keep is None else keep & (rank >= threshold)
         if keep is None:  # dense without padding: every cell, in storage order
@@ -144,8 +128,8 @@ def select_cells(
         return KeptCells(group, batch, query, key, kept, None)
     k = min(top_k, n)
     # the kernel reads rows in storage order: [batch, group, query, key] for both head and layer measures
-    limits = visible_keys(lengths, n, causal)[:, None, :].expand(rank.shape[1], rank.shape[0], n)
-    top_values, top_keys, counts = (t.transpose(0, 1) for t in topk_rows(rank.transpose(0, 1), limits, k))
+    row_limits = limits[:, None, :].expand(rank.shape[1], rank.shape[0], n)
+    top_values, top_keys, counts = (t.transpose(0, 1) for t in topk_rows(rank.transpose(0, 1), row_limits, k))
     flat: torch.Tensor | None = None  # kept slots as flat indices; None: every slot
     if masked:
         valid = torch.arange(k, device=rank.device) < counts[..., None]  # [group, batch, query, k]
