@@ -275,13 +275,23 @@ def doc_head_sums(
     return {k: (total.view(n_layers, n_heads), weight.view(n_layers, n_heads)) for k, (total, weight) in sums.items()}
 
 
+def _check_layers_heads(found: tuple[int, int], n_layers: int, n_heads: int) -> None:
+    if found != (n_layers, n_heads):
+        raise ValueError(f"attention has {found} layers × heads, expected ({n_layers}, {n_heads})")
+
+
 def checked_attention(doc: DocAttention, n_layers: int, n_heads: int) -> torch.Tensor:
     """The document's attention [layer, head, query, key]; a ValueError if its layers × heads differ."""
     attention = doc.head_measures["attention"]
-    if tuple(attention.shape[:2]) != (n_layers, n_heads):
-        raise ValueError(
-            f"attention has {tuple(attention.shape[:2])} layers × heads, expected ({n_layers}, {n_heads})"
-        )
+    _check_layers_heads(tuple(attention.shape[:2]), n_layers, n_heads)
+    return attention
+
+
+def checked_batch_attention(analysis: BatchAnalysis, n_layers: int, n_heads: int) -> list[torch.Tensor]:
+    """The batch's attention per layer [batch, head, query, key], padded, token level (whatever
+    `analysis.level` is); a ValueError if its layers × heads differ."""
+    attention = analysis.per_layer["attention"]
+    _check_layers_heads((len(attention), attention[0].shape[1]), n_layers, n_heads)
     return attention
 
 
@@ -327,16 +337,10 @@ class HeadStats:
         self.n_rows += attention.shape[-1]
 
     def update_batch(self, analysis: BatchAnalysis) -> None:
-        """Add a whole batch: token level straight from its padded per-layer tensors, word level per document."""
-        if analysis.level != "token":
-            for doc in analysis.docs:
-                self.update(doc)
-            return
+        """Add a whole batch at token level, straight from its padded per-layer tensors (`update` takes one
+        document at either level)."""
         docs = analysis.batch.docs
-        attention = analysis.per_layer["attention"]
-        if (len(attention), attention[0].shape[1]) != (self.n_layers, self.n_heads):
-            raise ValueError(f"attention has ({len(attention)}, {attention[0].shape[1]}) layers × heads, "
-                             f"expected ({self.n_layers}, {self.n_heads})")
+        attention = checked_batch_attention(analysis, self.n_layers, self.n_heads)
         layout = BatchLayout.build([d.n_tokens for d in docs], [list(d.tokens) for d in docs],
                                    [list(d.is_special) for d in docs], self.causal, self.cls_token, self.sep_token,
                                    attention[0].device)

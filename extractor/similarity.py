@@ -27,7 +27,7 @@ from scipy.cluster.hierarchy import leaves_list, linkage
 from scipy.spatial.distance import squareform
 
 from .analysis import BatchAnalysis, DocAttention
-from .heads import checked_attention
+from .heads import checked_attention, checked_batch_attention
 
 # Most float32 elements in one [pair, query chunk, key] block (2 MiB): small enough that the block's several
 # passes (gather, add, log, multiply, sum) stay in the CPU's cache; measured 1.4x faster than 32 MiB blocks.
@@ -109,16 +109,9 @@ class HeadSimilarity:
         self.n_rows += rows.numel()
 
     def update_batch(self, analysis: BatchAnalysis) -> None:
-        """Add a whole batch: each document's sampled rows gathered from the padded per-layer tensors at once
-        (token level; word level goes document by document). Padded keys are 0 and add nothing."""
-        if analysis.level != "token":
-            for doc in analysis.docs:
-                self.update(doc)
-            return
-        attention = analysis.per_layer["attention"]  # per layer [batch, head, query, key]
-        if (len(attention), attention[0].shape[1]) != (self.n_layers, self.n_heads):
-            raise ValueError(f"attention has ({len(attention)}, {attention[0].shape[1]}) layers × heads, "
-                             f"expected ({self.n_layers}, {self.n_heads})")
+        """Add a whole batch at token level: each document's sampled rows gathered from the padded per-layer
+        tensors at once (`update` takes one document at either level). Padded keys are 0 and add nothing."""
+        attention = checked_batch_attention(analysis, self.n_layers, self.n_heads)  # per layer [batch, head, q, k]
         rows = [sampled_rows(doc.n_tokens, self.max_rows_per_doc) for doc in analysis.batch.docs]
         doc_index = torch.cat([torch.full_like(r, b) for b, r in enumerate(rows)]).to(attention[0].device)
         query = torch.cat(rows).to(attention[0].device)
