@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import torch
 
 STEPS = {
@@ -34,6 +35,8 @@ STEPS = {
 
 
 def median_ms(step: Callable[[], Any], repeats: int) -> float:
+    """Median ms of `repeats` timed calls after an untimed warm-up. Results are dropped at once, as a run drops
+    a batch's tensors before the next: holding them would time the allocator, not the step."""
     step()  # warm-up: first-call allocations and lazy initialisation
     times = []
     for _ in range(repeats):
@@ -44,9 +47,10 @@ def median_ms(step: Callable[[], Any], repeats: int) -> float:
 
 
 def profile_batch(model: str, texts: list[str], max_length: int, repeats: int = 3) -> dict[str, Any]:
-    """Time every step on the first batch `extractor run` would form from `texts`; ms per batch."""
+    """Time every step on a batch `extractor run` would form from `texts` (the middle of the length range); ms."""
     from .analysis import analyse_batch
     from .batching import plan_batches
+    from .capture import run_with_capture
     from .config import RunConfig
     from .encode import collate
     from .models import load_model
@@ -70,45 +74,38 @@ def profile_batch(model: str, texts: list[str], max_length: int, repeats: int = 
         return batch, [documents[g].record.doc_id for g in group]
 
     batch, ids = middle_batch(config.attention_budget)
-    out = Path(tempfile.mkdtemp(prefix="bench-steps-")) / "part.parquet"
+    dense_batch, dense_ids = middle_batch(DENSE_ATTENTION_BUDGET)
+    causal = loaded.adapter.causal
     times: dict[str, float] = {}
 
     def forward() -> None:
         outputs = loaded.model(**batch.model_inputs, output_attentions=True)
         _ = [a.numpy() for a in outputs.attentions]
 
-    from .capture import run_with_capture
-
     times["forward"] = median_ms(forward, repeats)
     times["capture"] = median_ms(lambda: run_with_capture(loaded.adapter, batch.model_inputs), repeats)
     attention_only = median_ms(lambda: analyse_batch(loaded, batch, ["attention"]), repeats)
     times["verify"] = attention_only - times["capture"]
     times["measures"] = median_ms(lambda: analyse_batch(loaded, batch, config.measures), repeats) - attention_only
+    # the inputs of the later steps, computed once more outside the timers (see median_ms)
     analysis = analyse_batch(loaded, batch, config.measures)
     stats = corpus_statistics(loaded, config)
     times["heads"] = median_ms(lambda: stats["heads"].update_batch(analysis), repeats)
     times["similarity"] = median_ms(lambda: stats["similarity"].update_batch(analysis), repeats)
-    causal = loaded.adapter.causal
-    topk = batch_association_table(analysis, ids, causal, top_k=config.top_k)
     times["topk_table"] = median_ms(lambda: batch_association_table(analysis, ids, causal, top_k=config.top_k), repeats)
-    times["topk_write"] = median_ms(lambda: write_associations(topk, out, ordered=True), repeats)
+    topk = batch_association_table(analysis, ids, causal, top_k=config.top_k)
     # dense batches are smaller (DENSE_ATTENTION_BUDGET): timed on their own batch, scaled to this batch's tokens
-    dense_batch, dense_ids = middle_batch(DENSE_ATTENTION_BUDGET)
-    dense_analysis = analyse_batch(loaded, dense_batch, config.measures)
     scale = batch.attention_mask.sum().item() / dense_batch.attention_mask.sum().item()
-    dense = batch_association_table(dense_analysis, dense_ids, causal, value_type=_float16())
+    dense_analysis = analyse_batch(loaded, dense_batch, config.measures)
     times["dense_table"] = scale * median_ms(
-        lambda: batch_association_table(dense_analysis, dense_ids, causal, value_type=_float16()), repeats)
-    times["dense_write"] = scale * median_ms(lambda: write_associations(dense, out, ordered=True), repeats)
-    out.unlink(missing_ok=True)
+        lambda: batch_association_table(dense_analysis, dense_ids, causal, value_type=pa.float16()), repeats)
+    dense = batch_association_table(dense_analysis, dense_ids, causal, value_type=pa.float16())
+    with tempfile.TemporaryDirectory(prefix="bench-steps-") as folder:
+        out = Path(folder) / "part.parquet"
+        times["topk_write"] = median_ms(lambda: write_associations(topk, out, ordered=True), repeats)
+        times["dense_write"] = scale * median_ms(lambda: write_associations(dense, out, ordered=True), repeats)
     return {"documents": len(batch.docs), "longest": batch.attention_mask.shape[1],
             "tokens": int(batch.attention_mask.sum()), "ms": times}
-
-
-def _float16() -> Any:
-    import pyarrow as pa
-
-    return pa.float16()
 
 
 def format_steps(profiles: dict[str, dict[str, Any]]) -> str:
