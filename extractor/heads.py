@@ -283,7 +283,7 @@ def _check_layers_heads(found: tuple[int, int], n_layers: int, n_heads: int) -> 
 def checked_attention(doc: DocAttention, n_layers: int, n_heads: int) -> torch.Tensor:
     """The document's attention [layer, head, query, key]; a ValueError if its layers × heads differ."""
     attention = doc.head_measures["attention"]
-    _check_layers_heads(tuple(attention.shape[:2]), n_layers, n_heads)
+    _check_layers_heads((attention.shape[0], attention.shape[1]), n_layers, n_heads)
     return attention
 
 

@@ -123,8 +123,8 @@ def select_cells(
         if keep is None:  # dense without padding: every cell, in storage order
             group, batch, query, key = _grid(tuple(rank.shape), rank.device)
             return KeptCells(group, batch, query, key, {name: v.reshape(-1) for name, v in values.items()}, None)
-        (group, batch, query, key), flat = _where(keep)
-        kept = {name: v.reshape(-1).index_select(0, flat) for name, v in values.items()}
+        (group, batch, query, key), cells = _where(keep)
+        kept = {name: v.reshape(-1).index_select(0, cells) for name, v in values.items()}
         return KeptCells(group, batch, query, key, kept, None)
     k = min(top_k, n)
     # the kernel reads rows in storage order: [batch, group, query, key] for both head and layer measures
