@@ -7,12 +7,15 @@ read records → tokenize a buffer → truncate/window → bucket by length → 
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import os
 import sys
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import chain, islice
+from pathlib import Path
 from typing import Any, NoReturn
 
 import numpy as np
@@ -25,6 +28,7 @@ from .batching import chunks, plan_batches
 from .config import RunConfig
 from .encode import TokenizedDoc, collate, model_max_length, tokenize, truncate, windows
 from .errors import UserError
+from .faults import checkpoint
 from .heads import HeadStats
 from .measures import HEAD_MEASURES
 from .models import LoadedModel, load_model
@@ -65,17 +69,17 @@ class Progress:
     `every` defaults to $EXTRACTOR_PROGRESS_SECONDS, else 10 seconds.
     """
 
-    def __init__(self, total: int | None, quiet: bool, initial: int = 0, every: float | None = None) -> None:
+    def __init__(self, total: int | None, quiet: bool, every: float | None = None) -> None:
         if every is None:
             every = float(os.environ.get("EXTRACTOR_PROGRESS_SECONDS") or 10.0)
         self.quiet, self.every, self.total = quiet, every, total
-        self.docs, self.tokens = initial, 0
+        self.docs, self.tokens = 0, 0
         self.start = self.last = time.time()
         self.bar = None
         if not quiet and sys.stderr.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, initial=initial, unit="doc", dynamic_ncols=True, file=sys.stderr)
+            self.bar = tqdm(total=total, unit="doc", dynamic_ncols=True, file=sys.stderr)
 
     def update(self, docs: int, tokens: int) -> None:
         self.docs += docs
@@ -112,6 +116,12 @@ def prepare_documents(records: list[SourceRecord], loaded: LoadedModel, config: 
             units = [truncate(full, limit)]
         documents.append(Document(record, full, units))
     return documents
+
+
+def record_fingerprint(record: SourceRecord) -> str:
+    """A short hash of what a record holds (its text, or why it was skipped): `--resume` compares them."""
+    content = record.text if record.text is not None else f"\0skipped: {record.reason}"
+    return hashlib.blake2b(content.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
 
 
 def document_row(record: SourceRecord, document: Document | None) -> dict[str, Any]:
@@ -182,7 +192,8 @@ class Extraction:
         if buffer:
             yield from drain(buffer)
         if skipped:
-            yield Part(part_id, [document_row(r, None) for r in skipped], state={})
+            yield Part(part_id, [document_row(r, None) for r in skipped], state={},
+                       fingerprints=[record_fingerprint(r) for r in skipped])
 
     def process(self, documents: list[Document], part_id: int, skipped: list[SourceRecord]) -> Part:
         """Analyse one batch of documents (all their units) into a Part."""
@@ -217,7 +228,8 @@ class Extraction:
         return Part(part_id, rows, tokens, words, associations,
                     state={"verification": report, **stats, "n_tokens": sum(u.n_tokens for _, u in units)},
                     # one token-level pass over documents in reading order comes out in (layer, head, doc_id) order
-                    associations_ordered=config.level == "token" and len(per_doc_tables) == 1)
+                    associations_ordered=config.level == "token" and len(per_doc_tables) == 1,
+                    fingerprints=[record_fingerprint(r) for r in [*skipped, *(d.record for d in documents)]])
 
     def associations(self, analysis: BatchAnalysis, doc_ids: list[int]) -> pa.Table:
         """One pass's association rows: straight from the batch's tensors at token level, per document for words."""
@@ -281,11 +293,49 @@ def limited(records: Iterable[SourceRecord], limit: int | None) -> Iterable[Sour
     return islice(records, limit) if limit else records
 
 
+def input_fingerprint(config: RunConfig) -> dict[str, Any] | None:
+    """Size and SHA-256 of the input file (None for stdin, which cannot be read twice)."""
+    if config.input == "-":
+        return None
+    digest = hashlib.sha256()
+    with open(config.input, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return {"path": str(config.input), "bytes": os.path.getsize(config.input), "sha256": digest.hexdigest()}
+
+
+def check_input_unchanged(previous: dict[str, Any], config: RunConfig, folder: OutputFolder) -> None:
+    """Refuse `--resume` when the input differs from the one the run started on, naming the first record
+    that differs (or saying that records were added or removed)."""
+    before = previous.get("input")
+    if before is None or input_fingerprint(config) == before:
+        return
+    committed = folder.committed_fingerprints()
+    seen = 0
+    for record in read_documents(config.input, config.input_format, config.text_field, config.text_column):
+        seen += 1
+        if record.doc_id in committed and committed[record.doc_id] != record_fingerprint(record):
+            raise UserError(
+                f"cannot resume '{config.output}': input '{config.input}' changed since the run started "
+                f"(record {record.doc_id}, line {record.line}, differs); resume with the original input, "
+                "or --overwrite to start again"
+            )
+    raise UserError(
+        f"cannot resume '{config.output}': input '{config.input}' changed since the run started "
+        f"(it now has {seen} records; records were added, removed or changed after the last committed one); "
+        "resume with the original input, or --overwrite to start again"
+    )
+
+
 def run_extraction(
     config: RunConfig, resume: bool = False, overwrite: bool = False, quiet: bool = False,
     loaded: LoadedModel | None = None, after_part: Callable[[Part], None] | None = None,
 ) -> dict[str, Any]:
-    """Run (or finish) an extraction; returns the manifest."""
+    """Run (or finish) an extraction; returns the manifest.
+
+    The output folder is locked for the whole run. Before anything in it is deleted, `--resume` checks the
+    settings and the input against the interrupted run's; a complete run's data are never deleted.
+    """
     runtime.configure(config.threads)
     # Open the input first: a missing file, field or column, or no records, fails before anything is written.
     records = peeked(read_documents(config.input, config.input_format, config.text_field, config.text_column),
@@ -294,26 +344,52 @@ def run_extraction(
         from .engines.ray_engine import require_ray
 
         require_ray()  # without Ray, say how to install it before anything is written
-    folder = OutputFolder(config.output, resume=resume, overwrite=overwrite)
-    previous = folder.read_manifest()
-    if resume and previous:
-        check_resumable(previous, config)
-    if resume and previous and previous.get("status") == "complete":
-        if not quiet:
-            print(f"run in '{config.output}' is already complete; nothing to do", file=sys.stderr)
-        return previous
-    if config.engine == "ray":
-        from .engines.ray_engine import run_on_ray
+    protect = None if config.input == "-" else Path(config.input)
+    folder = OutputFolder.open(config.output, resume=resume, overwrite=overwrite, protect=protect)
+    try:
+        previous = folder.read_manifest() if resume else None
+        if previous:
+            check_resumable(previous, config)
+            check_input_unchanged(previous, config, folder)
+            if previous.get("status") == "complete":
+                return complete_run(folder, previous, config, quiet)
+        if resume:
+            folder.discard_uncommitted(quiet)
+        if config.engine == "ray":
+            from .engines.ray_engine import run_on_ray
 
-        return run_on_ray(config, folder, records, quiet=quiet)
+            return run_on_ray(config, folder, records, quiet=quiet)
+        return run_locally(config, folder, records, quiet, loaded, after_part)
+    except OSError as exc:
+        raise write_failure(exc, config) from None
+    finally:
+        folder.close()
+
+
+def write_failure(exc: OSError, config: RunConfig) -> UserError:
+    """A failed write (disk full, permission, I/O) as one line that says what happened and how to finish."""
+    where = f" '{exc.filename}'" if exc.filename else ""
+    what = "the disk is full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else (exc.strerror or str(exc))
+    return UserError(
+        f"could not write{where} ({what}); every committed part is kept: fix this, then run the same command "
+        f"with --resume to finish the run in '{config.output}'"
+    )
+
+
+def run_locally(
+    config: RunConfig, folder: OutputFolder, records: Iterator[SourceRecord], quiet: bool,
+    loaded: LoadedModel | None, after_part: Callable[[Part], None] | None,
+) -> dict[str, Any]:
+    """The local engine: parts committed in the background while the next batch is analysed."""
     started = time.time()
-    records = limited(records, config.limit)
+    records = iter(limited(records, config.limit))
     loaded = loaded or load_model(config.model, config.device, config.dtype, config.atol)
     load_seconds = time.time() - started
     manifest = base_manifest(config, loaded.provenance, started)
     folder.write_manifest(manifest)
     done = folder.committed_doc_ids()
-    progress = Progress(expected_records(config), quiet, initial=len(done))
+    total = expected_records(config)
+    progress = Progress(None if total is None else max(total - len(done), 0), quiet)
     extraction = Extraction(config, loaded)
     try:
         for part in extraction.parts(records, folder.next_part_id(), done):
@@ -324,8 +400,18 @@ def run_extraction(
         folder.flush()
     finally:
         progress.close()
-        folder.close()
     return finish(folder, manifest, started, load_seconds, quiet)
+
+
+def complete_run(folder: OutputFolder, manifest: dict[str, Any], config: RunConfig, quiet: bool) -> dict[str, Any]:
+    """`--resume` of a run whose data are complete: tidy what an interruption left and write the report and
+    figures that are missing. The association files and tables are kept as they are."""
+    folder.discard_leftovers()
+    missing = write_extras(folder, config, quiet, only_missing=True)
+    if not quiet:
+        print(f"run in '{config.output}' is complete; "
+              + (f"wrote the missing {' and '.join(missing)}" if missing else "nothing to do"), file=sys.stderr)
+    return manifest
 
 
 def base_manifest(config: RunConfig, provenance: dict[str, Any], started: float) -> dict[str, Any]:
@@ -333,6 +419,7 @@ def base_manifest(config: RunConfig, provenance: dict[str, Any], started: float)
         "run": config.run_name,
         "status": "running",
         "config": config.model_dump(),
+        "input": input_fingerprint(config),
         "provenance": provenance,
         "timings": {"started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started))},
     }
@@ -346,6 +433,7 @@ def finish(folder: OutputFolder, manifest: dict[str, Any], started: float, load_
     config = RunConfig(**manifest["config"])
     if not folder.consolidate("documents", "doc_id"):
         raise_empty(config)
+    checkpoint("folding")
     folder.consolidate("tokens", "doc_id, position")
     folder.consolidate("words", "doc_id, word_index")
     documents = pq.read_table(folder.path / "documents.parquet", columns=["status"])
@@ -388,6 +476,7 @@ def finish(folder: OutputFolder, manifest: dict[str, Any], started: float, load_
                                 "model_load_seconds": round(load_seconds, 3),
                                 "tokens_per_second": round(n_tokens / seconds, 1) if seconds else None})
     folder.write_manifest(manifest)
+    checkpoint("complete")
     folder.remove_parts()
     write_extras(folder, config, quiet)
     if not quiet:
@@ -402,19 +491,25 @@ def finish(folder: OutputFolder, manifest: dict[str, Any], started: float, load_
     return manifest
 
 
-def write_extras(folder: OutputFolder, config: RunConfig, quiet: bool) -> None:
-    """Default figures (OUTPUT/plots/) and the HTML report (OUTPUT/report.html)."""
-    if config.plots:
-        from .plots import write_default_plots
+def write_extras(folder: OutputFolder, config: RunConfig, quiet: bool, only_missing: bool = False) -> list[str]:
+    """The HTML report (OUTPUT/report.html), then the default figures (OUTPUT/plots/); returns what was written.
 
-        write_default_plots(folder.path)
-    if config.report:
+    The report comes first, so that a problem with a figure cannot lose it. Each is moved into place whole,
+    so an interrupted run leaves either the finished report or figures, or none (then `--resume` draws them).
+    """
+    written = []
+    if config.report and not (only_missing and (folder.path / "report.html").is_file()):
         from .report import write_report
 
         write_report(folder.path)
+        written.append("report")
+    if config.plots and not (only_missing and (folder.path / "plots").is_dir()):
+        from .plots import write_default_plots
+
+        write_default_plots(folder.path)
+        written.append("figures")
+    return written
 
 
 def raise_empty(config: RunConfig) -> NoReturn:
-    from .errors import UserError
-
     raise UserError(f"input '{config.input}' has no records")

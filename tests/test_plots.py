@@ -77,16 +77,30 @@ def test_head_metric_figure_is_a_layer_by_head_heatmap_with_colour_bar() -> None
     assert "entropy" in colour_bar.get_ylabel()
 
 
-def test_doc_grid_has_one_image_per_head() -> None:
+def test_doc_grid_is_one_mosaic_with_every_head_in_its_tile() -> None:
     matrices = np.random.default_rng(0).random((2, 3, 4, 4)).astype(np.float32)
     figure = plots.doc_grid_figure(matrices, ["a", "b", "c", "d"], "tiny grid")
     images = [ax for ax in figure.axes if ax.images]
-    assert len(images) == 6
-    assert len(figure.axes) == 7  # + one shared colour bar
-    np.testing.assert_array_equal(
-        images[5].images[0].get_array(), matrices[1, 2]
-    )  # row-major: layer 1, head 2
+    assert len(images) == 1 and len(figure.axes) == 2  # one mosaic + one shared colour bar
+    mosaic = np.ma.getdata(images[0].images[0].get_array())
+    gap = 1  # max(1, 4 // 12)
+    for layer in range(2):
+        for head in range(3):
+            top, left = layer * (4 + gap), head * (4 + gap)
+            np.testing.assert_array_equal(mosaic[top : top + 4, left : left + 4], matrices[layer, head])
+    assert np.isnan(mosaic[4, :]).all() and np.isnan(mosaic[:, 4]).all()  # white gutters between tiles
+    ticks = [t.get_text() for t in images[0].get_xticklabels()]
+    assert ticks == ["head 0", "head 1", "head 2"]
     assert "a b c d" in figure.get_suptitle()
+
+
+def test_doc_grid_pools_long_documents_keeping_sharp_weights() -> None:
+    matrices = np.zeros((1, 1, 512, 512), dtype=np.float32)
+    matrices[0, 0, 300, 7] = 0.9  # one sharp weight must survive the reduction
+    small = plots.pooled(matrices, 128)
+    assert small.shape == (1, 1, 128, 128)
+    assert small.max() == np.float32(0.9) and small[0, 0, 300 // 4, 7 // 4] == np.float32(0.9)
+    assert plots.pooled(matrices[..., :100, :100], 128).shape == (1, 1, 100, 100)  # small ones unchanged
 
 
 def test_doc_head_figure_labels_queries_and_keys() -> None:
@@ -103,9 +117,10 @@ def test_attention_vs_value_norm_side_by_side_on_row_shares() -> None:
     value_norm = np.array([[3.0, 1.0], [0.0, 2.0]])
     figure = plots.attention_vs_value_norm_figure(attention, value_norm, ["x", "y"], "tiny: L0H0")
     assert len(figure.axes) == 4  # two heatmaps, two colour bars
-    left, right = [ax for ax in figure.axes if heatmap_meshes(ax)]
-    np.testing.assert_allclose(left.collections[0].get_array().reshape(2, 2), attention)
-    np.testing.assert_allclose(right.collections[0].get_array().reshape(2, 2), [[0.75, 0.25], [0.0, 1.0]])
+    left, right = [ax for ax in figure.axes if ax.images and not hasattr(ax, "_colorbar")]
+    np.testing.assert_allclose(left.images[0].get_array(), attention)
+    np.testing.assert_allclose(right.images[0].get_array(), [[0.75, 0.25], [0.0, 1.0]])
+    assert left.images[0].get_clim() == right.images[0].get_clim() == (0.0, 1.0)  # one fixed 0..1 scale
 
 
 def test_clustermap_labels_every_head(bert_run: Path) -> None:
@@ -116,11 +131,13 @@ def test_clustermap_labels_every_head(bert_run: Path) -> None:
     assert heatmap.collections[0].get_array().size == 64
 
 
-def test_minilm_grid_has_72_panels(minilm_run: Path) -> None:
+def test_minilm_grid_labels_6_layers_and_12_heads(minilm_run: Path) -> None:
     matrices, labels = outputs.doc_matrices(minilm_run, 0)
     assert matrices.shape[:2] == (6, 12)
     figure = plots.doc_grid_figure(matrices, labels, "minilm grid")
-    assert len([ax for ax in figure.axes if ax.images]) == 72
+    mosaic = figure.axes[0]
+    assert [t.get_text() for t in mosaic.get_yticklabels()] == [f"layer {i}" for i in range(6)]
+    assert [t.get_text() for t in mosaic.get_xticklabels()] == [f"head {i}" for i in range(12)]
 
 
 # --- reading a run folder -----------------------------------------------------------------------------------
@@ -159,10 +176,12 @@ def test_reader_errors_are_user_errors(tmp_path: Path, bert_run: Path) -> None:
 
 
 def test_plot_command_writes_the_default_set(bert_run: Path) -> None:
-    result = CliRunner().invoke(app, ["plot", str(bert_run), "--doc", "1"])
+    result = CliRunner().invoke(app, ["plot", str(bert_run)])
     assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(app, ["plot", str(bert_run), "--doc", "1"])  # adds only doc 1's figures
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == f"wrote 6 files to {bert_run / 'plots'}"
     paths = sorted((bert_run / "plots").iterdir())
-    assert f"wrote {len(paths)} files to {bert_run / 'plots'}" in result.output
     assert_written(paths)
     stems = {p.stem for p in paths}
     metrics = [m for m in METRICS if m != "induction_score"]  # NaN for an encoder: no figure
@@ -174,8 +193,8 @@ def test_plot_command_writes_the_default_set(bert_run: Path) -> None:
     )  # default: sharpest head
     assert {f"doc1_L{layer}H{head}", "doc1_grid", f"doc1_L{layer}H{head}_attention_vs_value_norm"} <= stems
     assert len(paths) == 2 * (
-        len(metrics) + 1 + 3
-    )  # PNG + SVG of: metrics, clustermap, three document figures
+        len(metrics) + 1 + 3 + 3
+    )  # PNG + SVG of: metrics, clustermap, three figures of the default document (0) and three of doc 1
     svg = (bert_run / "plots" / f"doc1_L{layer}H{head}.svg").read_text()
     model = outputs.model_name(outputs.read_manifest(bert_run))
     assert (

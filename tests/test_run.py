@@ -457,9 +457,10 @@ def test_non_empty_output_needs_resume_or_overwrite(tiny: str, tmp_path: Path) -
     )
     assert (out / "notes.txt").read_text() == "mine"  # untouched
     run_ok(tiny, corpus, out, "--overwrite")
-    assert not (out / "notes.txt").exists() and len(table(out, "documents")) == 2
+    assert (out / "notes.txt").read_text() == "mine"  # --overwrite deletes only what a run writes
+    assert len(table(out, "documents")) == 2
     again = invoke([*args, "--resume"])
-    assert again.exit_code == 0 and "already complete" in again.stderr
+    assert again.exit_code == 0 and "is complete; nothing to do" in again.stderr
 
 
 # -- progress -------------------------------------------------------------------------------------------

@@ -339,7 +339,8 @@ def same_model(provenances: list[dict[str, Any]]) -> None:
 def run_on_ray(
     config: RunConfig, folder: OutputFolder, records: Iterable[SourceRecord], quiet: bool = False
 ) -> dict[str, Any]:
-    """`run_extraction` with `engine: ray`: `folder` is prepared (and cleaned on resume) by the caller."""
+    """`run_extraction` with `engine: ray`: `folder` is locked, prepared (and cleaned on resume) and closed by the
+    caller; the driver holds its lock for the whole run."""
     ray = require_ray()
     started = time.time()
     done = folder.committed_doc_ids()
@@ -352,14 +353,15 @@ def run_on_ray(
     try:
         with ray_session(ray, config.address) if blocks else nullcontext(), data_settings(ray):
             folder.write_manifest(manifest)
-            progress = Progress(expected_records(config), quiet, initial=len(done))
+            total = expected_records(config)
+            progress = Progress(None if total is None else max(total - len(done), 0), quiet)
             try:
                 if blocks:
                     outcome = run_blocks(ray, config, folder, manifest, blocks, progress)
             finally:
                 progress.close()
     finally:
-        folder.close()
+        folder.flush()
     same_model(outcome.provenances)
     if outcome.failed:
         more = "; …" if len(outcome.failed) > 3 else ""
