@@ -35,7 +35,8 @@ def fail(message: str, code: int = 2) -> typer.Exit:
 
 
 def user_errors(command: F) -> F:
-    """Turn user mistakes into one line on stderr and exit code 2 (never a traceback)."""
+    """Turn user mistakes into one line on stderr and exit code 2 (never a traceback); so is a write that the
+    disk or the file system refused."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -43,6 +44,9 @@ def user_errors(command: F) -> F:
             return command(*args, **kwargs)
         except USER_ERRORS as exc:
             raise fail(str(exc)) from None
+        except OSError as exc:
+            where = f" '{exc.filename}'" if exc.filename else ""
+            raise fail(f"could not write{where} ({exc.strerror or exc})") from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -165,9 +169,11 @@ def query(
     max_rows: Annotated[int, typer.Option(help="Rows shown in table format.")] = 50,
 ) -> None:
     """Query a run's Parquet outputs with DuckDB SQL."""
+    from .outputs import reading
     from .query import run_query
 
-    frame = run_query(output_dir, sql)
+    with reading(output_dir):
+        frame = run_query(output_dir, sql)
     if format == "csv":
         typer.echo(frame.to_csv(index=False), nl=False)
     elif format == "json":

@@ -39,9 +39,13 @@ def plot(
     Per-head metric heatmaps, the head-similarity clustermap, and for one document: one head's attention
     with token labels, the layer × head grid, and attention vs value_norm.
     """
+    from .lock import FolderLock
+    from .outputs import read_manifest, reading
     from .plots import write_default_plots
 
-    paths = write_default_plots(output_dir, doc_id=doc, layer=layer, head=head)
+    read_manifest(output_dir)  # a run folder, before a lock file is made in it
+    with FolderLock(output_dir), reading(output_dir):
+        paths = write_default_plots(output_dir, doc_id=doc, layer=layer, head=head)
     typer.echo(_summary(paths, output_dir / "plots"))
 
 
@@ -62,9 +66,11 @@ def compare(
     Both runs' models must have the same number of layers and heads.
     """
     from .compare import compare_runs, default_output, largest_changes
+    from .lock import FolderLock
 
-    difference, paths = compare_runs(run_a, run_b, output)
     folder = output if output is not None else default_output(run_a, run_b)
+    with FolderLock(output if output is not None else run_b):
+        difference, paths = compare_runs(run_a, run_b, output)
     typer.echo(_summary(paths, folder))
     changes = largest_changes(difference)
     if changes:

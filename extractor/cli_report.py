@@ -23,9 +23,13 @@ def report(
     ] = (DEFAULT_MAX_BYTES / 1e6),
 ) -> None:
     """Write OUTPUT_DIR/report.html: provenance, verification, head grid, token-to-token view (offline)."""
+    from .lock import FolderLock
+    from .outputs import read_manifest, reading
     from .report import write_report
 
     if max_mb <= 0:
         raise UserError(f"--max-mb must be > 0 (got {max_mb:g})")
-    path = write_report(output_dir, max_docs=max_docs, max_bytes=int(max_mb * 1e6))
+    read_manifest(output_dir)  # a run folder, before a lock file is made in it
+    with FolderLock(output_dir), reading(output_dir):
+        path = write_report(output_dir, max_docs=max_docs, max_bytes=int(max_mb * 1e6))
     typer.echo(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")

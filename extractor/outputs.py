@@ -15,11 +15,15 @@ fix it.
 from __future__ import annotations
 
 import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
@@ -38,6 +42,35 @@ def read_manifest(run_dir: str | Path) -> dict[str, Any]:
         return json.loads(file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise UserError(f"'{file}' is not valid JSON ({exc.msg}); rerun `extractor run`") from None
+
+
+def damaged_files(run_dir: str | Path) -> list[Path]:
+    """The run folder's Parquet files whose footer cannot be read (truncated or overwritten)."""
+    folder = Path(run_dir)
+    damaged = []
+    for file in [*sorted(folder.glob("*.parquet")), *association_files(folder)]:
+        try:
+            pq.ParquetFile(file).metadata  # noqa: B018 - reads and checks the footer
+        except (OSError, pa.ArrowException):
+            damaged.append(file)
+    return damaged
+
+
+@contextmanager
+def reading(run_dir: str | Path) -> Iterator[None]:
+    """Turn a failed read of a damaged run folder into one UserError naming the file (a command's wrapper)."""
+    try:
+        yield
+    except Exception as exc:
+        duckdb = sys.modules.get("duckdb")  # loaded by whoever queried the folder through it
+        if not (isinstance(exc, pa.ArrowException) or (duckdb is not None and isinstance(exc, duckdb.Error))):
+            raise
+        damaged = damaged_files(run_dir)
+        if not damaged:
+            raise
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"'{damaged[0]}' is damaged and cannot be read ({reason[:200]}); rerun `extractor run` "
+                        "with --overwrite to rebuild the run") from None
 
 
 def run_name(run_dir: str | Path, manifest: dict[str, Any] | None = None) -> str:

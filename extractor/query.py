@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 
 from .errors import UserError
-from .outputs import association_files, read_manifest
+from .outputs import association_files, damaged_files, read_manifest
 
 VIEWS = {
     "documents": "documents.parquet",
@@ -43,6 +43,8 @@ def run_query(output_dir: str | Path, sql: str) -> pd.DataFrame:
     try:
         return con.execute(sql).fetchdf()
     except duckdb.Error as exc:
+        if damaged_files(output_dir):
+            raise  # `outputs.reading` names the damaged file
         raise UserError(f"query failed: {str(exc).splitlines()[0]}") from None
     finally:
         con.close()

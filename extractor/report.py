@@ -44,6 +44,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from .errors import UserError
+from .faults import checkpoint
 from .outputs import association_files, read_manifest
 
 log = logging.getLogger("extractor.report")
@@ -579,6 +580,7 @@ def write_report(
     path = Path(output_dir) / "report.html"
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(page, encoding="utf-8")
+    checkpoint("report")
     os.replace(tmp, path)
     sampling = meta["sampling"]
     log.info(
