@@ -1,6 +1,6 @@
 """Rotary-position decoders (Llama, Mistral, Qwen2, Qwen3, GPT-NeoX) with grouped-query attention.
 
-Tiny random models are built here from a config (hidden_size 32-64, 2 layers, 4 heads), written with
+Tiny random models are built here from a config (hidden_size 32, 2 layers, 4 heads), written with
 `save_pretrained` and loaded through `extractor.models.load_model`, as a user would. Every check is against
 Hugging Face's own outputs (`output_attentions`, the z its output projection receives, the output
 projection's result) or against brute force written here from the model's nn.Linear modules, on a padded
@@ -32,7 +32,7 @@ WINDOW = 4  # shorter than every example sentence
 
 # name → (config, whether the tokenizer adds a BOS token as Llama's do). Together they cover: GQA with 2 and with
 # 1 key/value groups, biases on q/k/v/o, a sliding window on every layer (Mistral) and on one layer only (Qwen2),
-# per-head q/k RMSNorm with head_dim ≠ hidden/heads (Qwen3), a fused per-head qkv with 1/4 of each head rotated.
+# per-head q/k RMSNorm with head_dim ≠ hidden/heads (Qwen3), a fused per-head qkv with half of each head rotated (rotary_pct 0.5).
 FAMILIES: dict[str, tuple[Callable[[int], tf.PretrainedConfig], bool]] = {
     "llama-gqa2": (lambda vocab: tf.LlamaConfig(vocab_size=vocab, num_key_value_heads=2, attention_bias=True, **COMMON), True),
     "llama-gqa1": (lambda vocab: tf.LlamaConfig(vocab_size=vocab, num_key_value_heads=1, **COMMON), False),
@@ -41,8 +41,8 @@ FAMILIES: dict[str, tuple[Callable[[int], tf.PretrainedConfig], bool]] = {
     "qwen2-window-layer1": (lambda vocab: tf.Qwen2Config(vocab_size=vocab, num_key_value_heads=2, use_sliding_window=True,
                                                          sliding_window=WINDOW, max_window_layers=1, **COMMON), False),
     "qwen3-qknorm": (lambda vocab: tf.Qwen3Config(vocab_size=vocab, num_key_value_heads=2, head_dim=16, **COMMON), False),
-    "gpt_neox-rotary_pct": (lambda vocab: tf.GPTNeoXConfig(vocab_size=vocab, rotary_pct=0.25, attention_bias=True,
-                                                           **{**COMMON, "hidden_size": 64}), False),
+    "gpt_neox-rotary_pct": (lambda vocab: tf.GPTNeoXConfig(vocab_size=vocab, rotary_pct=0.5, attention_bias=True,
+                                                           **COMMON), False),
 }
 
 
