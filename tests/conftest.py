@@ -134,14 +134,8 @@ def _tiny_config(family: str, tokenizer, overrides: dict):
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
         )
-    elif family == "llama":  # an architecture without an adapter
-        config = tf.LlamaConfig(
-            vocab_size=MINILM_VOCAB,
-            intermediate_size=37,
-            num_key_value_heads=4,
-            max_position_embeddings=128,
-            **TINY,
-        )
+    elif family == "bloom":  # an architecture without an adapter (ALiBi positions)
+        config = tf.BloomConfig(vocab_size=MINILM_VOCAB, hidden_size=32, n_layer=2, n_head=4)
     else:
         raise ValueError(f"no tiny config for family '{family}'")
     config.initializer_range = INIT_RANGE
@@ -154,7 +148,7 @@ def _tiny_config(family: str, tokenizer, overrides: dict):
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     """Factory: `tiny_model_dir(family, **config_overrides)` → folder: a tiny random model + fast tokenizer.
 
-    Families: bert, roberta, electra, distilbert, gpt2 (supported) and llama (unsupported). Folders are cached
+    Families: bert, roberta, electra, distilbert, gpt2 (supported) and bloom (unsupported). Folders are cached
     per (family, overrides) for the session.
     """
     from transformers import AutoModel

@@ -8,8 +8,15 @@ from .base import AttentionWeights, ModelAdapter
 from .bert import BertAdapter
 from .distilbert import DistilBertAdapter
 from .gpt2 import GPT2Adapter
+from .gpt_neox import GPTNeoXAdapter
+from .llama import LlamaAdapter
+from .mistral import MistralAdapter
+from .qwen2 import Qwen2Adapter
+from .qwen3 import Qwen3Adapter
 
-ADAPTERS: tuple[type[ModelAdapter], ...] = (BertAdapter, DistilBertAdapter, GPT2Adapter)
+ADAPTERS: tuple[type[ModelAdapter], ...] = (
+    BertAdapter, DistilBertAdapter, GPT2Adapter, LlamaAdapter, MistralAdapter, Qwen2Adapter, Qwen3Adapter, GPTNeoXAdapter
+)
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(t for a in ADAPTERS for t in a.model_types)
 
 

@@ -3,8 +3,14 @@
 Everything after an adapter is family-blind. An adapter never computes attention; it only hands the
 shared recomputation (`extractor.recompute`) the weights in one layout:
 
-    W_Q, W_K, W_V: [head, d_model, d_head]    b_Q, b_K, b_V: [head, d_head]
-    W_O:           [head, d_head, d_model]    b_O:           [d_model]
+    W_Q:      [head, d_model, d_head]       b_Q:      [head, d_head]
+    W_K, W_V: [kv_head, d_model, d_head]    b_K, b_V: [kv_head, d_head]
+    W_O:      [head, d_head, d_model]       b_O:      [d_model]
+
+kv_head = head except with grouped-query attention, where each key/value head serves a group of
+head / kv_head consecutive query heads. Rotary decoders also hand over their per-head q/k RMSNorm gains,
+how many dimensions of each head are rotated, and their sliding window; the rotation itself uses the
+cos/sin the model hands its attention module (captured, never re-derived).
 """
 
 from __future__ import annotations
@@ -21,19 +27,28 @@ class AttentionWeights:
     """One layer's self-attention weights, split per head (TransformerLens vocabulary)."""
 
     W_Q: torch.Tensor  # [head, d_model, d_head]
-    W_K: torch.Tensor  # [head, d_model, d_head]
-    W_V: torch.Tensor  # [head, d_model, d_head]
+    W_K: torch.Tensor  # [kv_head, d_model, d_head]
+    W_V: torch.Tensor  # [kv_head, d_model, d_head]
     W_O: torch.Tensor  # [head, d_head, d_model]
     b_Q: torch.Tensor  # [head, d_head]
-    b_K: torch.Tensor  # [head, d_head]
-    b_V: torch.Tensor  # [head, d_head]
+    b_K: torch.Tensor  # [kv_head, d_head]
+    b_V: torch.Tensor  # [kv_head, d_head]
     b_O: torch.Tensor  # [d_model]
     scale: float  # multiplies Q·Kᵀ (1/√d_head for most models; GPT-2 flags change it)
     causal: bool  # keys after the query are masked
+    rotary_dims: int = 0  # leading dims of each q/k head rotated by the captured cos/sin (0: no rotary)
+    q_norm: torch.Tensor | None = None  # [d_head] RMSNorm gain on each query head before rotation (Qwen3)
+    k_norm: torch.Tensor | None = None  # [d_head] RMSNorm gain on each key head before rotation (Qwen3)
+    norm_eps: float = 0.0  # epsilon of q_norm and k_norm
+    sliding_window: int | None = None  # a query sees only its last `sliding_window` keys, itself included
 
     @property
     def n_heads(self) -> int:
         return self.W_Q.shape[0]
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.W_K.shape[0]
 
     @property
     def d_head(self) -> int:
