@@ -12,6 +12,7 @@ from functools import cached_property
 import torch
 
 from . import measures as M
+from .attribution.layer_pass import AttributionPass
 from .capture import run_with_capture
 from .encode import EncodedBatch, TokenizedDoc
 from .models import LoadedModel
@@ -105,7 +106,7 @@ def validate_measures(measures: Sequence[str]) -> tuple[str, ...]:
 def analyse_batch(
     loaded: LoadedModel,
     batch: EncodedBatch,
-    measures: Sequence[str] = M.MEASURES,
+    measures: Sequence[str] = M.DEFAULT_MEASURES,
     verify: bool = True,
     atol: float = 1e-5,
     level: str = "token",
@@ -113,7 +114,9 @@ def analyse_batch(
     """Forward `batch`, rebuild every layer's attention from the weights, verify it and compute `measures`."""
     measures = validate_measures(measures)
     adapter = loaded.adapter
-    capture = run_with_capture(adapter, batch.model_inputs)
+    attribution = AttributionPass(adapter, batch.attention_mask, measures)  # alti, globenc, value_zeroing
+    with attribution.recording_forward():
+        capture = run_with_capture(adapter, batch.model_inputs)
     all_weights = adapter.all_layer_weights()
     masks = layer_masks(batch.attention_mask, adapter.causal, [w.sliding_window for w in all_weights],
                         capture.hidden_in[0].dtype)
@@ -130,8 +133,10 @@ def analyse_batch(
             # Unverified batch (verify every:N / off): Hugging Face's pattern, which verified batches showed to
             # equal the recomputation; only V is projected, for the value-weighted measures.
             pattern = capture.attentions[layer]
-            v = project_values(x, weights) if VALUE_MEASURES & set(measures) else None
+            needs_v = VALUE_MEASURES & set(measures) or attribution.needs_values
+            v = project_values(x, weights) if needs_v else None
         patterns.append(pattern)
+        attribution.add_layer(layer, x, pattern, v, weights)
         # Let go of this layer's captured tensors now: peak memory then holds one layer's extra copies, not all.
         capture.hidden_in[layer] = capture.z[layer] = capture.attentions[layer] = None  # type: ignore[call-overload]
         if "attention" in measures:
@@ -142,6 +147,7 @@ def analyse_batch(
             per_layer["layer_value_norm"].append(M.layer_value_norm(pattern, value_vectors_out(v, weights)))
     if "rollout" in measures:
         per_layer["rollout"] = M.rollout(patterns)
+    per_layer.update(attribution.finish())
     if report is not None:
         report.n_docs = len(batch.docs)
     return BatchAnalysis(batch=batch, level=level, per_layer=per_layer, verification=report)

@@ -15,7 +15,7 @@ import torch
 from .analysis import DocAttention, analyse_batch, validate_measures
 from .encode import encode
 from .explain import normalise_token
-from .measures import MEASURES
+from .measures import DEFAULT_MEASURES
 from .models import LoadedModel, load_model
 from .tables import association_table, tokens_table, words_table
 from .verify import DEFAULT_ATOL, VerificationReport, fold
@@ -104,7 +104,7 @@ class ExtractionResult:
 def extract(
     texts: str | Sequence[str],
     model: str | LoadedModel = "minilm",
-    measures: Sequence[str] = MEASURES,
+    measures: Sequence[str] = DEFAULT_MEASURES,
     level: str = "token",
     top_k: int | None = None,
     verify: bool = True,

@@ -22,7 +22,7 @@ BF16_ATOL = 2e-2  # verification tolerance for dtype bfloat16 (float32 uses DEFA
 def default_atol(dtype: str) -> float:
     """The verification tolerance that fits `dtype` when the user gives none."""
     return BF16_ATOL if dtype == "bfloat16" else DEFAULT_ATOL
-Measure = Literal["attention", "value_norm", "layer_value_norm", "rollout"]
+Measure = Literal["attention", "value_norm", "layer_value_norm", "rollout", "alti", "globenc", "value_zeroing"]
 
 
 class RunConfig(BaseModel):

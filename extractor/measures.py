@@ -6,6 +6,8 @@
 - `layer_value_norm`: ‖Σ_h α_hij · f_h(x_j)‖ per layer (head = -1).
 - `rollout`:          Abnar & Zuidema (2020): Ã_l = 0.5·mean_h(A_l) + 0.5·I (rows renormalised),
                       R_0 = Ã_0, R_l = Ã_l · R_{l-1} (head = -1).
+- `alti`, `globenc`, `value_zeroing`: residual- and LayerNorm-aware attributions (head = -1); definitions in
+                      `extractor.attribution` (ALTI and GlobEnc rolled out, value zeroing per layer).
 """
 
 from __future__ import annotations
@@ -13,8 +15,12 @@ from __future__ import annotations
 import torch
 
 HEAD_MEASURES = ("attention", "value_norm")
-LAYER_MEASURES = ("layer_value_norm", "rollout")
+ATTRIBUTION_MEASURES = ("alti", "globenc", "value_zeroing")  # extractor.attribution; alti/globenc: post-LN only
+LAYER_MEASURES = ("layer_value_norm", "rollout", *ATTRIBUTION_MEASURES)
 MEASURES = HEAD_MEASURES + LAYER_MEASURES
+# What `extract()` and `analyse_batch` compute when not told: every measure that one forward pass gives for
+# every family (the attribution measures re-run layers or are defined for post-LN encoders only).
+DEFAULT_MEASURES = tuple(m for m in MEASURES if m not in ATTRIBUTION_MEASURES)
 # `extractor run`'s default: layer_value_norm needs every head's f_h(x_j) in d_model and a per-key Gram
 # matrix, which costs about as much as the forward pass itself; ask for it when you need it.
 RUN_MEASURES = ("attention", "value_norm", "rollout")

@@ -10,14 +10,13 @@ batch of three documents of different lengths. The real SmolLM2-135M (GGUF, `llm
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
-import transformers as tf
-from conftest import EXAMPLE_SENTENCES, INIT_RANGE, _gpt2_tokenizer
+from conftest import EXAMPLE_SENTENCES, FAMILIES, WINDOW
 
 from extractor.analysis import analyse_batch, decomposition_error
 from extractor.capture import run_with_capture
@@ -26,65 +25,6 @@ from extractor.models import LoadedModel, load_model
 from extractor.recompute import additive_mask, first_visible_key, layer_masks, recompute_attention
 
 ATOL = 1e-5
-COMMON = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 37,
-          "max_position_embeddings": 256}
-WINDOW = 4  # shorter than every example sentence
-
-# name → (config, whether the tokenizer adds a BOS token as Llama's do). Together they cover: GQA with 2 and with
-# 1 key/value groups, biases on q/k/v/o, a sliding window on every layer (Mistral) and on one layer only (Qwen2),
-# per-head q/k RMSNorm with head_dim ≠ hidden/heads (Qwen3), a fused per-head qkv with half of each head rotated (rotary_pct 0.5).
-FAMILIES: dict[str, tuple[Callable[[int], tf.PretrainedConfig], bool]] = {
-    "llama-gqa2": (lambda vocab: tf.LlamaConfig(vocab_size=vocab, num_key_value_heads=2, attention_bias=True, **COMMON), True),
-    "llama-gqa1": (lambda vocab: tf.LlamaConfig(vocab_size=vocab, num_key_value_heads=1, **COMMON), False),
-    "mistral-window": (lambda vocab: tf.MistralConfig(vocab_size=vocab, num_key_value_heads=2, sliding_window=WINDOW,
-                                                      **COMMON), False),
-    "qwen2-window-layer1": (lambda vocab: tf.Qwen2Config(vocab_size=vocab, num_key_value_heads=2, use_sliding_window=True,
-                                                         sliding_window=WINDOW, max_window_layers=1, **COMMON), False),
-    "qwen3-qknorm": (lambda vocab: tf.Qwen3Config(vocab_size=vocab, num_key_value_heads=2, head_dim=16, **COMMON), False),
-    "gpt_neox-rotary_pct": (lambda vocab: tf.GPTNeoXConfig(vocab_size=vocab, rotary_pct=0.5, attention_bias=True,
-                                                           **COMMON), False),
-}
-
-
-def _tokenizer(add_bos: bool) -> tf.PreTrainedTokenizerFast:
-    """The conftest byte-level BPE; with add_bos, a post-processor that prepends <|endoftext|> like Llama's BOS."""
-    tokenizer = _gpt2_tokenizer()
-    if add_bos:
-        from tokenizers.processors import TemplateProcessing
-
-        bos = tokenizer.bos_token
-        tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokenizer.bos_token_id)]
-        )
-    return tokenizer
-
-
-@pytest.fixture(scope="session")
-def rotary_loaded(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], LoadedModel]:
-    """Factory: family name → a tiny random model of FAMILIES saved to disk and loaded with `load_model`."""
-    cache: dict[str, LoadedModel] = {}
-
-    def get(name: str) -> LoadedModel:
-        if name not in cache:
-            make_config, add_bos = FAMILIES[name]
-            tokenizer = _tokenizer(add_bos)
-            config = make_config(len(tokenizer))
-            config.initializer_range = INIT_RANGE
-            torch.manual_seed(0)
-            model = tf.AutoModel.from_config(config)
-            with torch.no_grad():  # non-trivial biases and norm gains, so that dropping one shows
-                for parameter_name, parameter in model.named_parameters():
-                    if parameter_name.endswith("bias"):
-                        parameter.normal_(0.0, INIT_RANGE)
-                    elif parameter.ndim == 1:
-                        parameter.add_(torch.randn_like(parameter) * 0.1)
-            folder = tmp_path_factory.mktemp(name)
-            model.save_pretrained(folder)
-            tokenizer.save_pretrained(folder)
-            cache[name] = load_model(str(folder))
-        return cache[name]
-
-    return get
 
 
 def q_projection(loaded: LoadedModel, layer: int) -> torch.nn.Module:

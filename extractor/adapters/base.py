@@ -78,6 +78,9 @@ class ModelAdapter(ABC):
 
     model_types: tuple[str, ...] = ()
     family: str = ""
+    # Where each residual block's LayerNorm sits: "post" (LN(x + sublayer(x)): BERT, DistilBERT) or "pre"
+    # (x + sublayer(LN(x)): GPT-2). The attribution measures that decompose through LayerNorms read it.
+    norm_placement: str = "post"
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -121,3 +124,19 @@ class ModelAdapter(ABC):
 
     def all_layer_weights(self) -> list[AttentionWeights]:
         return [self.layer_weights(layer) for layer in range(self.n_layers)]
+
+    # --- Whole-layer layout, for the attribution measures (extractor.attribution) ----------------------------
+
+    def layer_modules(self) -> list[nn.Module]:
+        """Per layer, the whole block (attention, residuals, LayerNorms, FFN): input and output [batch, pos, d_model]."""
+        raise NotImplementedError(f"the {self.family} adapter does not list its layer modules")
+
+    def sublayer_norms(self) -> list[tuple[nn.LayerNorm, nn.LayerNorm]]:
+        """Per layer, (the LayerNorm of the attention sublayer, the LayerNorm of the FFN sublayer)."""
+        raise NotImplementedError(f"the {self.family} adapter does not list its LayerNorms")
+
+    def value_output(self, layer: int) -> tuple[nn.Module, slice | torch.Tensor]:
+        """The module whose output holds layer `layer`'s value vectors (all heads, bias included), and which columns
+        of that output's last dimension they are (a slice, or an index tensor where they interleave with q and k):
+        zeroing them at one position zeroes that key's value vector."""
+        raise NotImplementedError(f"the {self.family} adapter does not say where its value vectors are")

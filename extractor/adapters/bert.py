@@ -28,6 +28,15 @@ class BertAdapter(ModelAdapter):
     def output_projections(self) -> list[nn.Module]:
         return [layer.attention.output.dense for layer in self._layers()]
 
+    def layer_modules(self) -> list[nn.Module]:
+        return list(self._layers())
+
+    def sublayer_norms(self) -> list[tuple[nn.LayerNorm, nn.LayerNorm]]:
+        return [(layer.attention.output.LayerNorm, layer.output.LayerNorm) for layer in self._layers()]
+
+    def value_output(self, layer: int) -> tuple[nn.Module, slice | torch.Tensor]:
+        return self._layers()[layer].attention.self.value, slice(None)
+
     def read_layer_weights(self, layer: int) -> AttentionWeights:
         attn = self._layers()[layer].attention
         n_heads = self.n_heads

@@ -25,6 +25,15 @@ class DistilBertAdapter(ModelAdapter):
     def output_projections(self) -> list[nn.Module]:
         return [layer.attention.out_lin for layer in self.model.transformer.layer]
 
+    def layer_modules(self) -> list[nn.Module]:
+        return list(self.model.transformer.layer)
+
+    def sublayer_norms(self) -> list[tuple[nn.LayerNorm, nn.LayerNorm]]:
+        return [(layer.sa_layer_norm, layer.output_layer_norm) for layer in self.model.transformer.layer]
+
+    def value_output(self, layer: int) -> tuple[nn.Module, slice | torch.Tensor]:
+        return self.model.transformer.layer[layer].attention.v_lin, slice(None)
+
     def read_layer_weights(self, layer: int) -> AttentionWeights:
         attn = self.model.transformer.layer[layer].attention
         n_heads = self.n_heads

@@ -24,6 +24,7 @@ def _split_conv1d_in_out(weight: torch.Tensor, bias: torch.Tensor, n_heads: int)
 class GPT2Adapter(ModelAdapter):
     model_types = ("gpt2",)
     family = "gpt2"
+    norm_placement = "pre"
 
     @property
     def causal(self) -> bool:
@@ -34,6 +35,16 @@ class GPT2Adapter(ModelAdapter):
 
     def output_projections(self) -> list[nn.Module]:
         return [block.attn.c_proj for block in self.model.h]
+
+    def layer_modules(self) -> list[nn.Module]:
+        return list(self.model.h)
+
+    def sublayer_norms(self) -> list[tuple[nn.LayerNorm, nn.LayerNorm]]:
+        return [(block.ln_1, block.ln_2) for block in self.model.h]
+
+    def value_output(self, layer: int) -> tuple[nn.Module, slice | torch.Tensor]:
+        d_model = int(self.config.hidden_size)
+        return self.model.h[layer].attn.c_attn, slice(2 * d_model, 3 * d_model)  # c_attn's output is [q | k | v]
 
     def read_layer_weights(self, layer: int) -> AttentionWeights:
         attn = self.model.h[layer].attn

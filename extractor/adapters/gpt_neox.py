@@ -6,6 +6,7 @@ Only the leading `rotary_ndims` = d_head · partial_rotary_factor (`rotary_pct`)
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from .rotary import Projection, RotaryAdapter
@@ -29,6 +30,12 @@ class GPTNeoXAdapter(RotaryAdapter):
         bias = bias.reshape(self.n_heads, 3, -1)  # [head, q|k|v, d_head]
         W = weight.transpose(2, 3)  # [head, q|k|v, d_model, d_head]
         return tuple((W[:, i].contiguous(), bias[:, i].contiguous()) for i in range(3))  # type: ignore[return-value]
+
+    def value_output(self, layer: int) -> tuple[nn.Module, slice | torch.Tensor]:
+        """The fused projection's output is [head, q|k|v, d_head] per position: V is the third of each head."""
+        fused = self._attention(self.model.layers[layer]).query_key_value
+        columns = torch.arange(fused.weight.shape[0], device=fused.weight.device).view(self.n_heads, 3, -1)
+        return fused, columns[:, 2].reshape(-1)  # [head·d_head] output columns
 
     def rotary_dims(self, attention: nn.Module, d_head: int) -> int:
         return int(attention.rotary_ndims)

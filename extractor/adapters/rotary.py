@@ -19,6 +19,8 @@ Projection = tuple[torch.Tensor, torch.Tensor]  # W [head or kv_head, d_model, d
 class RotaryAdapter(ModelAdapter):
     """A causal decoder whose q and k are rotated by the cos/sin its model hands each attention module."""
 
+    norm_placement = "pre"  # x + attention(RMSNorm(x)): ALTI and GlobEnc (post-LN) do not apply
+
     @property
     def causal(self) -> bool:
         return True
@@ -35,6 +37,12 @@ class RotaryAdapter(ModelAdapter):
 
     def attention_modules(self) -> list[nn.Module]:
         return [self._attention(layer) for layer in self.model.layers]
+
+    def layer_modules(self) -> list[nn.Module]:
+        return list(self.model.layers)
+
+    def value_output(self, layer: int) -> tuple[nn.Module, slice | torch.Tensor]:
+        return self._attention(self.model.layers[layer]).v_proj, slice(None)
 
     def output_projections(self) -> list[nn.Module]:
         return [self._output_projection(attention) for attention in self.attention_modules()]

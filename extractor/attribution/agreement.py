@@ -1,0 +1,113 @@
+"""Which measure to trust: per-layer rank agreement between measures, value zeroing (an intervention) included.
+
+For each layer and each pair of measures (a, b), each real query row i of each document gives Spearman's ρ
+between a[i, :] and b[i, :] over the keys row i sees (ties get their average rank). Rows where either measure
+is constant (ρ undefined, e.g. a causal row with one key) are left out. The table reports the mean ρ over all
+remaining rows of all documents (each row weighs the same) and how many rows that is.
+
+Head-level measures (`attention`, `value_norm`) are reduced to the layer level by the mean over heads, so that
+every measure is one [query, key] matrix per layer. Stored measures are compared as stored: `rollout`, `alti`
+and `globenc` are rolled out up to the layer, `value_zeroing` is the layer's own intervention.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from itertools import combinations
+
+import pandas as pd
+import torch
+
+from ..analysis import analyse_batch
+from ..encode import encode
+from ..measures import HEAD_MEASURES
+from ..models import LoadedModel
+from .layer_pass import visibility
+
+ROW_BLOCK_ELEMENTS = 1 << 22  # elements of one [rows, key, key] comparison tensor
+
+
+def average_ranks(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """1-based ranks of each row's valid entries, ties averaged (scipy's `rankdata`); 0 where not valid.
+
+    values, valid [rows, key] → [rows, key] float64. Counts pairwise comparisons, [rows, key, key] at a time.
+    """
+    rows, n = values.shape
+    ranks = torch.zeros(rows, n, dtype=torch.float64, device=values.device)
+    step = max(1, ROW_BLOCK_ELEMENTS // max(1, n * n))
+    for start in range(0, rows, step):
+        v, ok = values[start : start + step], valid[start : start + step]  # [block, key]
+        other = v[:, None, :]  # [block, 1, key]: every key j compared with each key i
+        below = ((other < v[:, :, None]) & ok[:, None, :]).sum(dim=-1)  # [block, key]
+        equal = ((other == v[:, :, None]) & ok[:, None, :]).sum(dim=-1)  # [block, key], itself included
+        ranks[start : start + step] = (below + (equal + 1) / 2).double() * ok
+    return ranks
+
+
+def row_spearman(a: torch.Tensor, b: torch.Tensor, visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Spearman's ρ per query row over its visible keys: a, b, visible [batch, query, key] → (ρ [batch·query]
+    float64, defined [batch·query] bool); ρ is 0 where not defined (fewer than 2 keys or a constant row)."""
+    n = a.shape[-1]
+    valid = visible.reshape(-1, n)  # [rows, key]
+    ra = average_ranks(a.reshape(-1, n), valid)  # [rows, key]
+    rb = average_ranks(b.reshape(-1, n), valid)
+    count = valid.sum(dim=-1).clamp_min(1).double()  # [rows]
+    da = (ra - ra.sum(dim=-1, keepdim=True) / count[:, None]) * valid  # centred ranks, 0 off the row
+    db = (rb - rb.sum(dim=-1, keepdim=True) / count[:, None]) * valid
+    var_a, var_b = da.pow(2).sum(dim=-1), db.pow(2).sum(dim=-1)  # [rows]
+    defined = (var_a > 0) & (var_b > 0)
+    rho = (da * db).sum(dim=-1) / (var_a * var_b).sqrt().clamp_min(torch.finfo(torch.float64).tiny)
+    return torch.where(defined, rho, torch.zeros_like(rho)), defined
+
+
+def layer_level(name: str, matrix: torch.Tensor) -> torch.Tensor:
+    """A measure as one [batch, query, key] matrix: head measures [batch, head, query, key] by the mean over heads."""
+    return matrix.mean(dim=1) if name in HEAD_MEASURES else matrix
+
+
+def agreement_sums(
+    per_layer: dict[str, list[torch.Tensor]], visible: torch.Tensor
+) -> dict[tuple[int, str, str], tuple[float, int]]:
+    """(layer, measure_a, measure_b) → (Σ ρ over defined rows, number of those rows) for one batch.
+
+    per_layer: name → per layer [batch, head, query, key] (head measures) or [batch, query, key]; visible
+    [batch, query, key] bool (real rows, keys each row sees).
+    """
+    names = list(per_layer)
+    sums: dict[tuple[int, str, str], tuple[float, int]] = {}
+    for layer in range(len(per_layer[names[0]])):
+        matrices = {name: layer_level(name, per_layer[name][layer]) for name in names}
+        for a, b in combinations(names, 2):
+            rho, defined = row_spearman(matrices[a], matrices[b], visible)
+            sums[(layer, a, b)] = (float(rho[defined].sum()), int(defined.sum()))
+    return sums
+
+
+def agreement_frame(sums: dict[tuple[int, str, str], tuple[float, int]]) -> pd.DataFrame:
+    """The tidy table: layer, measure_a, measure_b, spearman (mean ρ over rows), n_rows."""
+    records = [
+        {"layer": layer, "measure_a": a, "measure_b": b, "spearman": total / count if count else float("nan"),
+         "n_rows": count}
+        for (layer, a, b), (total, count) in sums.items()
+    ]
+    return pd.DataFrame.from_records(records, columns=["layer", "measure_a", "measure_b", "spearman", "n_rows"])
+
+
+def agreement_table(
+    loaded: LoadedModel,
+    texts: Sequence[str],
+    measures: Sequence[str] = ("attention", "value_norm", "rollout", "alti", "globenc", "value_zeroing"),
+    batch_size: int = 16,
+    max_length: int | None = None,
+) -> pd.DataFrame:
+    """Per layer and pair of `measures`, the mean per-row Spearman ρ over the documents `texts` (token level)."""
+    totals: dict[tuple[int, str, str], tuple[float, int]] = {}
+    for start in range(0, len(texts), batch_size):
+        batch = encode(loaded.tokenizer, list(texts[start : start + batch_size]), max_length, loaded.device,
+                       loaded.model.config)
+        analysis = analyse_batch(loaded, batch, measures, verify=False)
+        visible = visibility(batch.attention_mask, loaded.adapter.causal)
+        for key, (total, count) in agreement_sums(analysis.per_layer, visible).items():
+            before = totals.get(key, (0.0, 0))
+            totals[key] = (before[0] + total, before[1] + count)
+    return agreement_frame(totals)
