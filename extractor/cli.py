@@ -1,7 +1,7 @@
 """Command line: `extractor verify | explain | run | query | plot | compare | report`.
 
-User mistakes (bad model, file, field, option) print one line `error: ...` on stderr and exit 2;
-a verification failure exits 1.
+User mistakes (bad model, file, field, option: every `UserError`) print one line `error: ...` on stderr and
+exit 2; a verification failure exits 1; Ctrl-C prints `error: interrupted` and exits 130 (128 + SIGINT).
 """
 
 from __future__ import annotations
@@ -13,10 +13,8 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from .adapters import UnsupportedModelError
-from .capture import MissingAttentionsError
+from . import __version__
 from .errors import UserError
-from .models import ModelLoadError
 
 app = typer.Typer(
     add_completion=False,
@@ -26,7 +24,7 @@ app = typer.Typer(
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
-USER_ERRORS = (UserError, ModelLoadError, UnsupportedModelError, MissingAttentionsError)
+INTERRUPTED = 130  # the shell's exit code for a process stopped by SIGINT (128 + 2)
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
@@ -35,16 +33,34 @@ def fail(message: str, code: int = 2) -> typer.Exit:
 
 
 def user_errors(command: F) -> F:
-    """Turn user mistakes into one line on stderr and exit code 2 (never a traceback)."""
+    """Turn user mistakes into one line on stderr and exit code 2, Ctrl-C into `error: interrupted` (130)."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
-        except USER_ERRORS as exc:
+        except UserError as exc:
             raise fail(str(exc)) from None
+        except KeyboardInterrupt:
+            # Typer would exit 130 silently; say why the command stopped, in the same one-line form.
+            raise fail("interrupted", INTERRUPTED) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"attention-extractor {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Extract, verify and compare every attention head of a pretrained transformer."""
 
 
 ModelOption = Annotated[str, typer.Option("--model", "-m", help="Hub id, save_pretrained folder, or 'minilm' (bundled, offline).")]
@@ -182,9 +198,9 @@ def main() -> None:
     """Console entry point."""
     try:
         app()
-    except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        sys.exit(130)
+    except KeyboardInterrupt:  # outside a command (while parsing options)
+        typer.echo("error: interrupted", err=True)
+        sys.exit(INTERRUPTED)
 
 
 # Commands defined in their own modules register themselves on `app` when imported.

