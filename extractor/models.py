@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import socket
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -16,6 +20,7 @@ from typing import Any
 
 import torch
 import transformers
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
@@ -85,6 +90,22 @@ def _weights_file(folder: Path) -> Path | None:
     return shards[0] if shards else None
 
 
+def _first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none, like EOFError)."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+@contextmanager
+def _warnings_shown_on_success() -> Iterator[None]:
+    """Show a load's warnings only if it succeeds: when it fails, its one-line error says what matters
+    (torch warns about a pickle's protocol before refusing the file)."""
+    with warnings.catch_warnings(record=True) as caught:
+        yield
+    for warning in caught:
+        warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
+
+
 @lru_cache(maxsize=8)
 def sha256_of(path: str) -> str:
     digest = hashlib.sha256()
@@ -128,7 +149,7 @@ def load_model(spec: str = "minilm", device: str = "cpu", dtype: str = "float32"
         config = AutoConfig.from_pretrained(source, trust_remote_code=False, local_files_only=local_only)
     except (OSError, ValueError) as exc:
         if is_local:
-            raise ModelLoadError(f"cannot read the config of model '{spec}': {str(exc).splitlines()[0]}") from exc
+            raise ModelLoadError(f"cannot read the config of model '{spec}': {_first_line(exc)}") from exc
         raise ModelLoadError(
             f"cannot load model '{spec}': it is not a local folder and the Hugging Face Hub could not be reached "
             f"(offline, or no such model id); use --model minilm for the bundled offline model"
@@ -138,16 +159,36 @@ def load_model(spec: str = "minilm", device: str = "cpu", dtype: str = "float32"
             f"unsupported architecture '{config.model_type}' in model '{spec}'; "
             f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
+    weights = _weights_file(Path(source)) if is_local else None
+    weights_name = weights.name if weights else "the weights file"
     try:
-        model = AutoModel.from_pretrained(
-            source, attn_implementation="eager", dtype=DTYPES[dtype], trust_remote_code=False,
-            local_files_only=local_only,
-        )
-        tokenizer = AutoTokenizer.from_pretrained(
-            source, use_fast=True, trust_remote_code=False, local_files_only=local_only
-        )
+        with _warnings_shown_on_success():
+            model = AutoModel.from_pretrained(
+                source, attn_implementation="eager", dtype=DTYPES[dtype], trust_remote_code=False,
+                local_files_only=local_only,
+            )
+            tokenizer = AutoTokenizer.from_pretrained(
+                source, use_fast=True, trust_remote_code=False, local_files_only=local_only
+            )
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot load model '{spec}': {str(exc).splitlines()[0]}") from exc
+        raise ModelLoadError(f"cannot load model '{spec}': {_first_line(exc)}") from exc
+    except pickle.UnpicklingError as exc:
+        # transformers loads .bin files with torch.load(weights_only=True): the pickle was refused, not run.
+        raise ModelLoadError(
+            f"model '{spec}': {weights_name} holds Python objects besides tensors, so the safe loader refused it "
+            f"(nothing in it was run); use a model saved as model.safetensors"
+        ) from exc
+    except (SafetensorError, RuntimeError, EOFError) as exc:
+        raise ModelLoadError(
+            f"cannot read the weights of model '{spec}' from {weights_name} (corrupt or truncated?): {_first_line(exc)}"
+        ) from exc
+    if len(tokenizer) <= len(tokenizer.all_special_tokens):
+        # transformers builds an empty tokenizer from the config when the folder has no tokenizer files:
+        # every word would become the unknown token, and verification would still pass.
+        raise ModelLoadError(
+            f"model '{spec}' has no tokenizer files (tokenizer.json, vocab.txt, ...): its tokenizer knows only "
+            f"{len(tokenizer)} special tokens; save them into the folder with tokenizer.save_pretrained"
+        )
     if not tokenizer.is_fast:
         raise ModelLoadError(f"model '{spec}' has no fast tokenizer; offsets and word ids need one")
     if tokenizer.pad_token is None:

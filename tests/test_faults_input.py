@@ -7,6 +7,8 @@ The CLI is driven through Typer's runner, or a real process where a signal or th
 from __future__ import annotations
 
 import os
+import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -98,3 +100,68 @@ def test_interrupt_while_importing_the_cli_is_one_line() -> None:
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 130, done.stderr
     assert done.stderr.strip() == "error: interrupted"
+
+
+# --- 1, 5. model folders: no tokenizer, a pickle that would run code, corrupt weights -------------------------
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
+
+
+def minilm_folder(folder: Path, *, tokenizer: bool, weights: bool) -> Path:
+    """A save_pretrained-style folder from the bundled MiniLM: its config, and optionally its tokenizer files
+    and weights (linked, not copied: 90 MB)."""
+    from extractor.models import bundled_model_path
+
+    source = bundled_model_path("minilm")
+    folder.mkdir()
+    shutil.copy(source / "config.json", folder)
+    for name in TOKENIZER_FILES if tokenizer else ():
+        shutil.copy(source / name, folder)
+    if weights:
+        (folder / "model.safetensors").symlink_to(source / "model.safetensors")
+    return folder
+
+
+class RunsCode:
+    """Unpickling this calls os.system: a checkpoint that would run code if loaded with weights_only=False."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_model_folder_without_tokenizer_files_is_refused(tmp_path: Path) -> None:
+    folder = minilm_folder(tmp_path / "no-tokenizer", tokenizer=False, weights=True)
+    line = one_line_error(invoke("verify", "--model", str(folder), "--text", "hello world"))
+    assert line.startswith(f"error: model '{folder}' has no tokenizer files"), line
+
+
+def test_pickle_that_runs_code_is_not_run(tmp_path: Path) -> None:
+    folder = minilm_folder(tmp_path / "pickle", tokenizer=True, weights=False)
+    marker = tmp_path / "code-ran"
+    with open(folder / "pytorch_model.bin", "wb") as handle:
+        pickle.dump({"embeddings.word_embeddings.weight": RunsCode(marker)}, handle)
+    line = one_line_error(invoke("verify", "--model", str(folder), "--text", "hello world"))
+    assert not marker.exists()
+    assert line == (
+        f"error: model '{folder}': pytorch_model.bin holds Python objects besides tensors, so the safe loader "
+        "refused it (nothing in it was run); use a model saved as model.safetensors"
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "reason"),
+    [
+        ("model.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header", "Error while deserializing header"),
+        ("pytorch_model.bin", b"", "EOFError"),
+        ("pytorch_model.bin", b"PK\x03\x04 half a zip", "PytorchStreamReader failed reading zip archive"),
+    ],
+)
+def test_corrupt_weights_are_one_line(tmp_path: Path, name: str, content: bytes, reason: str) -> None:
+    folder = minilm_folder(tmp_path / "corrupt", tokenizer=True, weights=False)
+    (folder / name).write_bytes(content)
+    line = one_line_error(invoke("verify", "--model", str(folder), "--text", "hello world"))
+    assert line.startswith(f"error: cannot read the weights of model '{folder}' from {name}"), line
+    assert reason in line
