@@ -6,6 +6,8 @@ The CLI is driven through Typer's runner, or a real process where a signal or th
 
 from __future__ import annotations
 
+import codecs
+import json
 import os
 import pickle
 import shutil
@@ -15,11 +17,13 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner, Result
 
 import extractor
 from extractor.cli import app
+from extractor.readers import count_records, read_documents
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -165,3 +169,99 @@ def test_corrupt_weights_are_one_line(tmp_path: Path, name: str, content: bytes,
     line = one_line_error(invoke("verify", "--model", str(folder), "--text", "hello world"))
     assert line.startswith(f"error: cannot read the weights of model '{folder}' from {name}"), line
     assert reason in line
+
+
+# --- 2, 3, 4. corpus records: invisible text, UTF-16/32, an unclosed CSV quote, a lone surrogate ----------------
+
+
+def records(path: Path, **options: str) -> list[tuple[int, str | None, str | None]]:
+    """(line, text, reason) of every record."""
+    return [(r.line, r.text, r.reason) for r in read_documents(str(path), **options)]
+
+
+@pytest.mark.parametrize(
+    "invisible",
+    ["\x00", "\x00\x01\x1b\x7f", "\u200b", "\u200c\u200d", "\ufeff", "\u2060", "\u0301\u0302", " \u200b\t\u0300 "],
+)
+def test_documents_without_visible_characters_are_skipped(tmp_path: Path, invisible: str) -> None:
+    txt = tmp_path / "corpus.txt"
+    txt.write_text(f"visible\n{invisible}\ncafe\u0301 \u200bX\n", encoding="utf-8")
+    assert records(txt) == [
+        (1, "visible", None),
+        (2, None, "no visible characters"),
+        (3, "cafe\u0301 \u200bX", None),  # marks and zero-width characters beside visible ones are kept
+    ]
+    jsonl = tmp_path / "corpus.jsonl"
+    jsonl.write_text(json.dumps({"text": invisible}) + "\n", encoding="utf-8")
+    assert records(jsonl) == [(1, None, "no visible characters")]
+
+
+@pytest.mark.parametrize("codec", ["utf-16-le", "utf-16-be", "utf-32-le", "utf-32-be"])
+def test_utf16_and_utf32_files_are_decoded_from_their_bom(tmp_path: Path, codec: str) -> None:
+    bom = {"utf-16-le": codecs.BOM_UTF16_LE, "utf-16-be": codecs.BOM_UTF16_BE,
+           "utf-32-le": codecs.BOM_UTF32_LE, "utf-32-be": codecs.BOM_UTF32_BE}[codec]
+    txt = tmp_path / "corpus.txt"
+    txt.write_bytes(bom + "Héllo wörld ✓\r\n\nĊ second\n".encode(codec))  # Ċ is U+010A: holds a 0x0A byte
+    assert records(txt) == [(1, "Héllo wörld ✓", None), (2, None, "empty"), (3, "Ċ second", None)]
+    assert count_records(str(txt)) is None  # a line count of the bytes would be wrong
+    jsonl = tmp_path / "corpus.jsonl"
+    jsonl.write_bytes(bom + (json.dumps({"text": "Ünïcode"}, ensure_ascii=False) + "\n").encode(codec))
+    assert records(jsonl) == [(1, "Ünïcode", None)]
+    csv = tmp_path / "corpus.csv"
+    csv.write_bytes(bom + 'id,text\n1,"a, b"\n2,c\n'.encode(codec))
+    assert records(csv) == [(2, "a, b", None), (3, "c", None)]
+
+
+def test_invalid_utf16_is_skipped_per_line(tmp_path: Path) -> None:
+    txt = tmp_path / "corpus.txt"
+    lone_high_surrogate = b"\x00\xd8"
+    txt.write_bytes(codecs.BOM_UTF16_LE + "one\n".encode("utf-16-le") + lone_high_surrogate
+                    + "x\nthree".encode("utf-16-le"))
+    assert records(txt) == [(1, "one", None), (2, None, "invalid UTF-16"), (3, "three", None)]
+
+
+@pytest.mark.parametrize("fmt, delimiter", [("csv", ","), ("tsv", "\t")])
+def test_csv_quote_left_open_to_the_end_is_skipped(tmp_path: Path, fmt: str, delimiter: str) -> None:
+    d = delimiter
+    file = tmp_path / f"corpus.{fmt}"
+    file.write_text(f'id{d}text\n1{d}ok\n2{d}"open quote\n3{d}next row\n4{d}third\n', encoding="utf-8")
+    assert records(file) == [
+        (2, "ok", None),
+        (3, None, "unclosed quote: the record runs from line 3 to the end of the file (line 5); close the quote"),
+    ]
+    closed = tmp_path / f"closed.{fmt}"  # a last field that spans lines and is closed stays one document
+    closed.write_text(f'id{d}text\n1{d}"two\nlines"', encoding="utf-8")
+    assert records(closed) == [(2, "two\nlines", None)]
+
+
+def test_csv_header_with_an_unclosed_quote_is_one_line(tmp_path: Path) -> None:
+    file = tmp_path / "corpus.csv"
+    file.write_text('id,"text\n1,ok\n2,more\n', encoding="utf-8")
+    line = one_line_error(invoke("run", "-i", str(file), "-o", str(tmp_path / "out")))
+    assert line == f"error: {file} line 1: the header opens a quote that is never closed"
+
+
+def test_jsonl_lone_surrogate_is_skipped(tmp_path: Path) -> None:
+    file = tmp_path / "corpus.jsonl"
+    file.write_text('{"text":"\\ud800 x"}\n{"text":"x \\udfff"}\n{"text":"\\ud83d\\ude00 ok"}\n', encoding="utf-8")
+    assert records(file) == [
+        (1, None, "lone surrogate (not valid Unicode)"),
+        (2, None, "lone surrogate (not valid Unicode)"),
+        (3, "\U0001f600 ok", None),  # a surrogate pair is one valid character
+    ]
+
+
+def test_run_skips_bad_records_with_their_reasons(tmp_path: Path, tiny_model_dir) -> None:
+    """Through `extractor run`: before the fix the surrogate crashed the run (TypeError in the tokenizer) and
+    the invisible lines were analysed as documents with status ok."""
+    corpus = tmp_path / "corpus.jsonl"
+    lines = ['{"text": "The cat sat."}', '{"text": "\\ud800 x"}', '{"text": "\\u0000"}',
+             '{"text": "\\u200b\\u2060\\ufeff"}', '{"text": "\\u0301"}', '{"text": "A dog ran."}']
+    corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out = tmp_path / "out"
+    result = invoke("run", "--model", str(tiny_model_dir("bert")), "-i", str(corpus), "-o", str(out),
+                    "--set", "plots=false", "--set", "report=false", "--quiet")
+    assert result.exit_code == 0, (result.output, result.exception)
+    documents = pq.read_table(out / "documents.parquet").to_pandas().sort_values("doc_id")
+    assert documents["status"].tolist() == ["ok", "skipped", "skipped", "skipped", "skipped", "ok"]
+    assert documents["reason"].tolist()[1:5] == ["lone surrogate (not valid Unicode)"] + ["no visible characters"] * 3
