@@ -172,26 +172,33 @@ def run(
         raise fail(f"verification failed for {failing} (see verification.parquet)", code=1)
 
 
+QUERY_FORMATS = {"table": "aligned columns", "csv": "CSV with a header", "json": "one JSON array of row objects",
+                 "jsonl": "JSON Lines, one row object per line"}
+
+
 @app.command()
 @user_errors
 def query(
     output_dir: Annotated[str, typer.Argument(help="A run's output folder.")],
     sql: Annotated[str, typer.Argument(help="SQL over views associations, tokens, words, documents, verification, heads, head_similarity.")],
-    format: Annotated[str, typer.Option("--format", help="table | csv | json.")] = "table",
+    format: Annotated[str, typer.Option("--format", help="; ".join(f"{k}: {v}" for k, v in QUERY_FORMATS.items()) + ".")] = "table",
     max_rows: Annotated[int, typer.Option(help="Rows shown in table format.")] = 50,
 ) -> None:
-    """Query a run's Parquet outputs with DuckDB SQL."""
+    """Query a run's Parquet outputs with DuckDB SQL (read-only: queries cannot read or write other files)."""
     from .query import run_query
 
+    if format not in QUERY_FORMATS:
+        *others, last = QUERY_FORMATS
+        raise UserError(f"--format '{format}' is not supported; choose {', '.join(others)} or {last}")
     frame = run_query(output_dir, sql)
     if format == "csv":
         typer.echo(frame.to_csv(index=False), nl=False)
     elif format == "json":
+        typer.echo(frame.to_json(orient="records"))
+    elif format == "jsonl":
         typer.echo(frame.to_json(orient="records", lines=True), nl=False)
-    elif format == "table":
-        typer.echo(frame.to_string(index=False, max_rows=max_rows) if len(frame) else "(no rows)")
     else:
-        raise UserError(f"--format '{format}' is not supported; choose table, csv or json")
+        typer.echo(frame.to_string(index=False, max_rows=max_rows) if len(frame) else "(no rows)")
 
 
 def main() -> None:

@@ -265,3 +265,63 @@ def test_run_skips_bad_records_with_their_reasons(tmp_path: Path, tiny_model_dir
     documents = pq.read_table(out / "documents.parquet").to_pandas().sort_values("doc_id")
     assert documents["status"].tolist() == ["ok", "skipped", "skipped", "skipped", "skipped", "ok"]
     assert documents["reason"].tolist()[1:5] == ["lone surrogate (not valid Unicode)"] + ["no visible characters"] * 3
+
+
+# --- 6, 8, 11. extractor query: empty SQL, no file access, --format json vs jsonl ------------------------------
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_model_dir, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished run of the tiny BERT over two documents, without plots or report."""
+    folder = tmp_path_factory.mktemp("faults-run")
+    corpus = folder / "corpus.txt"
+    corpus.write_text("The cat sat on the mat.\n\nA dog ran home.\n", encoding="utf-8")
+    result = invoke("run", "--model", str(tiny_model_dir("bert")), "-i", str(corpus), "-o", str(folder / "out"),
+                    "--set", "plots=false", "--set", "report=false", "--quiet")
+    assert result.exit_code == 0, (result.output, result.exception)
+    return folder / "out"
+
+
+@pytest.mark.parametrize("sql", ["", "   ", ";", "/* only a comment */"])
+def test_query_empty_sql(run_dir: Path, sql: str) -> None:
+    line = one_line_error(invoke("query", str(run_dir), sql))
+    assert line == "error: the query is empty; give SQL such as 'SELECT * FROM documents LIMIT 5'"
+
+
+def test_query_cannot_write_or_read_files(run_dir: Path, tmp_path: Path) -> None:
+    target = tmp_path / "x.csv"
+    documents = run_dir / "documents.parquet"
+    before = documents.read_bytes()
+    refused = [
+        f"COPY (SELECT 1) TO '{target}'",
+        "COPY (SELECT 1) TO '/tmp/x.csv'",
+        f"COPY (SELECT 7 AS doc_id) TO '{documents}' (FORMAT parquet, USE_TMP_FILE false)",
+        f"ATTACH '{tmp_path / 'db.duckdb'}' AS other",
+        f"SELECT * FROM read_parquet('{documents}')",  # the views read the run; SQL itself reads no file
+        "SET enable_external_access = true",
+    ]
+    for sql in refused:
+        line = one_line_error(invoke("query", str(run_dir), sql))
+        assert line.startswith("error: query failed:"), line
+    assert not target.exists() and not (tmp_path / "db.duckdb").exists()
+    assert documents.read_bytes() == before
+    copy = one_line_error(invoke("query", str(run_dir), f"COPY (SELECT 1) TO '{target}'"))
+    assert str(target) in copy and copy.endswith("(queries read the run's tables only)")
+    ok = invoke("query", str(run_dir), "SELECT status, count(*) AS n FROM documents GROUP BY status ORDER BY status",
+                "--format", "csv")
+    assert ok.exit_code == 0, ok.output
+    assert ok.stdout.splitlines() == ["status,n", "ok,2", "skipped,1"]
+    joined = invoke("query", str(run_dir), "SELECT count(*) AS n FROM associations a JOIN tokens t "
+                    "ON t.doc_id = a.doc_id AND t.position = a.query_pos", "--format", "jsonl")
+    assert joined.exit_code == 0 and json.loads(joined.stdout)["n"] > 0
+
+
+def test_query_json_is_an_array_and_jsonl_is_lines(run_dir: Path) -> None:
+    sql = "SELECT doc_id, status FROM documents ORDER BY doc_id"
+    expected = [{"doc_id": 0, "status": "ok"}, {"doc_id": 1, "status": "skipped"}, {"doc_id": 2, "status": "ok"}]
+    as_json = invoke("query", str(run_dir), sql, "--format", "json")
+    assert as_json.exit_code == 0 and json.loads(as_json.stdout) == expected
+    as_jsonl = invoke("query", str(run_dir), sql, "--format", "jsonl")
+    assert as_jsonl.exit_code == 0 and [json.loads(line) for line in as_jsonl.stdout.splitlines()] == expected
+    help_text = " ".join(invoke("query", "--help").stdout.replace("│", " ").split())
+    assert "json: one JSON array of row objects" in help_text and "jsonl: JSON Lines" in help_text
