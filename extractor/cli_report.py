@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Annotated
 
 import typer
@@ -25,7 +26,7 @@ def report(
     """Write OUTPUT_DIR/report.html: provenance, verification, head grid, token-to-token view (offline)."""
     from .report import write_report
 
-    if max_mb <= 0:
-        raise UserError(f"--max-mb must be > 0 (got {max_mb:g})")
+    if not (math.isfinite(max_mb) and max_mb > 0):  # nan fails every comparison, so `max_mb <= 0` let it through
+        raise UserError(f"--max-mb must be a number of megabytes > 0 (got {max_mb:g})")
     path = write_report(output_dir, max_docs=max_docs, max_bytes=int(max_mb * 1e6))
     typer.echo(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")

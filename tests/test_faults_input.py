@@ -325,3 +325,13 @@ def test_query_json_is_an_array_and_jsonl_is_lines(run_dir: Path) -> None:
     assert as_jsonl.exit_code == 0 and [json.loads(line) for line in as_jsonl.stdout.splitlines()] == expected
     help_text = " ".join(invoke("query", "--help").stdout.replace("│", " ").split())
     assert "json: one JSON array of row objects" in help_text and "jsonl: JSON Lines" in help_text
+
+
+# --- 6. extractor report --max-mb -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("value", "shown"), [("nan", "nan"), ("inf", "inf"), ("-inf", "-inf"), ("-1", "-1"), ("0", "0")])
+def test_report_max_mb_must_be_a_positive_number(run_dir: Path, value: str, shown: str) -> None:
+    line = one_line_error(invoke("report", str(run_dir), "--max-mb", value))
+    assert line == f"error: --max-mb must be a number of megabytes > 0 (got {shown})"
+    assert not (run_dir / "report.html").exists()
