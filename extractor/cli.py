@@ -159,13 +159,12 @@ def run(
     from .config import load_config, parse_set
     from .run import run_extraction
 
-    overrides = parse_set(set_)
+    sets = parse_set(set_)
     flags = {"model": model, "input": input, "output": output, "batch_size": batch_size, "max_length": max_length,
              "storage": storage, "top_k": top_k, "level": level, "limit": limit, "verify": verify, "device": device,
              "dtype": dtype, "engine": engine, "address": address, "workers": workers,
              "measures": [m.strip() for m in measures.split(",") if m.strip()] if measures is not None else None}
-    overrides.update({k: v for k, v in flags.items() if v is not None})
-    settings = load_config(config, overrides)
+    settings = load_config(config, flags, sets)
     manifest = run_extraction(settings, resume=resume, overwrite=overwrite, quiet=quiet)
     if manifest.get("verification", {}).get("passed") is False:
         failing = ", ".join(manifest["verification"]["failing_heads"])

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, TextIO
 
-from .errors import UserError
+from .errors import UserError, shortened
 
 FORMATS = ("txt", "jsonl", "csv", "tsv", "parquet")
 EXTENSIONS = {".txt": "txt", ".text": "txt", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "tsv",
@@ -158,7 +158,7 @@ def read_jsonl(path: str, source: str, text_field: str) -> Iterator[SourceRecord
                 reason = "not a JSON object"
             elif reason is None and text_field not in record:
                 if not seen_field:
-                    fields = ", ".join(record) or "none"
+                    fields = shortened(", ".join(record)) or "none"
                     raise UserError(
                         f"{source} line {number}: no field '{text_field}' (fields: {fields}); set text_field"
                     )
@@ -206,7 +206,7 @@ def read_delimited(path: str, source: str, text_column: str, delimiter: str) -> 
             raise UserError(f"{source} line 1: the header opens a quote that is never closed")
         if text_column not in header:
             raise UserError(
-                f"{source} line 1: no column '{text_column}' (columns: {', '.join(header)}); set text_column"
+                f"{source} line 1: no column '{text_column}' (columns: {shortened(', '.join(header))}); set text_column"
             )
         column = header.index(text_column)
         doc_id = 0
@@ -251,7 +251,7 @@ def read_parquet(path: str, source: str, text_column: str) -> Iterator[SourceRec
         raise UserError(f"{source}: not a readable Parquet file ({str(exc).splitlines()[0]})") from None
     names = parquet.schema_arrow.names
     if text_column not in names:
-        raise UserError(f"{source}: no column '{text_column}' (columns: {', '.join(names)}); set text_column")
+        raise UserError(f"{source}: no column '{text_column}' (columns: {shortened(', '.join(names))}); set text_column")
     doc_id = 0
     for batch in parquet.iter_batches(columns=[text_column], batch_size=4096):
         for value in batch.column(0).to_pylist():

@@ -15,14 +15,17 @@ import signal
 import subprocess
 import sys
 import time
+import typing
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import yaml
 from typer.testing import CliRunner, Result
 
 import extractor
 from extractor.cli import app
+from extractor.config import RunConfig, load_config, read_yaml
 from extractor.readers import count_records, read_documents
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -335,3 +338,148 @@ def test_report_max_mb_must_be_a_positive_number(run_dir: Path, value: str, show
     line = one_line_error(invoke("report", str(run_dir), "--max-mb", value))
     assert line == f"error: --max-mb must be a number of megabytes > 0 (got {shown})"
     assert not (run_dir / "report.html").exists()
+
+
+# --- 7. YAML alias bombs, and error lines that quote at most QUOTE_LIMIT characters of a value -----------------
+
+
+def alias_bomb(levels: int) -> str:
+    """Billion laughs: each level lists the previous one 9 times, so `levels` levels expand to 9**levels values."""
+    lines = ['l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
+def test_yaml_alias_bomb_is_refused_before_it_expands(tmp_path: Path) -> None:
+    file = tmp_path / "bomb.yaml"
+    file.write_text(alias_bomb(7), encoding="utf-8")  # 4.8 million values from 400 bytes
+    line = one_line_error(invoke("run", str(file), "-o", str(tmp_path / "out")))
+    assert line == f"error: config file '{file}': its aliases expand to more than 10000 values; write the values out"
+    assert not (tmp_path / "out").exists()
+
+
+def test_yaml_within_the_limit_still_uses_aliases(tmp_path: Path) -> None:
+    file = tmp_path / "run.yaml"
+    file.write_text("base: &m [attention, rollout]\n", encoding="utf-8")
+    assert read_yaml(file) == {"base": ["attention", "rollout"]}
+    file.write_text("measures: &m [attention, rollout]\nstorage: dense\n", encoding="utf-8")
+    assert load_config(str(file), {}).measures == ["attention", "rollout"]
+
+
+def test_yaml_alias_that_contains_itself_is_refused(tmp_path: Path) -> None:
+    file = tmp_path / "loop.yaml"
+    file.write_text("measures: &m [attention, *m]\n", encoding="utf-8")
+    line = one_line_error(invoke("run", str(file), "-o", str(tmp_path / "out")))
+    assert line == f"error: config file '{file}': an alias refers to a value that contains it"
+
+
+def test_alias_bomb_in_set_is_refused(tmp_path: Path) -> None:
+    def ten(value: str) -> str:
+        return "[" + ", ".join([value] * 10) + "]"
+
+    bomb = f"[&a {ten('x')}, &b {ten('*a')}, &c {ten('*b')}, {ten('*c')}]"  # expands to 11,110 values
+    line = one_line_error(invoke("run", "--set", f"measures={bomb}", "-o", str(tmp_path / "out")))
+    assert line == "error: --set 'measures': its aliases expand to more than 10000 values; write the values out"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--set", "top_k=" + "9" * 5000 + "x"],
+        ["--device", "gpu" * 5000],
+        ["--set", "measures=[" + ", ".join(["attention"] * 5000) + ", saliency]"],
+        ["--set", "name=" + "[" * 3 + "x" * 10000 + "]" * 3],
+    ],
+)
+def test_error_lines_quote_values_at_most_about_200_characters(tmp_path: Path, args: list[str]) -> None:
+    line = one_line_error(invoke("run", *args, "-o", str(tmp_path / "out")))
+    assert len(line) < 500, len(line)
+
+
+def test_huge_value_in_a_config_file_is_quoted_short(tmp_path: Path) -> None:
+    file = tmp_path / "run.yaml"
+    file.write_text("storage: " + "x" * 100_000 + "\n", encoding="utf-8")
+    line = one_line_error(invoke("run", str(file), "-o", str(tmp_path / "out")))
+    assert line.startswith(f"error: config '{file}': key 'storage':") and len(line) < 500, line[:600]
+
+
+def test_reader_errors_quote_field_lists_short(tmp_path: Path) -> None:
+    file = tmp_path / "corpus.jsonl"
+    file.write_text(json.dumps({f"field{i}" * 20: i for i in range(2000)}) + "\n", encoding="utf-8")
+    line = one_line_error(invoke("run", "-i", str(file), "-o", str(tmp_path / "out")))
+    assert line.startswith(f"error: {file} line 1: no field 'text' (fields: field0") and len(line) < 500, line[:600]
+
+
+# --- 9, 10. --set key=null applies; an error names the option that gave the value --------------------------
+
+
+NON_NULL = {"name": "named", "max_length": 16, "similarity_rows": 2, "limit": 5, "threads": 1, "address": "auto"}
+
+
+def nullable_keys() -> list[str]:
+    return [key for key, field in RunConfig.model_fields.items() if type(None) in typing.get_args(field.annotation)]
+
+
+def test_every_nullable_key_has_a_non_null_example() -> None:
+    assert sorted(nullable_keys()) == sorted(NON_NULL)
+
+
+def settings_from_cli(monkeypatch: pytest.MonkeyPatch, *args: str) -> RunConfig:
+    """The RunConfig `extractor run ARGS` would run with (the extraction itself is replaced)."""
+    import extractor.run
+
+    seen: list[RunConfig] = []
+
+    def record(settings: RunConfig, **kwargs: object) -> dict:
+        seen.append(settings)
+        return {}
+
+    monkeypatch.setattr(extractor.run, "run_extraction", record)
+    result = invoke("run", *args)
+    assert result.exit_code == 0, (result.output, result.exception)
+    return seen[0]
+
+
+@pytest.mark.parametrize("key", sorted(NON_NULL))
+@pytest.mark.parametrize("null", ["null", "~", ""])
+def test_set_key_null_overrides_the_config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, key: str, null: str) -> None:
+    file = tmp_path / "run.yaml"
+    file.write_text(yaml.safe_dump(NON_NULL), encoding="utf-8")
+    assert getattr(settings_from_cli(monkeypatch, str(file)), key) == NON_NULL[key]
+    settings = settings_from_cli(monkeypatch, str(file), "--set", f"{key}={null}")
+    assert getattr(settings, key) is None
+    assert all(getattr(settings, k) == v for k, v in NON_NULL.items() if k != key)
+
+
+def test_set_similarity_rows_null_over_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert RunConfig().similarity_rows == 4
+    settings = settings_from_cli(monkeypatch, "--set", "similarity_rows=null", "-o", "unused")
+    assert settings.similarity_rows is None
+
+
+def test_set_null_on_a_key_that_needs_a_value_is_one_line(tmp_path: Path) -> None:
+    line = one_line_error(invoke("run", "--set", "top_k=null", "-o", str(tmp_path / "out")))
+    assert line == "error: --set: key 'top_k': Input should be a valid integer (got None)"
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--top-k", "0"], "error: --top-k: key 'top_k': Input should be greater than or equal to 1 (got 0)"),
+        (["--batch-size", "0"], "error: --batch-size: key 'batch_size': Input should be greater than or equal to 1 (got 0)"),
+        (["--max-length", "4"], "error: --max-length: key 'max_length': Input should be greater than or equal to 8 (got 4)"),
+        (["--measures", "attention,saliency"], "error: --measures: key 'measures.1': Input should be 'attention', 'value_norm', 'layer_value_norm' or 'rollout' (got 'saliency')"),
+        (["--set", "top_k=0"], "error: --set: key 'top_k': Input should be greater than or equal to 1 (got 0)"),
+        # an option overrides --set, and the option is what the error names
+        (["--set", "top_k=3", "--top-k", "0"], "error: --top-k: key 'top_k': Input should be greater than or equal to 1 (got 0)"),
+    ],
+)
+def test_errors_name_the_option_that_gave_the_value(tmp_path: Path, args: list[str], expected: str) -> None:
+    assert one_line_error(invoke("run", *args, "-o", str(tmp_path / "out"))) == expected
+
+
+def test_errors_name_the_config_file_for_its_own_keys(tmp_path: Path) -> None:
+    file = tmp_path / "run.yaml"
+    file.write_text("top_k: 0\n", encoding="utf-8")
+    line = one_line_error(invoke("run", str(file), "--batch-size", "2", "-o", str(tmp_path / "out")))
+    assert line == f"error: config '{file}': key 'top_k': Input should be greater than or equal to 1 (got 0)"
