@@ -113,7 +113,8 @@ def _open_text(path: str, newline: str) -> Iterator[tuple[TextIO, str]]:
     """`path` (or stdin) as text, in the encoding its byte-order mark names (UTF-8 without one), and that
     encoding's name. Invalid bytes become lone surrogates, so one record is skipped instead of the file failing."""
     handle = _open_binary(path)
-    buffered = handle if isinstance(handle, io.BufferedReader) else io.BufferedReader(handle)  # type: ignore[arg-type]
+    # peek() reads the byte-order mark without consuming it; a stdin that is not a BufferedReader lacks it
+    buffered = handle if isinstance(handle, io.BufferedReader) else io.BufferedReader(handle)  # type: ignore[type-var]
     codec, name = _encoding(buffered.peek(4))
     stream = io.TextIOWrapper(buffered, encoding=codec, errors=INVALID_BYTES, newline=newline)
     try:
