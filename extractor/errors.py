@@ -31,3 +31,10 @@ def quoted(value: object) -> str:
     """repr(value) for an error line, at most about QUOTE_LIMIT characters. It is built piece by piece, so a
     huge value (a YAML alias bomb expands to hundreds of megabytes) is never rendered whole."""
     return shortened(_REPR.repr(value))
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none, like EOFError's), for
+    quoting a library's error in one line."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__

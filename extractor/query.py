@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .errors import UserError
+from .errors import UserError, first_line
 from .outputs import association_files, read_manifest
 
 VIEWS = {
@@ -59,13 +59,8 @@ def run_query(output_dir: str | Path, sql: str) -> pd.DataFrame:
         result = con.execute(sql)
         return result.fetchdf() if result.description is not None else pd.DataFrame()
     except duckdb.PermissionException as exc:
-        raise UserError(f"query failed: {_first_line(exc)} (queries read the run's tables only)") from None
+        raise UserError(f"query failed: {first_line(exc)} (queries read the run's tables only)") from None
     except duckdb.Error as exc:
-        raise UserError(f"query failed: {_first_line(exc)}") from None
+        raise UserError(f"query failed: {first_line(exc)}") from None
     finally:
         con.close()
-
-
-def _first_line(exc: Exception) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
