@@ -17,9 +17,10 @@ from typing import Any
 import torch
 
 from .adapters.base import ModelAdapter
+from .errors import UserError
 
 
-class MissingAttentionsError(RuntimeError):
+class MissingAttentionsError(UserError, RuntimeError):
     """The model did not return one attention tensor per layer."""
 
 

@@ -1,7 +1,7 @@
 """Command line: `extractor verify | explain | run | query | plot | compare | report`.
 
-User mistakes (bad model, file, field, option) print one line `error: ...` on stderr and exit 2;
-a verification failure exits 1.
+User mistakes (bad model, file, field, option: every `UserError`) print one line `error: ...` on stderr and
+exit 2; a verification failure exits 1; Ctrl-C prints `error: interrupted` and exits 130 (128 + SIGINT).
 """
 
 from __future__ import annotations
@@ -13,10 +13,8 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from .adapters import UnsupportedModelError
-from .capture import MissingAttentionsError
+from . import __version__
 from .errors import UserError
-from .models import ModelLoadError
 
 app = typer.Typer(
     add_completion=False,
@@ -26,7 +24,7 @@ app = typer.Typer(
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
-USER_ERRORS = (UserError, ModelLoadError, UnsupportedModelError, MissingAttentionsError)
+INTERRUPTED = 130  # the shell's exit code for a process stopped by SIGINT (128 + 2)
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
@@ -35,20 +33,38 @@ def fail(message: str, code: int = 2) -> typer.Exit:
 
 
 def user_errors(command: F) -> F:
-    """Turn user mistakes into one line on stderr and exit code 2 (never a traceback); so is a write that the
-    disk or the file system refused."""
+    """Turn user mistakes into one line on stderr and exit code 2 (never a traceback), and so a write that the
+    disk or the file system refused; Ctrl-C into `error: interrupted` (130)."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
-        except USER_ERRORS as exc:
+        except UserError as exc:
             raise fail(str(exc)) from None
         except OSError as exc:
             where = f" '{exc.filename}'" if exc.filename else ""
             raise fail(f"could not write{where} ({exc.strerror or exc})") from None
+        except KeyboardInterrupt:
+            # Typer would exit 130 silently; say why the command stopped, in the same one-line form.
+            raise fail("interrupted", INTERRUPTED) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"attention-extractor {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Extract, verify and compare every attention head of a pretrained transformer."""
 
 
 ModelOption = Annotated[str, typer.Option("--model", "-m", help="Hub id, save_pretrained folder, or 'minilm' (bundled, offline).")]
@@ -147,17 +163,20 @@ def run(
     from .config import load_config, parse_set
     from .run import run_extraction
 
-    overrides = parse_set(set_)
+    sets = parse_set(set_)
     flags = {"model": model, "input": input, "output": output, "batch_size": batch_size, "max_length": max_length,
              "storage": storage, "top_k": top_k, "level": level, "limit": limit, "verify": verify, "device": device,
              "dtype": dtype, "engine": engine, "address": address, "workers": workers,
              "measures": [m.strip() for m in measures.split(",") if m.strip()] if measures is not None else None}
-    overrides.update({k: v for k, v in flags.items() if v is not None})
-    settings = load_config(config, overrides)
+    settings = load_config(config, flags, sets)
     manifest = run_extraction(settings, resume=resume, overwrite=overwrite, quiet=quiet)
     if manifest.get("verification", {}).get("passed") is False:
         failing = ", ".join(manifest["verification"]["failing_heads"])
         raise fail(f"verification failed for {failing} (see verification.parquet)", code=1)
+
+
+QUERY_FORMATS = {"table": "aligned columns", "csv": "CSV with a header", "json": "one JSON array of row objects",
+                 "jsonl": "JSON Lines, one row object per line"}
 
 
 @app.command()
@@ -165,32 +184,35 @@ def run(
 def query(
     output_dir: Annotated[str, typer.Argument(help="A run's output folder.")],
     sql: Annotated[str, typer.Argument(help="SQL over views associations, tokens, words, documents, verification, heads, head_similarity.")],
-    format: Annotated[str, typer.Option("--format", help="table | csv | json.")] = "table",
+    format: Annotated[str, typer.Option("--format", help="; ".join(f"{k}: {v}" for k, v in QUERY_FORMATS.items()) + ".")] = "table",
     max_rows: Annotated[int, typer.Option(help="Rows shown in table format.")] = 50,
 ) -> None:
-    """Query a run's Parquet outputs with DuckDB SQL."""
+    """Query a run's Parquet outputs with DuckDB SQL (read-only: queries cannot read or write other files)."""
     from .outputs import reading
     from .query import run_query
 
+    if format not in QUERY_FORMATS:
+        *others, last = QUERY_FORMATS
+        raise UserError(f"--format '{format}' is not supported; choose {', '.join(others)} or {last}")
     with reading(output_dir):
         frame = run_query(output_dir, sql)
     if format == "csv":
         typer.echo(frame.to_csv(index=False), nl=False)
     elif format == "json":
+        typer.echo(frame.to_json(orient="records"))
+    elif format == "jsonl":
         typer.echo(frame.to_json(orient="records", lines=True), nl=False)
-    elif format == "table":
-        typer.echo(frame.to_string(index=False, max_rows=max_rows) if len(frame) else "(no rows)")
     else:
-        raise UserError(f"--format '{format}' is not supported; choose table, csv or json")
+        typer.echo(frame.to_string(index=False, max_rows=max_rows) if len(frame) else "(no rows)")
 
 
 def main() -> None:
     """Console entry point."""
     try:
         app()
-    except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        sys.exit(130)
+    except KeyboardInterrupt:  # outside a command (while parsing options)
+        typer.echo("error: interrupted", err=True)
+        sys.exit(INTERRUPTED)
 
 
 # Commands defined in their own modules register themselves on `app` when imported.

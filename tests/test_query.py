@@ -105,9 +105,11 @@ def test_cli_formats(run_dir: Path) -> None:
     assert csv.exit_code == 0, csv.output
     frame = pd.read_csv(io.StringIO(csv.stdout))
     assert frame["doc_id"].tolist() == [0, 1, 2, 3, 4] and frame["line"].tolist() == [1, 2, 3, 4, 5]
-    as_json = invoke(["query", str(run_dir), sql, "--format", "json"])
-    rows = [json.loads(line) for line in as_json.stdout.splitlines()]
+    as_jsonl = invoke(["query", str(run_dir), sql, "--format", "jsonl"])
+    rows = [json.loads(line) for line in as_jsonl.stdout.splitlines()]
     assert rows[2] == {"doc_id": 2, "line": 3, "status": "skipped"}
+    as_json = invoke(["query", str(run_dir), sql, "--format", "json"])
+    assert json.loads(as_json.stdout) == rows  # one JSON array of the same rows
     shown = invoke(["query", str(run_dir), "SELECT count(*) AS n FROM verification WHERE passed"])
     assert shown.exit_code == 0 and shown.stdout.split() == ["n", "8"]
     empty = invoke(["query", str(run_dir), "SELECT * FROM documents WHERE doc_id < 0"])
@@ -141,4 +143,4 @@ def test_not_a_run_folder(tmp_path: Path) -> None:
 
 def test_unknown_format(run_dir: Path) -> None:
     line = one_line_error(["query", str(run_dir), "SELECT 1", "--format", "xml"])
-    assert line == "error: --format 'xml' is not supported; choose table, csv or json"
+    assert line == "error: --format 'xml' is not supported; choose table, csv, json or jsonl"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..errors import UserError
 from .base import AttentionWeights, ModelAdapter
 from .bert import BertAdapter
 from .distilbert import DistilBertAdapter
@@ -20,7 +21,7 @@ ADAPTERS: tuple[type[ModelAdapter], ...] = (
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(t for a in ADAPTERS for t in a.model_types)
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(UserError, ValueError):
     """The model's architecture has no adapter."""
 
 

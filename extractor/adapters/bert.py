@@ -6,6 +6,7 @@ Per layer: `encoder.layer[i].attention.self.{query,key,value}` (nn.Linear, [out,
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from .base import AttentionWeights, ModelAdapter, split_linear, split_output_linear

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from .base import AttentionWeights, ModelAdapter, split_linear, split_output_linear

@@ -30,10 +30,9 @@ from typing import Any
 import pyarrow as pa
 
 from .. import runtime
-from ..adapters import UnsupportedModelError
 from ..config import RunConfig
 from ..errors import UserError
-from ..models import BUNDLED_ALIASES, ModelLoadError, load_model
+from ..models import BUNDLED_ALIASES, load_model
 from ..readers import SourceRecord
 from ..run import Extraction, Progress, base_manifest, expected_records, finish, limited
 from ..storage import OutputFolder
@@ -43,7 +42,6 @@ log = logging.getLogger("extractor.ray")
 INSTALL_HINT = "the ray engine needs Ray: pip install 'attention-extractor[ray]'"
 ATTEMPTS = 2  # tries per block: the worker retries once after an exception, Ray once after a crash
 FAULT_ENV = "EXTRACTOR_RAY_FAULT"  # test hook, see `Fault`
-USER_ERRORS = (UserError, ModelLoadError, UnsupportedModelError)  # shown as their one-line message
 
 
 def require_ray() -> ModuleType:
@@ -164,7 +162,7 @@ class BlockWorker:
         try:
             loaded = load_model(self.config.model, self.config.device, self.config.dtype, self.config.atol)
         except Exception as exc:  # noqa: BLE001 - Ray would keep only "the actor died"; the driver shows this
-            self.unusable = str(exc) if isinstance(exc, USER_ERRORS) else describe(exc)
+            self.unusable = str(exc) if isinstance(exc, UserError) else describe(exc)
             return
         self.load_seconds = time.time() - started
         self.provenance = json.dumps(loaded.provenance, default=str)
