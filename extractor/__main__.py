@@ -6,7 +6,7 @@ import sys
 
 def main() -> None:
     try:
-        from .cli import main as cli_main
+        from extractor.cli import main as cli_main
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)

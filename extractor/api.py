@@ -1,8 +1,9 @@
-"""Python API for notebooks: `extract(texts, model="minilm")` → an `ExtractionResult` you can query and save."""
+"""Python API for notebooks: `extract(texts, model="minilm")` → an `ExtractionResult` you can query and save;
+`run_extraction(config)` → a corpus run with its report and figures, as `extractor run` makes it."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,13 +13,17 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 import torch
 
-from .analysis import DocAttention, analyse_batch, validate_measures
-from .encode import encode
-from .explain import normalise_token
-from .measures import DEFAULT_MEASURES
-from .models import LoadedModel, load_model
-from .tables import association_table, tokens_table, words_table
-from .verify import DEFAULT_ATOL, VerificationReport, fold
+from extractor.attribution.analysis import DocAttention, analyse_batch, validate_measures
+from extractor.attribution.measures import DEFAULT_MEASURES
+from extractor.core.encode import encode
+from extractor.core.models import LoadedModel, load_model
+from extractor.core.verify import DEFAULT_ATOL, VerificationReport, fold
+from extractor.corpus.config import RunConfig
+from extractor.corpus.run import run_corpus
+from extractor.corpus.storage import Part
+from extractor.corpus.tables import association_table, tokens_table, words_table
+from extractor.presentation.explain import normalise_token
+from extractor.presentation.extras import write_extras
 
 LEVELS = ("token", "word")
 
@@ -130,3 +135,13 @@ def extract(
     return ExtractionResult(
         texts=texts, docs=docs, report=report, causal=loaded.adapter.causal, top_k=top_k, provenance=loaded.provenance
     )
+
+
+def run_extraction(
+    config: RunConfig, resume: bool = False, overwrite: bool = False, quiet: bool = False,
+    loaded: LoadedModel | None = None, after_part: Callable[[Part], None] | None = None,
+) -> dict:
+    """A corpus run (see `extractor.corpus.run.run_corpus`) followed by its report and figures, as `config`
+    asks; returns the manifest. `--resume` of a complete run writes the report and figures that are missing."""
+    return run_corpus(config, resume=resume, overwrite=overwrite, quiet=quiet, loaded=loaded, after_part=after_part,
+                      extras=write_extras)

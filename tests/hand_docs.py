@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from extractor.analysis import DocAttention
-from extractor.encode import TokenizedDoc
+from extractor.attribution.analysis import DocAttention
+from extractor.core.encode import TokenizedDoc
 
 
 def make_doc(

@@ -11,10 +11,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from extractor.api import extract
-from extractor.heads import HeadStats
-from extractor.models import LoadedModel
-from extractor.similarity import HeadSimilarity
-from extractor.storage import write_associations
+from extractor.core.models import LoadedModel
+from extractor.corpus.storage import write_associations
+from extractor.heads.metrics import HeadStats
+from extractor.heads.similarity import HeadSimilarity
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_CORPUS = REPO_ROOT / "data" / "sample.txt"

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from extractor import ExtractionResult, extract
-from extractor.models import LoadedModel
+from extractor.core.models import LoadedModel
 
 IT_SENTENCE = "The animal didn't cross the street because it was too tired."
 

@@ -16,18 +16,18 @@ import scipy.stats
 import torch
 from conftest import FAMILIES
 
-from extractor.adapters import adapter_for
-from extractor.analysis import analyse_batch
 from extractor.attribution.agreement import agreement_frame, agreement_sums, average_ranks, row_spearman
+from extractor.attribution.analysis import analyse_batch
 from extractor.attribution.decompose import NormParams, attention_block_vectors, linear_norm, norm_scale
 from extractor.attribution.layer_pass import visibility
 from extractor.attribution.replay import ZeroedValueLayer, record_layers
 from extractor.attribution.rollout import chain
 from extractor.attribution.value_zeroing import zeroing_distances
-from extractor.config import RunConfig
-from extractor.encode import encode
+from extractor.core.adapters import adapter_for
+from extractor.core.encode import encode
+from extractor.core.models import LoadedModel
+from extractor.corpus.config import RunConfig
 from extractor.errors import UserError
-from extractor.models import LoadedModel
 
 SHORT = ["I love pets, especially cats.", "The animal was tired."]
 
@@ -245,7 +245,7 @@ def test_post_norm_measures_refuse_gpt2(tiny_loaded) -> None:
 
 def test_config_and_default_measures() -> None:
     assert RunConfig(measures=["alti", "globenc", "value_zeroing"]).measures == ["alti", "globenc", "value_zeroing"]
-    from extractor.measures import DEFAULT_MEASURES
+    from extractor.attribution.measures import DEFAULT_MEASURES
 
     assert not {"alti", "globenc", "value_zeroing"} & set(DEFAULT_MEASURES)
 

@@ -13,12 +13,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from extractor.analysis import BatchAnalysis, analyse_batch
-from extractor.encode import encode
-from extractor.heads import HeadStats
-from extractor.similarity import HeadSimilarity
-from extractor.storage import write_associations
-from extractor.tables import association_table, batch_association_table
+from extractor.attribution.analysis import BatchAnalysis, analyse_batch
+from extractor.core.encode import encode
+from extractor.corpus.storage import write_associations
+from extractor.corpus.tables import association_table, batch_association_table
+from extractor.heads.metrics import HeadStats
+from extractor.heads.similarity import HeadSimilarity
 
 MEASURES = ("attention", "value_norm", "layer_value_norm", "rollout")
 MODES = [{"top_k": 3}, {"top_k": 200}, {}, {"threshold": 0.05}]
@@ -110,7 +110,7 @@ def test_writer_takes_an_ordered_batch_as_is(analysis: tuple[BatchAnalysis, bool
 def test_bfloat16_threshold_and_kept_mass_are_taken_in_float32() -> None:
     """A bfloat16 value just below the threshold stays out (bf16 would round the threshold onto it), and kept_mass
     sums in float32."""
-    from extractor.tables import select_cells
+    from extractor.corpus.tables import select_cells
 
     row = torch.tensor([0.0498046875, 0.5, 0.44921875], dtype=torch.bfloat16)  # exact in bfloat16
     values = {"attention": row.view(1, 1, 1, 3)}

@@ -11,9 +11,9 @@ import random
 
 import pytest
 
-from extractor.batching import chunks, plan_batches
-from extractor.encode import TokenizedDoc, tokenize, truncate, windows
-from extractor.models import LoadedModel
+from extractor.core.encode import TokenizedDoc, tokenize, truncate, windows
+from extractor.core.models import LoadedModel
+from extractor.corpus.batching import chunks, plan_batches
 
 
 def padded_tokens(batch: list[int], groups: list[list[int]]) -> int:

@@ -13,9 +13,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from extractor.adapters.bert import BertAdapter
 from extractor.cli import app
-from extractor.models import LoadedModel
+from extractor.core.adapters.bert import BertAdapter
+from extractor.core.models import LoadedModel
 
 IT_SENTENCE = "The animal didn't cross the street because it was too tired."
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -16,9 +16,9 @@ from run_fixture import build_run_folder, sample_lines  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from extractor.cli import app  # noqa: E402
-from extractor.compare import heads_difference, largest_changes  # noqa: E402
 from extractor.errors import UserError  # noqa: E402
-from extractor.heads import METRICS  # noqa: E402
+from extractor.heads.compare import heads_difference, largest_changes  # noqa: E402
+from extractor.heads.metrics import METRICS  # noqa: E402
 
 TEXTS = sample_lines(3)
 
@@ -84,7 +84,7 @@ def test_compare_two_different_models(runs: dict[str, Path]) -> None:
 
 
 def test_compare_two_models_of_one_family_into_a_chosen_folder(runs: dict[str, Path], tmp_path: Path) -> None:
-    from extractor.compare import compare_runs
+    from extractor.presentation.compare import compare_runs
 
     difference, paths = compare_runs(runs["bert"], runs["bert_other"], tmp_path / "out")
     assert paths[0] == tmp_path / "out" / "heads_diff.parquet" and paths[0].is_file()
@@ -116,7 +116,7 @@ def test_compare_refuses_a_run_without_heads(runs: dict[str, Path], tmp_path: Pa
     (unfinished / "manifest.json").write_text(
         (runs["bert"] / "manifest.json").read_text().replace('"complete"', '"running"')
     )
-    from extractor.compare import compare_runs
+    from extractor.presentation.compare import compare_runs
 
     with pytest.raises(UserError, match=r"no heads.parquet \(status: running\)"):
         compare_runs(runs["bert"], unfinished)

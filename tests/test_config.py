@@ -13,7 +13,7 @@ import yaml
 from typer.testing import CliRunner
 
 from extractor.cli import app
-from extractor.config import RunConfig, load_config, parse_set, read_yaml, validate_config
+from extractor.corpus.config import RunConfig, load_config, parse_set, read_yaml, validate_config
 from extractor.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -87,7 +87,7 @@ def test_set_without_key_value_is_refused(item: str) -> None:
             r"key 'verify': must be 'on', 'off' or 'every:N' with N ≥ 1 \(got 'every:0'\)",
         ),
         ({"verify": "sometimes"}, r"key 'verify': must be 'on', 'off' or 'every:N'"),
-        ({"measures": ["attention", "saliency"]}, r"key 'measures.1': .*'attention', 'value_norm'"),
+        ({"measures": ["attention", "saliency"]}, r"key 'measures': unknown measure 'saliency'; choose from: attention, value_norm"),
         ({"measures": []}, r"key 'measures': give at least one of: attention, value_norm"),
         ({"batch_size": 0}, r"key 'batch_size': .*greater than or equal to 1"),
         ({"batch_size": "many"}, r"key 'batch_size': .*valid integer"),

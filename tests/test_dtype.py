@@ -7,9 +7,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from typer.testing import CliRunner
 
+from extractor.api import run_extraction
 from extractor.cli import app
-from extractor.config import BF16_ATOL, validate_config
-from extractor.run import run_extraction
+from extractor.corpus.config import BF16_ATOL, validate_config
 
 
 def test_bfloat16_default_tolerance_and_explicit_override() -> None:

@@ -25,8 +25,8 @@ from typer.testing import CliRunner, Result
 
 import extractor
 from extractor.cli import app
-from extractor.config import RunConfig, load_config, read_yaml
-from extractor.readers import count_records, read_documents
+from extractor.corpus.config import RunConfig, load_config, read_yaml
+from extractor.corpus.readers import count_records, read_documents
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -70,12 +70,12 @@ def test_version_flag() -> None:
 
 
 def test_interrupt_inside_a_command_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
-    import extractor.models
+    import extractor.core.models
 
     def interrupted(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(extractor.models, "load_model", interrupted)
+    monkeypatch.setattr(extractor.core.models, "load_model", interrupted)
     line = one_line_error(invoke("verify", "--text", "hello"), code=130)
     assert line == "error: interrupted"
 
@@ -136,7 +136,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "spec
 def minilm_folder(folder: Path, *, tokenizer: bool, weights: bool) -> Path:
     """A save_pretrained-style folder from the bundled MiniLM: its config, and optionally its tokenizer files
     and weights (linked, not copied: 90 MB)."""
-    from extractor.models import bundled_model_path
+    from extractor.core.models import bundled_model_path
 
     source = bundled_model_path("minilm")
     folder.mkdir()
@@ -445,7 +445,7 @@ def test_every_nullable_key_has_a_non_null_example() -> None:
 
 def settings_from_cli(monkeypatch: pytest.MonkeyPatch, *args: str) -> RunConfig:
     """The RunConfig `extractor run ARGS` would run with (the extraction itself is replaced)."""
-    import extractor.run
+    import extractor.api
 
     seen: list[RunConfig] = []
 
@@ -453,7 +453,7 @@ def settings_from_cli(monkeypatch: pytest.MonkeyPatch, *args: str) -> RunConfig:
         seen.append(settings)
         return {}
 
-    monkeypatch.setattr(extractor.run, "run_extraction", record)
+    monkeypatch.setattr(extractor.api, "run_extraction", record)
     result = invoke("run", *args)
     assert result.exit_code == 0, (result.output, result.exception)
     return seen[0]
@@ -487,7 +487,7 @@ def test_set_null_on_a_key_that_needs_a_value_is_one_line(tmp_path: Path) -> Non
         (["--top-k", "0"], "error: --top-k: key 'top_k': Input should be greater than or equal to 1 (got 0)"),
         (["--batch-size", "0"], "error: --batch-size: key 'batch_size': Input should be greater than or equal to 1 (got 0)"),
         (["--max-length", "4"], "error: --max-length: key 'max_length': Input should be greater than or equal to 8 (got 4)"),
-        (["--measures", "attention,saliency"], "error: --measures: key 'measures.1': Input should be 'attention', 'value_norm', 'layer_value_norm' or 'rollout' (got 'saliency')"),
+        (["--measures", "attention,saliency"], "error: --measures: key 'measures': unknown measure 'saliency'; choose from: attention, value_norm, layer_value_norm, rollout, alti, globenc, value_zeroing (got ['attention', 'saliency'])"),
         (["--set", "top_k=0"], "error: --set: key 'top_k': Input should be greater than or equal to 1 (got 0)"),
         # an option overrides --set, and the option is what the error names
         (["--set", "top_k=3", "--top-k", "0"], "error: --top-k: key 'top_k': Input should be greater than or equal to 1 (got 0)"),

@@ -21,7 +21,7 @@ import pytest
 from typer.testing import CliRunner, Result
 
 from extractor.cli import app
-from extractor.faults import FAULT_VARIABLE
+from extractor.corpus.faults import FAULT_VARIABLE
 from tests.test_run import SAMPLE, associations, table, write_lines
 
 TABLES = ("documents", "tokens", "heads", "head_similarity", "verification")
@@ -217,7 +217,7 @@ def test_overwrite_refuses_an_output_folder_that_holds_the_input(tiny: str, fini
 @pytest.fixture()
 def held_lock(finished: Path) -> Iterator[int]:
     """Another process holding the run folder's lock; yields its PID."""
-    code = ("import sys, time; from extractor.lock import FolderLock; "
+    code = ("import sys, time; from extractor.corpus.lock import FolderLock; "
             "lock = FolderLock(sys.argv[1]); lock.acquire(); print('held', flush=True); time.sleep(120)")
     holder = subprocess.Popen([sys.executable, "-c", code, str(finished)], stdout=subprocess.PIPE, text=True)
     try:

@@ -11,7 +11,7 @@ import torch
 from hand_docs import make_doc, random_patterns
 
 from extractor.api import extract
-from extractor.heads import (
+from extractor.heads.metrics import (
     METRICS,
     HeadStats,
     duplicate_token_pattern,

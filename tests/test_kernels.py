@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from extractor import kernels
-from extractor.kernels import topk_rows
+from extractor.corpus import kernels
+from extractor.corpus.kernels import topk_rows
 
 
 def test_numba_kernel_is_available() -> None:

@@ -7,11 +7,11 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from extractor import measures as M
-from extractor.analysis import DocAttention, analyse_batch, decomposition_error
-from extractor.encode import encode
-from extractor.models import LoadedModel
-from extractor.words import to_words
+from extractor.attribution import measures as M
+from extractor.attribution.analysis import DocAttention, analyse_batch, decomposition_error
+from extractor.core.encode import encode
+from extractor.core.models import LoadedModel
+from extractor.core.words import to_words
 
 
 def get_model(which: str, minilm: LoadedModel, tiny_loaded: Callable[..., LoadedModel]) -> LoadedModel:

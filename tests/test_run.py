@@ -27,12 +27,12 @@ import pytest
 import torch
 from typer.testing import CliRunner, Result
 
+from extractor.api import run_extraction
+from extractor.attribution.measures import MEASURES
 from extractor.cli import app
-from extractor.config import RunConfig
-from extractor.encode import tokenize, windows
-from extractor.measures import MEASURES
-from extractor.models import LoadedModel
-from extractor.run import run_extraction
+from extractor.core.encode import tokenize, windows
+from extractor.core.models import LoadedModel
+from extractor.corpus.config import RunConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = (REPO_ROOT / "data" / "sample.txt").read_text(encoding="utf-8").splitlines()
@@ -576,8 +576,8 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tiny: str, tmp_path: Pat
 
 MEMORY_PROBE = """
 import json, resource, sys
-from extractor.config import RunConfig
-from extractor.run import run_extraction
+from extractor.corpus.config import RunConfig
+from extractor.api import run_extraction
 
 corpus, out, model, first = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 peaks, seen = {}, [0]

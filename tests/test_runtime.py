@@ -8,7 +8,7 @@ import sys
 import numba
 import torch
 
-from extractor import runtime
+from extractor.core import runtime
 
 
 def run_python(code: str, **env: str) -> str:
@@ -20,7 +20,7 @@ def run_python(code: str, **env: str) -> str:
 
 
 def test_allocator_tuning_applies_on_glibc_and_can_be_turned_off() -> None:
-    code = "from extractor.runtime import tune_allocator; print(tune_allocator())"
+    code = "from extractor.core.runtime import tune_allocator; print(tune_allocator())"
     assert run_python(code) == "True"  # this project's machines run glibc
     assert run_python(code, EXTRACTOR_SYSTEM_MALLOC="1") == "False"
 

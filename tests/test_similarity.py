@@ -10,7 +10,7 @@ import torch
 from hand_docs import make_doc, random_patterns
 from scipy.spatial.distance import jensenshannon
 
-from extractor.similarity import (
+from extractor.heads.similarity import (
     HeadSimilarity,
     cluster_heads,
     js_divergence_sums,

@@ -9,10 +9,10 @@ import pyarrow as pa
 import pytest
 import torch
 
-from extractor.analysis import DocAttention, analyse_batch
-from extractor.encode import encode
-from extractor.models import LoadedModel
-from extractor.tables import association_table, tokens_table, words_table
+from extractor.attribution.analysis import DocAttention, analyse_batch
+from extractor.core.encode import encode
+from extractor.core.models import LoadedModel
+from extractor.corpus.tables import association_table, tokens_table, words_table
 
 ALL_MEASURES = ("attention", "value_norm", "layer_value_norm", "rollout")
 HEAD = ("attention", "value_norm")

@@ -16,12 +16,12 @@ import pytest
 import torch
 import transformers
 
-from extractor.adapters import UnsupportedModelError, adapter_for
-from extractor.analysis import analyse_batch
-from extractor.capture import run_with_capture
-from extractor.encode import encode
-from extractor.models import LoadedModel, ModelLoadError, bundled_model_path, load_model
-from extractor.recompute import additive_mask, recompute_attention
+from extractor.attribution.analysis import analyse_batch
+from extractor.core.adapters import UnsupportedModelError, adapter_for
+from extractor.core.capture import run_with_capture
+from extractor.core.encode import encode
+from extractor.core.models import LoadedModel, ModelLoadError, bundled_model_path, load_model
+from extractor.core.recompute import additive_mask, recompute_attention
 
 ATOL = 1e-5
 SUPPORTED = ("bert", "roberta", "electra", "distilbert", "gpt2")  # written out here, not read from the code
@@ -283,10 +283,10 @@ def test_sdpa_model_is_refused_with_a_fix_it_message(minilm) -> None:
     """A model whose attention implementation returns no weights (sdpa) is refused, naming the fix."""
     from transformers import AutoModel
 
-    from extractor.adapters import adapter_for
-    from extractor.capture import MissingAttentionsError, run_with_capture
-    from extractor.encode import encode
-    from extractor.models import bundled_model_path
+    from extractor.core.adapters import adapter_for
+    from extractor.core.capture import MissingAttentionsError, run_with_capture
+    from extractor.core.encode import encode
+    from extractor.core.models import bundled_model_path
 
     sdpa = AutoModel.from_pretrained(str(bundled_model_path("minilm")), attn_implementation="sdpa").eval()
     batch = encode(minilm.tokenizer, ["I love pets, especially cats."])

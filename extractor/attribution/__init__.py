@@ -8,5 +8,5 @@
 One module per idea: `decompose` (the attention block + residual through LayerNorm, per source token),
 `alti`, `globenc`, `rollout`, `value_zeroing` (maths), `replay` (recording and re-running a real layer),
 `layer_pass` (what `analysis.analyse_batch` calls), `agreement`. The measure names live in
-`extractor.measures` (ATTRIBUTION_MEASURES).
+`extractor.attribution.measures` (ATTRIBUTION_MEASURES).
 """

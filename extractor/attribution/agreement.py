@@ -18,11 +18,11 @@ from itertools import combinations
 import pandas as pd
 import torch
 
-from ..analysis import analyse_batch
-from ..encode import encode
-from ..measures import HEAD_MEASURES
-from ..models import LoadedModel
-from .layer_pass import visibility
+from extractor.attribution.analysis import analyse_batch
+from extractor.attribution.layer_pass import visibility
+from extractor.attribution.measures import HEAD_MEASURES
+from extractor.core.encode import encode
+from extractor.core.models import LoadedModel
 
 ROW_BLOCK_ELEMENTS = 1 << 22  # elements of one [rows, key, key] comparison tensor
 

@@ -14,8 +14,14 @@ from __future__ import annotations
 
 import torch
 
-from .decompose import NormParams, attention_block_input, attention_block_vectors, norm_scale, query_blocks
-from .rollout import normalise_rows
+from extractor.attribution.decompose import (
+    NormParams,
+    attention_block_input,
+    attention_block_vectors,
+    norm_scale,
+    query_blocks,
+)
+from extractor.attribution.rollout import normalise_rows
 
 
 def alti_layer(

@@ -17,7 +17,14 @@ from __future__ import annotations
 
 import torch
 
-from .decompose import NormParams, attention_block_input, attention_block_vectors, linear_norm, norm_scale, query_blocks
+from extractor.attribution.decompose import (
+    NormParams,
+    attention_block_input,
+    attention_block_vectors,
+    linear_norm,
+    norm_scale,
+    query_blocks,
+)
 
 
 def globenc_layer(

@@ -11,16 +11,16 @@ from contextlib import contextmanager
 
 import torch
 
-from ..adapters.base import AttentionWeights, ModelAdapter
-from ..errors import UserError
-from ..measures import ATTRIBUTION_MEASURES
-from ..recompute import value_vectors_out, visible_keys
-from .alti import alti_layer
-from .decompose import NormParams
-from .globenc import globenc_layer
-from .replay import LayerRecording, ZeroedValueLayer, record_layers
-from .rollout import chain
-from .value_zeroing import value_zeroing_scores, zeroing_distances
+from extractor.attribution.alti import alti_layer
+from extractor.attribution.decompose import NormParams
+from extractor.attribution.globenc import globenc_layer
+from extractor.attribution.measures import ATTRIBUTION_MEASURES
+from extractor.attribution.replay import LayerRecording, ZeroedValueLayer, record_layers
+from extractor.attribution.rollout import chain
+from extractor.attribution.value_zeroing import value_zeroing_scores, zeroing_distances
+from extractor.core.adapters.base import AttentionWeights, ModelAdapter
+from extractor.core.recompute import value_vectors_out, visible_keys
+from extractor.errors import UserError
 
 # Measures that decompose through the LayerNorm after each residual sum: defined for post-LN encoders only.
 POST_NORM_MEASURES = ("alti", "globenc")

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache
 
-from ..adapters.base import ModelAdapter
+from extractor.core.adapters.base import ModelAdapter
 
 
 @dataclass

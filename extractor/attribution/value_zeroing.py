@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import torch
 
-from .rollout import normalise_rows
+from extractor.attribution.rollout import normalise_rows
 
 DEFAULT_TOKEN_BUDGET = 1 << 14  # positions (copies × pos) per re-run of a layer
 

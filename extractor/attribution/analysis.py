@@ -1,0 +1,182 @@
+"""One batch through the whole pipeline: forward with capture → recompute → verify → measures → per-document tensors.
+
+This is the single code path that the Python API, `extractor verify/explain/run` and every engine share.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import torch
+
+from extractor.attribution import measures as M
+from extractor.attribution.layer_pass import AttributionPass
+from extractor.core.capture import run_with_capture
+from extractor.core.encode import EncodedBatch, TokenizedDoc, strip_subword_markers
+from extractor.core.models import LoadedModel
+from extractor.core.recompute import (
+    attention_output,
+    layer_masks,
+    project_values,
+    recompute_attention,
+    value_vector_norms,
+    value_vectors_out,
+)
+from extractor.core.verify import VerificationReport, layer_errors
+from extractor.core.words import to_words
+
+VALUE_MEASURES = {"value_norm", "layer_value_norm"}
+
+
+@dataclass
+class DocAttention:
+    """One document's association measures, padding trimmed, at token or word level.
+
+    head_measures: name → [layer, head, query, key]; layer_measures: name → [layer, query, key].
+    """
+
+    doc: TokenizedDoc
+    level: str
+    head_measures: dict[str, torch.Tensor] = field(default_factory=dict)
+    layer_measures: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def size(self) -> int:
+        return self.doc.n_words if self.level == "word" else self.doc.n_tokens
+
+    def document_positions(self) -> torch.Tensor:
+        """[size]: each matrix index's position in the whole document (token or word positions)."""
+        return torch.tensor(self.doc.word_positions if self.level == "word" else self.doc.positions, dtype=torch.long)
+
+    def labels(self) -> list[str]:
+        """[size]: the text of each matrix index: the tokens, or each word's pieces joined without markers."""
+        if self.level == "token":
+            return list(self.doc.tokens)
+        labels: dict[int, str] = {}
+        for token, word in zip(self.doc.tokens, self.doc.word_index, strict=True):
+            labels[word] = labels.get(word, "") + strip_subword_markers(token)
+        return [labels[w] for w in sorted(labels)]
+
+    def to_word_level(self) -> DocAttention:
+        """Clark et al. (2019) aggregation of every measure: mean over query pieces, sum over key pieces."""
+        if self.level == "word":
+            return self
+        index = self.doc.word_index
+        return DocAttention(
+            doc=self.doc,
+            level="word",
+            head_measures={k: to_words(v, index) for k, v in self.head_measures.items()},
+            layer_measures={k: to_words(v, index) for k, v in self.layer_measures.items()},
+        )
+
+
+@dataclass
+class BatchAnalysis:
+    """One batch's measures as computed, padded, per layer; per-document views on demand.
+
+    per_layer: name → per layer [batch, head, query, key] (head measures) or [batch, query, key] (layer
+    measures), padded to the batch's longest document. Batch-wide consumers (tables, head statistics,
+    similarity) read these directly; `docs` trims each document out (a copy) for per-document use.
+    """
+
+    batch: EncodedBatch
+    level: str
+    per_layer: dict[str, list[torch.Tensor]]
+    verification: VerificationReport | None
+
+    @cached_property
+    def docs(self) -> list[DocAttention]:
+        docs = []
+        for i, doc in enumerate(self.batch.docs):
+            n = doc.n_tokens
+            # Trim padding before stacking layers: copies only the real [query, key] block of each document.
+            trimmed = {name: torch.stack([t[i, ..., :n, :n] for t in values]).float().cpu()
+                       for name, values in self.per_layer.items()}
+            result = DocAttention(
+                doc=doc,
+                level="token",
+                head_measures={k: v for k, v in trimmed.items() if k in M.HEAD_MEASURES},
+                layer_measures={k: v for k, v in trimmed.items() if k in M.LAYER_MEASURES},
+            )
+            docs.append(result.to_word_level() if self.level == "word" else result)
+        return docs
+
+
+def validate_measures(measures: Sequence[str]) -> tuple[str, ...]:
+    unknown = [m for m in measures if m not in M.MEASURES]
+    if unknown:
+        raise ValueError(f"unknown measure(s) {', '.join(unknown)}; choose from: {', '.join(M.MEASURES)}")
+    return tuple(dict.fromkeys(measures))
+
+
+@torch.inference_mode()
+def analyse_batch(
+    loaded: LoadedModel,
+    batch: EncodedBatch,
+    measures: Sequence[str] = M.DEFAULT_MEASURES,
+    verify: bool = True,
+    atol: float = 1e-5,
+    level: str = "token",
+) -> BatchAnalysis:
+    """Forward `batch`, rebuild every layer's attention from the weights, verify it and compute `measures`."""
+    measures = validate_measures(measures)
+    adapter = loaded.adapter
+    attribution = AttributionPass(adapter, batch.attention_mask, measures)  # alti, globenc, value_zeroing
+    with attribution.recording_forward():
+        capture = run_with_capture(adapter, batch.model_inputs)
+    all_weights = adapter.all_layer_weights()
+    masks = layer_masks(batch.attention_mask, adapter.causal, [w.sliding_window for w in all_weights],
+                        capture.hidden_in[0].dtype)
+    report = VerificationReport(adapter.n_layers, adapter.n_heads, atol=atol) if verify else None
+    per_layer: dict[str, list[torch.Tensor]] = {name: [] for name in measures}
+    patterns: list[torch.Tensor] = []
+    for layer, weights in enumerate(all_weights):
+        x = capture.hidden_in[layer]  # [batch, pos, d_model]
+        if report is not None:
+            rec = recompute_attention(x, weights, masks[layer], capture.position_embeddings[layer])
+            report.add(layer, *layer_errors(capture.attentions[layer], rec.pattern, capture.z[layer], rec.z, batch.attention_mask))
+            pattern, v = rec.pattern, rec.v
+        else:
+            # Unverified batch (verify every:N / off): Hugging Face's pattern, which verified batches showed to
+            # equal the recomputation; only V is projected, for the value-weighted measures.
+            pattern = capture.attentions[layer]
+            needs_v = VALUE_MEASURES & set(measures) or attribution.needs_values
+            v = project_values(x, weights) if needs_v else None
+        patterns.append(pattern)
+        attribution.add_layer(layer, x, pattern, v, weights)
+        # Let go of this layer's captured tensors now: peak memory then holds one layer's extra copies, not all.
+        capture.hidden_in[layer] = capture.z[layer] = capture.attentions[layer] = None  # type: ignore[call-overload]
+        if "attention" in measures:
+            per_layer["attention"].append(pattern)
+        if "value_norm" in measures:
+            per_layer["value_norm"].append(M.value_norm(pattern, value_vector_norms(v, weights)))
+        if "layer_value_norm" in measures:
+            per_layer["layer_value_norm"].append(M.layer_value_norm(pattern, value_vectors_out(v, weights)))
+    if "rollout" in measures:
+        per_layer["rollout"] = M.rollout(patterns)
+    per_layer.update(attribution.finish())
+    if report is not None:
+        report.n_docs = len(batch.docs)
+    return BatchAnalysis(batch=batch, level=level, per_layer=per_layer, verification=report)
+
+
+@torch.inference_mode()
+def decomposition_error(loaded: LoadedModel, batch: EncodedBatch) -> list[float]:
+    """Per layer, max |Σ_h Σ_j α_hij f_h(x_j) + b_O − (the model's output projection)| over real tokens.
+
+    Zero (up to float error) proves `value_norm` is built from the weights the model really uses.
+    """
+    adapter = loaded.adapter
+    capture = run_with_capture(adapter, batch.model_inputs)
+    all_weights = adapter.all_layer_weights()
+    masks = layer_masks(batch.attention_mask, adapter.causal, [w.sliding_window for w in all_weights],
+                        capture.hidden_in[0].dtype)
+    real = batch.attention_mask.bool()[:, :, None]
+    errors = []
+    for layer, weights in enumerate(all_weights):
+        rec = recompute_attention(capture.hidden_in[layer], weights, masks[layer], capture.position_embeddings[layer])
+        rebuilt = attention_output(rec.pattern, value_vectors_out(rec.v, weights), weights)
+        errors.append(float(((rebuilt - capture.attn_out[layer]).abs() * real).max()))
+    return errors

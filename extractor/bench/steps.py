@@ -1,0 +1,129 @@
+"""Where the time goes: each step of `extractor run` timed alone on one batch, beside the model's forward pass.
+
+    python -m extractor.bench.throughput --steps-only
+
+On one batch as `extractor run` plans it (length bucketing, the token and attention budgets), each step is run
+`repeats` times after a warm-up and its median wall time reported, in ms per batch and as a share of the
+Hugging Face forward pass (b). The steps add up to what one topk batch costs; the benchmark's cases measure the
+same thing end to end.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import torch
+
+STEPS = {
+    "forward": "(b) HF forward, eager, output_attentions (to NumPy)",
+    "capture": "forward with the capture hooks",
+    "verify": "recompute Q·Kᵀ, masks, softmax, z; verify every head",
+    "measures": "value_norm and rollout (the default measures)",
+    "heads": "per-head metrics (heads.parquet)",
+    "similarity": "head similarity (4 rows per document)",
+    "topk_table": "top-k association table (k = 8)",
+    "topk_write": "write the top-k Parquet part (background thread in a run)",
+    "dense_table": "dense association table (float16)",
+    "dense_write": "write the dense Parquet part",
+}
+
+
+def median_ms(step: Callable[[], Any], repeats: int) -> float:
+    """Median ms of `repeats` timed calls after an untimed warm-up. Results are dropped at once, as a run drops
+    a batch's tensors before the next: holding them would time the allocator, not the step."""
+    step()  # warm-up: first-call allocations and lazy initialisation
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1000
+
+
+def profile_batch(model: str, texts: list[str], max_length: int, repeats: int = 3) -> dict[str, Any]:
+    """Time every step on a batch `extractor run` would form from `texts` (the middle of the length range); ms."""
+    from extractor.attribution.analysis import analyse_batch
+    from extractor.core.capture import run_with_capture
+    from extractor.core.encode import collate
+    from extractor.core.models import load_model
+    from extractor.corpus.batching import plan_batches
+    from extractor.corpus.config import RunConfig
+    from extractor.corpus.readers import SourceRecord
+    from extractor.corpus.run import DENSE_ATTENTION_BUDGET, corpus_statistics, prepare_documents
+    from extractor.corpus.storage import write_associations
+    from extractor.corpus.tables import batch_association_table
+
+    torch.set_grad_enabled(False)
+    loaded = load_model(model)
+    config = RunConfig(model=model, max_length=max_length, plots=False, report=False)
+    records = [SourceRecord(doc_id=i, source="bench", line=i + 1, text=t) for i, t in enumerate(texts)]
+    documents = prepare_documents(records, loaded, config)
+
+    def middle_batch(attention_budget: int) -> tuple[Any, list[int]]:
+        """The batch in the middle of the length range, and its doc_ids (reading order, as a run has them)."""
+        plan = plan_batches([[u.n_tokens for u in d.units] for d in documents], config.token_budget,
+                            config.batch_size, True, attention_budget)
+        group = plan[len(plan) // 2]
+        batch = collate([documents[g].units[0] for g in group], loaded.tokenizer.pad_token_id)
+        return batch, [documents[g].record.doc_id for g in group]
+
+    batch, ids = middle_batch(config.attention_budget)
+    dense_batch, dense_ids = middle_batch(DENSE_ATTENTION_BUDGET)
+    causal = loaded.adapter.causal
+    times: dict[str, float] = {}
+
+    def forward() -> None:
+        outputs = loaded.model(**batch.model_inputs, output_attentions=True)
+        _ = [a.numpy() for a in outputs.attentions]
+
+    times["forward"] = median_ms(forward, repeats)
+    times["capture"] = median_ms(lambda: run_with_capture(loaded.adapter, batch.model_inputs), repeats)
+    attention_only = median_ms(lambda: analyse_batch(loaded, batch, ["attention"]), repeats)
+    times["verify"] = attention_only - times["capture"]
+    times["measures"] = median_ms(lambda: analyse_batch(loaded, batch, config.measures), repeats) - attention_only
+    # the inputs of the later steps, computed once more outside the timers (see median_ms)
+    analysis = analyse_batch(loaded, batch, config.measures)
+    stats = corpus_statistics(loaded, config)
+    times["heads"] = median_ms(lambda: stats["heads"].update_batch(analysis), repeats)
+    times["similarity"] = median_ms(lambda: stats["similarity"].update_batch(analysis), repeats)
+    times["topk_table"] = median_ms(lambda: batch_association_table(analysis, ids, causal, top_k=config.top_k), repeats)
+    topk = batch_association_table(analysis, ids, causal, top_k=config.top_k)
+    # dense batches are smaller (DENSE_ATTENTION_BUDGET): timed on their own batch, scaled to this batch's tokens
+    scale = batch.attention_mask.sum().item() / dense_batch.attention_mask.sum().item()
+    dense_analysis = analyse_batch(loaded, dense_batch, config.measures)
+    times["dense_table"] = scale * median_ms(
+        lambda: batch_association_table(dense_analysis, dense_ids, causal, value_type=pa.float16()), repeats)
+    dense = batch_association_table(dense_analysis, dense_ids, causal, value_type=pa.float16())
+    with tempfile.TemporaryDirectory(prefix="bench-steps-") as folder:
+        out = Path(folder) / "part.parquet"
+        times["topk_write"] = median_ms(lambda: write_associations(topk, out, ordered=True), repeats)
+        times["dense_write"] = scale * median_ms(lambda: write_associations(dense, out, ordered=True), repeats)
+    return {"documents": len(batch.docs), "longest": batch.attention_mask.shape[1],
+            "tokens": int(batch.attention_mask.sum()), "ms": times}
+
+
+def format_steps(profiles: dict[str, dict[str, Any]]) -> str:
+    """One column per corpus: ms per batch and % of the forward pass (b)."""
+    names = list(profiles)
+    header = "| step | " + " | ".join(
+        f"{n}: {p['documents']} docs × {p['longest']} tok, ms (% of b)" for n, p in profiles.items()) + " |"
+    lines = [header, "|---|" + "---:|" * len(names)]
+    for key, label in STEPS.items():
+        cells = []
+        for n in names:
+            ms = profiles[n]["ms"][key]
+            cells.append(f"{ms:,.0f} ({100 * ms / profiles[n]['ms']['forward']:.0f}%)")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    topk_total = ("capture", "verify", "measures", "heads", "similarity", "topk_table", "topk_write")
+    cells = []
+    for n in names:
+        ms = sum(profiles[n]["ms"][k] for k in topk_total)
+        cells.append(f"{ms:,.0f} → {profiles[n]['ms']['forward'] / ms:.2f}× of (b)")
+    lines.append("| **sum for a topk batch** (capture … write) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,242 @@
+"""Benchmark: what the extractor costs next to the model's own forward pass, measured side by side.
+
+    python -m extractor.bench.throughput [--model minilm] [--quick] [--json FILE] [--steps-only]
+
+Cases, on the same inputs and the same batches (length bucketing, token budget):
+  (a) Hugging Face forward, sdpa, no attentions             the floor
+  (b) Hugging Face forward, eager, output_attentions=True   what a user does by hand
+  (c) extractor run: verification on, topk tables           the default
+  (d) dense storage (float16, every pair)
+  (e) summary storage (no pair tables; per-head metrics only)
+  (f) (c) with documents in their original order (no length bucketing)
+Corpora: the shipped sample corpus; real text cut to 32, 128 and 512 tokens; a mixed-length corpus for (f).
+Every case runs in its own subprocess so peak memory (max RSS) is the case's own; every case, the baselines
+too, runs with the allocator settings `extractor run` uses (`extractor.core.runtime`).
+Then, in the same run, where the time goes: each step of a run timed alone on one batch of the 32-, 128- and
+512-token corpora (`extractor.bench.steps`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+SAMPLE = Path(__file__).resolve().parent.parent / "data" / "sample.txt"
+CASES = {
+    "a": "HF forward, sdpa, no attentions",
+    "b": "HF forward, eager, output_attentions",
+    "c": "extractor run, verify on, topk",
+    "d": "extractor run, dense (float16)",
+    "e": "extractor run, summary",
+    "f": "(c) without length bucketing",
+}
+
+
+def sample_sentences() -> list[str]:
+    return [line.strip() for line in SAMPLE.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def corpus_of_length(tokenizer: Any, n_docs: int, n_tokens: int, seed: int) -> list[str]:
+    """`n_docs` documents of real sentences joined until each has at least `n_tokens` tokens (cut by max_length)."""
+    sentences = sample_sentences()
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n_docs):
+        parts: list[str] = []
+        while len(tokenizer(" ".join(parts))["input_ids"]) < n_tokens:
+            parts.append(rng.choice(sentences))
+        docs.append(" ".join(parts))
+    return docs
+
+
+def mixed_corpus(n_docs: int, seed: int) -> list[str]:
+    """Documents of 1 to 30 sentences (about 10 to 500 tokens): real text's spread of lengths."""
+    sentences = sample_sentences()
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(sentences) for _ in range(rng.choice([1, 1, 2, 3, 5, 8, 13, 21, 30])))
+            for _ in range(n_docs)]
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def run_case(case: str, model: str, corpus_file: str, max_length: int, batch_size: int, token_budget: int) -> dict[str, Any]:
+    """Run one case in this process; returns seconds, tokens, documents, bytes written."""
+    import torch
+
+    from extractor.api import run_extraction
+    from extractor.core.encode import collate, tokenize, truncate
+    from extractor.core.models import load_model
+    from extractor.corpus.batching import plan_batches
+    from extractor.corpus.config import RunConfig
+
+    torch.set_grad_enabled(False)
+    texts = [t for t in Path(corpus_file).read_text(encoding="utf-8").splitlines() if t.strip()]
+    loaded = load_model(model)
+    if case in ("a", "b"):
+        from transformers import AutoModel
+
+        source = loaded.provenance["resolved_path"] or model
+        implementation = "sdpa" if case == "a" else "eager"
+        hf = AutoModel.from_pretrained(source, attn_implementation=implementation, dtype=torch.float32).eval()
+        start = time.perf_counter()
+        docs = [truncate(d, max_length) for d in tokenize(loaded.tokenizer, texts)]
+        # the same batches as the run cases: same budgets as RunConfig's defaults
+        plan = plan_batches([[d.n_tokens] for d in docs], token_budget, batch_size, bucketing=True,
+                            attention_budget=RunConfig().attention_budget)
+        with torch.inference_mode():
+            for group in plan:
+                batch = collate([docs[g] for g in group], loaded.tokenizer.pad_token_id)
+                out = hf(**batch.model_inputs, output_attentions=case == "b")
+                if case == "b":
+                    # what a user does by hand: bring every attention matrix to host memory as NumPy
+                    _ = [a.numpy() for a in out.attentions]
+        seconds = time.perf_counter() - start
+        return {"seconds": seconds, "tokens": sum(d.n_tokens for d in docs), "documents": len(docs), "bytes": 0}
+    storage = {"c": "topk", "d": "dense", "e": "summary", "f": "topk"}[case]
+    out_dir = Path(tempfile.mkdtemp(prefix=f"bench-{case}-"))
+    config = RunConfig(model=model, input=corpus_file, output=str(out_dir), storage=storage, max_length=max_length,
+                       batch_size=batch_size, token_budget=token_budget, bucketing=case != "f",
+                       plots=False, report=False)
+    start = time.perf_counter()
+    manifest = run_extraction(config, overwrite=True, quiet=True, loaded=loaded)
+    seconds = time.perf_counter() - start
+    written = folder_bytes(out_dir)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    return {"seconds": seconds, "tokens": manifest["counts"]["tokens_processed"],
+            "documents": manifest["counts"]["records"], "bytes": written}
+
+
+def measure(case: str, model: str, corpus_file: str, max_length: int, batch_size: int, token_budget: int, threads: int | None) -> dict[str, Any]:
+    """Run a case in a fresh subprocess; adds its peak RSS."""
+    args = [sys.executable, "-m", "extractor.bench.throughput", "--worker", case, "--model", model, "--corpus", corpus_file,
+            "--max-length", str(max_length), "--batch-size", str(batch_size), "--token-budget", str(token_budget)]
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    proc = subprocess.run(args, capture_output=True, text=True, env=env, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"case {case} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="minilm")
+    parser.add_argument("--quick", action="store_true", help="fewer documents (a smoke run)")
+    parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--token-budget", type=int, default=8192)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--steps-only", action="store_true", help="only the per-step profile (where the time goes)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--corpus", help=argparse.SUPPRESS)
+    parser.add_argument("--max-length", type=int, default=512, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        from extractor.core.runtime import tune_allocator
+
+        tune_allocator()  # every case, the baselines too, runs with the allocator settings `extractor run` uses
+        if args.worker == "steps":
+            from extractor.bench.steps import profile_batch
+
+            texts = [t for t in Path(args.corpus).read_text(encoding="utf-8").splitlines() if t.strip()]
+            print(json.dumps(profile_batch(args.model, texts, args.max_length)))
+            return
+        result = run_case(args.worker, args.model, args.corpus, args.max_length, args.batch_size, args.token_budget)
+        result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(json.dumps(result))
+        return
+
+    from extractor.core.models import load_model
+
+    tokenizer = load_model(args.model).tokenizer
+    scale = 4 if args.quick else 1
+    work = Path(tempfile.mkdtemp(prefix="bench-corpora-"))
+    corpora: dict[str, tuple[Path, int, str]] = {}
+
+    def write(name: str, texts: list[str], max_length: int, cases: str) -> None:
+        path = work / f"{name}.txt"
+        path.write_text("\n".join(texts) + "\n", encoding="utf-8")
+        corpora[name] = (path, max_length, cases)
+
+    # Enough documents for 8-16 batches per corpus, so that a run's fixed costs (output folder, consolidation,
+    # manifest) weigh what they weigh on a real corpus, not on one batch.
+    write("sample", sample_sentences(), 512, "abcde")
+    write("len32", corpus_of_length(tokenizer, 512 // scale, 32, 1), 32, "abcde")
+    write("len128", corpus_of_length(tokenizer, 256 // scale, 128, 2), 128, "abcde")
+    # dense at 512 tokens is 72 heads × 512² ≈ 19M rows per document: left out on purpose
+    write("len512", corpus_of_length(tokenizer, 64 // scale, 512, 3), 512, "abce")
+    write("mixed", mixed_corpus(512 // scale, 4), 512, "bcf")
+
+    rows = []
+    for name, (path, max_length, cases) in corpora.items():
+        for case in "" if args.steps_only else cases:
+            result = measure(case, args.model, str(path), max_length, args.batch_size, args.token_budget, args.threads)
+            result.update(corpus=name, case=case)
+            rows.append(result)
+            print(f"  measured {name:<7} ({case}) {result['seconds']:.2f}s", file=sys.stderr, flush=True)
+    steps = {}
+    for name in ("len32", "len128", "len512"):
+        path, max_length, _ = corpora[name]
+        steps[name] = measure("steps", args.model, str(path), max_length, args.batch_size, args.token_budget,
+                              args.threads)
+        print(f"  profiled {name:<7} steps", file=sys.stderr, flush=True)
+    shutil.rmtree(work, ignore_errors=True)
+    from extractor.bench.steps import format_steps
+
+    if rows:
+        print(format_table(rows, args))
+        print()
+    print("Where the time goes (one batch, each step timed alone, median of 3):\n")
+    print(format_steps(steps))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"cases": rows, "steps": steps}, indent=2))
+
+
+def format_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    import platform
+
+    import torch
+
+    by_key = {(r["corpus"], r["case"]): r for r in rows}
+    lines = [
+        f"model {args.model}; batch_size {args.batch_size}, token_budget {args.token_budget}; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads; {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        "",
+        "| corpus | case | tokens/s | ratio to (b) | peak RSS MB | bytes written / doc | docs |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        rate = r["tokens"] / r["seconds"]
+        base = by_key.get((r["corpus"], "b"))
+        ratio = rate / (base["tokens"] / base["seconds"]) if base else float("nan")
+        lines.append(
+            f"| {r['corpus']} | ({r['case']}) {CASES[r['case']]} | {rate:,.0f} | {ratio:.2f} | {r['peak_rss_mb']:.0f} | "
+            f"{r['bytes'] / max(r['documents'], 1):,.0f} | {r['documents']} |"
+        )
+    lines.append("")
+    for case in "bc":
+        short, long = by_key.get(("len32", case)), by_key.get(("len512", case))
+        if short and long:
+            per_doc = (long["seconds"] / long["documents"]) / (short["seconds"] / short["documents"])
+            lines.append(f"({case}) time per document grows {per_doc:.1f}× from 32 to 512 tokens (16× the tokens)")
+    mixed_c, mixed_f = by_key.get(("mixed", "c")), by_key.get(("mixed", "f"))
+    if mixed_c and mixed_f:
+        lines.append(f"length bucketing speed-up on the mixed corpus, (c) vs (f): {mixed_f['seconds'] / mixed_c['seconds']:.2f}×")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

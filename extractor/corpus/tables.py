@@ -1,0 +1,305 @@
+"""Long-format Arrow tables built straight from tensors (no per-row Python).
+
+`associations`: one row per (doc, layer, head, query_pos, key_pos) with one float column per measure.
+Head-level measures (`attention`, `value_norm`) fill rows with head ≥ 0; layer-level measures
+(`layer_value_norm`, `rollout`) fill rows with head = -1; a measure that does not apply to a row is null.
+For causal models, keys after the query are structural zeros and are left out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from extractor.attribution.analysis import BatchAnalysis, DocAttention
+from extractor.attribution.measures import HEAD_MEASURES, LAYER_MEASURES
+from extractor.core.encode import TokenizedDoc
+from extractor.core.recompute import visible_keys
+from extractor.corpus.kernels import topk_rows
+
+INDEX_FIELDS = [
+    pa.field("doc_id", pa.int64()),
+    pa.field("layer", pa.int16()),
+    pa.field("head", pa.int16()),
+    pa.field("query_pos", pa.int32()),
+    pa.field("key_pos", pa.int32()),
+]
+TOKEN_SCHEMA = pa.schema(
+    [
+        pa.field("doc_id", pa.int64()),
+        pa.field("position", pa.int32()),
+        pa.field("token", pa.string()),
+        pa.field("word_index", pa.int32()),
+        pa.field("is_special", pa.bool_()),
+        pa.field("char_start", pa.int32()),
+        pa.field("char_end", pa.int32()),
+    ]
+)
+WORD_SCHEMA = pa.schema(
+    [
+        pa.field("doc_id", pa.int64()),
+        pa.field("word_index", pa.int32()),
+        pa.field("word", pa.string()),
+        pa.field("is_special", pa.bool_()),
+        pa.field("n_tokens", pa.int32()),
+        pa.field("char_start", pa.int32()),
+        pa.field("char_end", pa.int32()),
+    ]
+)
+
+
+def association_schema(measures: tuple[str, ...], value_type: pa.DataType = pa.float32(), top_k: bool = False) -> pa.Schema:
+    """Schema of the associations table for the chosen measures (in canonical order)."""
+    fields = list(INDEX_FIELDS)
+    fields += [pa.field(m, value_type) for m in HEAD_MEASURES + LAYER_MEASURES if m in measures]
+    if top_k:
+        fields.append(pa.field("kept_mass", pa.float32()))
+    return pa.schema(fields)
+
+
+def ranking_measure(names: list[str] | tuple[str, ...], head_level: bool) -> str:
+    """The measure top-k and threshold select by: `attention` for heads, `rollout` for layers, else the first present."""
+    preferred = "attention" if head_level else "rollout"
+    return preferred if preferred in names else names[0]
+
+
+@dataclass(frozen=True)
+class KeptCells:
+    """The cells a storage mode keeps from tensors [group, batch, query, key], in (group, batch, query) order."""
+
+    group: torch.Tensor  # [n_kept] (head, or 0 for a layer measure)
+    batch: torch.Tensor  # [n_kept]
+    query: torch.Tensor  # [n_kept]
+    key: torch.Tensor  # [n_kept]
+    values: dict[str, torch.Tensor]  # measure → [n_kept]
+    kept_mass: torch.Tensor | None  # [n_kept] (top-k only)
+
+
+def _grid(shape: tuple[int, ...], device: torch.device) -> list[torch.Tensor]:
+    """Every cell of a tensor of `shape`, in storage order: one flattened index tensor per dimension."""
+    grid = []
+    for dim, size in enumerate(shape):
+        view = [1] * len(shape)
+        view[dim] = size
+        grid.append(torch.arange(size, device=device).view(view).expand(shape).reshape(-1))
+    return grid
+
+
+def _where(mask: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The True cells of a 4-d mask: (one index tensor per dimension, flat indices into the contiguous tensor).
+
+    Flat indices are built by multiply-add from `nonzero`'s columns (integer division is slow on CPU)."""
+    index = mask.nonzero()  # [n, 4]
+    flat = index[:, 0]
+    for dim in range(1, mask.dim()):
+        flat = flat * mask.shape[dim] + index[:, dim]
+    return list(index.unbind(dim=1)), flat
+
+
+def select_cells(
+    values: dict[str, torch.Tensor], lengths: torch.Tensor, causal: bool, top_k: int | None, threshold: float | None
+) -> KeptCells:
+    """Pick the kept cells of same-shaped tensors [group, batch, query, key] (group: heads, or 1 for a layer).
+
+    lengths: [batch] real tokens per document (the rest is padding). Every measure is exactly 0 on keys a
+    query cannot see (padding, causal future: the softmax gives them exp(finfo.min) = 0), so row totals need
+    no masking. Top-k reads only each row's visible keys (`kernels.topk_rows`); dense and threshold mask the
+    unseen cells only when a batch has any (padding or causal). Kept cells are found once as flat indices, and
+    every measure is gathered with them (no repeated boolean-mask indexing).
+    """
+    rank_name = ranking_measure(list(values), head_level=next(iter(values)) in HEAD_MEASURES)
+    rank = values[rank_name].float()  # bfloat16 runs: compare with the threshold and sum kept_mass in float32
+    n = rank.shape[-1]
+    masked = causal or bool((lengths < n).any())
+    limits = visible_keys(lengths, n, causal)  # [batch, query]: keys [0, limit) visible
+    if top_k is None:
+        key_position = torch.arange(n, device=rank.device)
+        keep = (key_position < limits[..., None]).expand(rank.shape) if masked else None  # [group, batch, q, k]
+        if threshold is not None:
+            keep = rank >= threshold if keep is None else keep & (rank >= threshold)
+        if keep is None:  # dense without padding: every cell, in storage order
+            group, batch, query, key = _grid(tuple(rank.shape), rank.device)
+            return KeptCells(group, batch, query, key, {name: v.reshape(-1) for name, v in values.items()}, None)
+        (group, batch, query, key), cells = _where(keep)
+        kept = {name: v.reshape(-1).index_select(0, cells) for name, v in values.items()}
+        return KeptCells(group, batch, query, key, kept, None)
+    k = min(top_k, n)
+    # the kernel reads rows in storage order: [batch, group, query, key] for both head and layer measures
+    row_limits = limits[:, None, :].expand(rank.shape[1], rank.shape[0], n)
+    top_values, top_keys, counts = (t.transpose(0, 1) for t in topk_rows(rank.transpose(0, 1), row_limits, k))
+    flat: torch.Tensor | None = None  # kept slots as flat indices; None: every slot
+    if masked:
+        valid = torch.arange(k, device=rank.device) < counts[..., None]  # [group, batch, query, k]
+        (group, batch, query, _), flat = _where(valid)
+        row = (group * valid.shape[1] + batch) * valid.shape[2] + query
+    else:
+        group, batch, query, _ = _grid(tuple(top_values.shape), rank.device)
+        row = torch.arange(top_values.numel() // k, device=rank.device).repeat_interleave(k)
+
+    def take(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(-1) if flat is None else t.reshape(-1).index_select(0, flat)
+
+    kept_mass = top_values.sum(dim=-1) / rank.sum(dim=-1).clamp_min(1e-30)  # [group, batch, query]
+    kept = {name: take(top_values if name == rank_name else v.gather(-1, top_keys)) for name, v in values.items()}
+    return KeptCells(group, batch, query, take(top_keys), kept, kept_mass.reshape(-1).index_select(0, row))
+
+
+def measures_table(
+    per_layer: dict[str, list[torch.Tensor]],
+    lengths: torch.Tensor,
+    positions: torch.Tensor,
+    doc_ids: torch.Tensor,
+    causal: bool,
+    top_k: int | None = None,
+    threshold: float | None = None,
+    value_type: pa.DataType = pa.float32(),
+    windows: torch.Tensor | None = None,
+) -> pa.Table:
+    """The associations of a padded batch, in (layer, head, batch, query) order (layer rows, head -1, first).
+
+    per_layer: name → per layer [batch, head, query, key] (head measures) or [batch, query, key] (layer
+    measures); lengths [batch]; positions [batch, pos] each matrix index's document position; doc_ids
+    [batch]; windows [batch] (adds a `window` column) or None.
+    """
+    names = tuple(per_layer)
+    schema = association_schema(names, value_type, top_k=top_k is not None)
+    if windows is not None:
+        schema = schema.append(pa.field("window", pa.int16()))
+    n_layers = len(next(iter(per_layer.values())))
+    tables = []
+    for layer in range(n_layers):
+        layer_group = {m: per_layer[m][layer][None] for m in LAYER_MEASURES if m in per_layer}  # [1, batch, q, k]
+        head_group = {m: per_layer[m][layer].transpose(0, 1) for m in HEAD_MEASURES if m in per_layer}  # [head, …]
+        for group, head_level in ((layer_group, False), (head_group, True)):
+            if not group:
+                continue
+            cells = select_cells(group, lengths, causal, top_k, threshold)
+            batch, query, key = cells.batch.cpu(), cells.query.cpu(), cells.key.cpu()
+            rows = batch.shape[0]
+            columns = {
+                "doc_id": pa.array(doc_ids[batch].numpy(), pa.int64()),
+                "layer": pa.array(np.full(rows, layer, dtype=np.int16)),
+                "head": pa.array(cells.group.to(torch.int16).cpu().numpy() if head_level else np.full(rows, -1, np.int16)),
+                "query_pos": pa.array(positions[batch, query].to(torch.int32).numpy()),
+                "key_pos": pa.array(positions[batch, key].to(torch.int32).numpy()),
+            }
+            if windows is not None:
+                columns["window"] = pa.array(windows[batch].to(torch.int16).numpy())
+            for f in schema:
+                if f.name in columns:
+                    continue
+                if f.name == "kept_mass":
+                    columns[f.name] = pa.array(cells.kept_mass.float().cpu().numpy(), pa.float32())  # type: ignore[union-attr]
+                elif f.name in cells.values:
+                    columns[f.name] = pa.array(cells.values[f.name].float().cpu().numpy(), pa.float32()).cast(value_type)
+                else:
+                    columns[f.name] = pa.nulls(rows, f.type)
+            tables.append(pa.table([columns[f.name] for f in schema], schema=schema))
+    return pa.concat_tables(tables) if tables else schema.empty_table()
+
+
+def padded_positions(positions: list[list[int]]) -> torch.Tensor:
+    """[batch, longest] each matrix index's document position (0 in padding)."""
+    out = torch.zeros(len(positions), max((len(p) for p in positions), default=0), dtype=torch.long)
+    for i, p in enumerate(positions):
+        out[i, : len(p)] = torch.tensor(p, dtype=torch.long)
+    return out
+
+
+def batch_association_table(
+    analysis: BatchAnalysis,
+    doc_ids: list[int],
+    causal: bool,
+    top_k: int | None = None,
+    threshold: float | None = None,
+    value_type: pa.DataType = pa.float32(),
+    windows: list[int] | None = None,
+) -> pa.Table:
+    """A token-level batch's associations straight from its padded tensors (no per-document copies)."""
+    docs = analysis.batch.docs
+    return measures_table(
+        analysis.per_layer,
+        torch.tensor([d.n_tokens for d in docs], dtype=torch.long, device=analysis.batch.attention_mask.device),
+        padded_positions([d.positions for d in docs]),
+        torch.tensor(doc_ids, dtype=torch.long),
+        causal, top_k, threshold, value_type,
+        None if windows is None else torch.tensor(windows, dtype=torch.long),
+    )
+
+
+def association_table(
+    doc_id: int,
+    doc: DocAttention,
+    causal: bool,
+    top_k: int | None = None,
+    threshold: float | None = None,
+    value_type: pa.DataType = pa.float32(),
+) -> pa.Table:
+    """The associations of one document (token or word level), dense, top-k per query row, or above a threshold."""
+    per_layer = {name: list(v[:, None]) for name, v in {**doc.head_measures, **doc.layer_measures}.items()}
+    return measures_table(
+        per_layer,
+        torch.tensor([doc.size]),
+        doc.document_positions()[None],
+        torch.tensor([doc_id]),
+        causal, top_k, threshold, value_type,
+    )
+
+
+def tokens_table(doc_id: int, doc: TokenizedDoc) -> pa.Table:
+    """One row per real token: its text, word, whether it is special, and its character span."""
+    n = doc.n_tokens
+    return pa.table(
+        [
+            pa.array([doc_id] * n, pa.int64()),
+            pa.array(range(n), pa.int32()),
+            pa.array(doc.tokens, pa.string()),
+            pa.array(doc.word_index, pa.int32()),
+            pa.array(doc.is_special, pa.bool_()),
+            pa.array([a for a, _ in doc.offsets], pa.int32()),
+            pa.array([b for _, b in doc.offsets], pa.int32()),
+        ],
+        schema=TOKEN_SCHEMA,
+    )
+
+
+def word_spans(doc: TokenizedDoc, text: str) -> list[tuple[str, bool, int, int, int]]:
+    """Per word: (surface text, is_special, n_tokens, char_start, char_end). Specials keep their token text."""
+    spans: dict[int, list] = {}
+    for token, word, special, (start, end) in zip(doc.tokens, doc.word_index, doc.is_special, doc.offsets, strict=True):
+        if word not in spans:
+            spans[word] = [token, special, 0, start, end]
+        entry = spans[word]
+        entry[2] += 1
+        if not special:
+            entry[3] = min(entry[3], start) if entry[2] > 1 else start
+            entry[4] = max(entry[4], end)
+    result = []
+    for _, (label, special, count, start, end) in sorted(spans.items()):
+        if not special:  # byte-level BPE offsets (GPT-2, RoBERTa) include the space before a word
+            while start < end and text[start].isspace():
+                start += 1
+            while end > start and text[end - 1].isspace():
+                end -= 1
+        result.append((label if special else text[start:end], special, count, start, end))
+    return result
+
+
+def words_table(doc_id: int, doc: TokenizedDoc, text: str) -> pa.Table:
+    """One row per word (the positions of word-level associations)."""
+    spans = word_spans(doc, text)
+    return pa.table(
+        [
+            pa.array([doc_id] * len(spans), pa.int64()),
+            pa.array(range(len(spans)), pa.int32()),
+            pa.array([s[0] for s in spans], pa.string()),
+            pa.array([s[1] for s in spans], pa.bool_()),
+            pa.array([s[2] for s in spans], pa.int32()),
+            pa.array([s[3] for s in spans], pa.int32()),
+            pa.array([s[4] for s in spans], pa.int32()),
+        ],
+        schema=WORD_SCHEMA,
+    )

@@ -1,0 +1,381 @@
+"""Per-head metrics over a whole corpus, streamed one document at a time (never holding all matrices).
+
+Every metric is kept as a running (total, weight) pair per (layer, head), so that updating document by
+document, merging workers' partial stats, or computing on all rows at once give the same numbers.
+
+Row metrics: the mean over query rows i (of every document) of a per-row value of A = attention[layer, head]:
+
+- `entropy`:            H_i = −Σ_j A_ij ln A_ij (nats).
+- `entropy_normalised`: H_i / ln(row length); row length = i + 1 for causal models, n otherwise. Rows of
+                        length 1 (the first causal row, ln 1 = 0) are left out. A uniform row scores 1.
+- `mean_distance`:      Σ_j A_ij |i − j|, with i, j positions in the sequence the model saw (matrix indices).
+- `first_token`:        A_i0.
+- `cls`, `sep`:         Σ_j A_ij over keys j whose token is the [CLS] (resp. [SEP]) token;
+                        NaN if the model has none.
+- `self`:               A_ii.
+- `previous_token`:     A_i,i−1 over rows i ≥ 1 (the first row has no previous token).
+- `next_token`:         A_i,i+1 over rows i ≤ n − 2 (the last row has no next token).
+- `punctuation`:        Σ_j A_ij over non-special keys whose text is all punctuation.
+- `max_weight`:         max_j A_ij.
+- `cls_value_norm`, `sep_value_norm`: as `cls`/`sep` on value_norm rows first normalised to sum to 1
+                        (each key's share of the row); NaN when value_norm was not computed.
+
+Pattern detectors (TransformerLens head-detector patterns), each a ratio of sums over the corpus:
+score = Σ A⊙P / Σ A, both sums taken over the query rows where the reference pattern P [query, key] has at
+least one 1 (rows without any reference key neither help nor hurt the score). A head that puts all of its
+attention on P scores 1.
+
+- `previous_token_score`:  P_ij = 1 iff j = i − 1.
+- `duplicate_token_score`: P_ij = 1 iff j < i and token j == token i (an earlier occurrence of the token).
+- `induction_score`:       P_ij = 1 iff 1 ≤ j ≤ i and token j − 1 == token i with j − 1 < i: the token *after*
+                           an earlier occurrence of the current token. Causal models only (NaN otherwise).
+
+Tokens are compared by their text (token level: the tokenizer's tokens; word level: the word's pieces).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import unicodedata
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+
+from extractor.attribution.analysis import BatchAnalysis, DocAttention
+from extractor.attribution.measures import row_entropy
+from extractor.core.encode import strip_subword_markers
+from extractor.core.recompute import visible_keys
+
+ROW_METRICS = (
+    "entropy",
+    "entropy_normalised",
+    "mean_distance",
+    "first_token",
+    "cls",
+    "sep",
+    "self",
+    "previous_token",
+    "next_token",
+    "punctuation",
+    "max_weight",
+    "cls_value_norm",
+    "sep_value_norm",
+)
+DETECTORS = ("previous_token_score", "duplicate_token_score", "induction_score")
+METRICS = ROW_METRICS + DETECTORS
+
+# --- token properties --------------------------------------------------------------------------------------
+
+
+def is_punctuation(token: str) -> bool:
+    """Whether a token's text, without subword markers, is non-empty and all punctuation (Unicode P*)."""
+    text = strip_subword_markers(token).strip()
+    return bool(text) and all(unicodedata.category(c).startswith("P") for c in text)
+
+
+def position_specials(doc: DocAttention) -> list[bool]:
+    """Per matrix position: whether it is a special token (word level: a word made of special tokens)."""
+    if doc.level == "token":
+        return list(doc.doc.is_special)
+    special: dict[int, bool] = {}
+    for word, flag in zip(doc.doc.word_index, doc.doc.is_special, strict=True):
+        special[word] = special.get(word, False) or flag
+    return [special[w] for w in sorted(special)]
+
+
+# --- reference patterns [query, key] ----------------------------------------------------------------------
+
+
+def previous_token_pattern(n: int) -> torch.Tensor:
+    """[query, key] bool: P_ij = 1 iff j = i − 1."""
+    return torch.ones(n, n, dtype=torch.bool).tril(-1).triu(-1)
+
+
+def same_token(labels: list[str]) -> torch.Tensor:
+    """[query, key] bool: token i == token j."""
+    vocabulary: dict[str, int] = {}
+    ids = torch.tensor([vocabulary.setdefault(t, len(vocabulary)) for t in labels], dtype=torch.long)  # [pos]
+    return ids[:, None] == ids[None, :]
+
+
+def duplicate_token_pattern(labels: list[str]) -> torch.Tensor:
+    """[query, key] bool: P_ij = 1 iff j < i and token j == token i."""
+    return same_token(labels).tril(-1)
+
+
+def induction_pattern(labels: list[str]) -> torch.Tensor:
+    """[query, key] bool: P_ij = 1 iff 1 ≤ j ≤ i and token j − 1 is an earlier occurrence of token i."""
+    duplicate = duplicate_token_pattern(labels)  # [query, key]
+    shifted = torch.zeros_like(duplicate)
+    shifted[:, 1:] = duplicate[:, :-1]  # key j marks that key j − 1 duplicates the query
+    return shifted.tril()
+
+
+# --- sums over a padded batch ------------------------------------------------------------------------------
+
+Sums = dict[str, tuple[torch.Tensor, torch.Tensor]]  # metric → (total [head], weight [head])
+
+
+def rows_sum(values: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """values [batch, head, query], rows [batch, query] bool → (Σ over kept rows, kept row count), each [head]."""
+    total = values.masked_fill(~rows[:, None, :], 0.0).sum(dim=(0, 2), dtype=torch.float64)
+    return total, torch.full_like(total, float(rows.sum()))
+
+
+def mass_on(pattern: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """pattern [..., query, key], reference [query, key] → Σ_j A_ij P_ij [..., query]."""
+    return (pattern * reference.to(pattern.dtype)).sum(dim=-1)  # half the time of the equivalent einsum on CPU
+
+
+@dataclass(frozen=True)
+class ReferenceCells:
+    """A reference pattern P over a padded batch, kept sparse: its cells and the query rows that have any."""
+
+    cells: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (batch, query, key) index of every 1 in P
+    rows: torch.Tensor  # [batch, query] bool: rows where P has at least one 1
+
+    @classmethod
+    def from_documents(cls, references: list[torch.Tensor], n: int, device: torch.device | str) -> ReferenceCells:
+        """references: per document, P_b [n_b, n_b] bool."""
+        rows = torch.zeros(len(references), n, dtype=torch.bool)
+        cells = []
+        for b, reference in enumerate(references):
+            rows[b, : reference.shape[0]] = reference.any(dim=-1)
+            query, key = reference.nonzero(as_tuple=True)
+            cells.append(torch.stack([torch.full_like(query, b), query, key]))
+        b_index, query, key = torch.cat(cells, dim=1).to(device)
+        return cls((b_index, query, key), rows.to(device))
+
+    def score_sums(self, attention: torch.Tensor, row_sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Σ A⊙P, Σ A) [head] over the rows where P has any 1; attention [batch, head, query, key],
+        row_sums [batch, head, query] (Σ_j A_ij). P is sparse, so Σ A⊙P gathers only its cells."""
+        b_index, query, key = self.cells
+        hits = attention[b_index, :, query, key].sum(dim=0, dtype=torch.float64)  # [head]
+        return hits, rows_sum(row_sums, self.rows)[0]
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _punctuation_key(label: str, special: bool) -> bool:
+    return is_punctuation(label) and not special
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """What the metrics need to know about a padded batch besides its patterns; built once, used per layer."""
+
+    real: torch.Tensor  # [batch, query] bool: real (non-padding) positions
+    row_length: torch.Tensor  # [batch, query]: keys each row can see (0 on padding rows)
+    flag_names: list[str]  # "share of the row on these keys" sets: punctuation, cls, sep
+    # Those sets are a few keys per document, so they are kept sparse: each document's flagged keys (padded with
+    # key 0) and, per flagged key, which sets it belongs to (all 0 on padding entries).
+    flag_keys: torch.Tensor  # [batch, flagged] long
+    flag_sets: torch.Tensor  # [batch, flagged, flag set] float
+    duplicate: ReferenceCells
+    induction: ReferenceCells | None  # causal models only
+
+    @classmethod
+    def build(cls, lengths: list[int], labels: list[list[str]], specials: list[list[bool]], causal: bool,
+              cls_token: str | None, sep_token: str | None, device: torch.device | str = "cpu") -> BatchLayout:
+        """lengths, labels, specials: per document (labels and specials per position)."""
+        n = max(lengths)
+        row_length = visible_keys(torch.tensor(lengths), n, causal)  # 0 on padding rows
+        tokens = [t for t in (cls_token, sep_token) if t is not None]
+        names = ["punctuation"] + [name for name, t in (("cls", cls_token), ("sep", sep_token)) if t is not None]
+        flags = torch.zeros(len(lengths), n, len(names), dtype=torch.bool)
+        for b, (doc_labels_, doc_specials) in enumerate(zip(labels, specials, strict=True)):
+            size = len(doc_labels_)
+            flags[b, :size, 0] = torch.tensor(
+                [_punctuation_key(t, s) for t, s in zip(doc_labels_, doc_specials, strict=True)], dtype=torch.bool
+            )
+            for i, token in enumerate(tokens):
+                flags[b, :size, i + 1] = torch.tensor([t == token for t in doc_labels_], dtype=torch.bool)
+        flagged = flags.any(dim=-1)  # [batch, key]
+        width = max(1, int(flagged.sum(dim=-1).max()))
+        flag_keys = torch.zeros(len(lengths), width, dtype=torch.long)
+        flag_sets = torch.zeros(len(lengths), width, len(names))
+        for b in range(len(lengths)):
+            keys = flagged[b].nonzero()[:, 0]
+            flag_keys[b, : len(keys)] = keys
+            flag_sets[b, : len(keys)] = flags[b, keys].float()
+        return cls(
+            real=(row_length > 0).to(device), row_length=row_length.to(device), flag_names=names,
+            flag_keys=flag_keys.to(device), flag_sets=flag_sets.to(device),
+            duplicate=ReferenceCells.from_documents([duplicate_token_pattern(t) for t in labels], n, device),
+            induction=ReferenceCells.from_documents([induction_pattern(t) for t in labels], n, device)
+            if causal else None,
+        )
+
+
+def on_flagged_keys(values: torch.Tensor, layout: BatchLayout) -> torch.Tensor:
+    """values [batch, head, query, key] → Σ_j values_ij over each flag set's keys [batch, head, query, flag set]."""
+    batch, n_heads, n, _ = values.shape
+    keys = layout.flag_keys[:, None, None, :].expand(batch, n_heads, n, -1)  # [batch, head, query, flagged]
+    return values.gather(-1, keys) @ layout.flag_sets[:, None].to(values.dtype)
+
+
+def head_sums(attention: torch.Tensor, layout: BatchLayout, value_norm: torch.Tensor | None = None) -> Sums:
+    """Every metric's (total, weight) [head] over a padded batch.
+
+    attention, value_norm: [batch, head, query, key], padded to the longest document; `layout` describes the
+    batch (real positions, key flags, reference patterns). Padded rows and keys never count.
+    """
+    n = attention.shape[-1]
+    real = layout.real
+    position = torch.arange(n, device=attention.device)
+    sums: Sums = {}
+    entropy = row_entropy(attention)  # [batch, head, query]
+    sums["entropy"] = rows_sum(entropy, real)
+    normalised = entropy / layout.row_length.clamp_min(1).double().log().clamp_min(1e-30)[:, None, :]
+    sums["entropy_normalised"] = rows_sum(normalised, real & (layout.row_length > 1))
+    distance = (position[:, None] - position[None, :]).abs()  # [query, key]
+    sums["mean_distance"] = rows_sum(mass_on(attention, distance), real)
+    sums["first_token"] = rows_sum(attention[..., 0], real)
+    sums["self"] = rows_sum(attention.diagonal(dim1=-2, dim2=-1), real)
+    # A_i,i−1 for rows 1..n−1 and A_i,i+1 for rows 0..n−2: rows without such a neighbour are not counted.
+    previous = attention.diagonal(offset=-1, dim1=-2, dim2=-1)  # [batch, head, n − 1], rows 1..n−1
+    sums["previous_token"] = rows_sum(previous, real[:, 1:])
+    sums["next_token"] = rows_sum(attention.diagonal(offset=1, dim1=-2, dim2=-1), real[:, 1:])
+    # Every "share of the row on these keys" metric at once, from the few flagged keys of each document.
+    on_keys = on_flagged_keys(attention, layout)  # [batch, head, query, flag set]
+    for i, name in enumerate(layout.flag_names):
+        sums[name] = rows_sum(on_keys[..., i], real)
+    sums["max_weight"] = rows_sum(attention.amax(dim=-1), real)
+    special_sets = [i for i, name in enumerate(layout.flag_names) if name in ("cls", "sep")]
+    if value_norm is not None and special_sets:
+        # value_norm as each key's share of its row: Σ over the set's keys / Σ_j value_norm
+        shares = on_flagged_keys(value_norm, layout)[..., special_sets] / value_norm.sum(dim=-1, keepdim=True).clamp_min(1e-30)
+        for column, i in enumerate(special_sets):
+            sums[f"{layout.flag_names[i]}_value_norm"] = rows_sum(shares[..., column], real)
+    row_sums = attention.sum(dim=-1)  # [batch, head, query]
+    # previous_token_score: P = the sub-diagonal, so its cells are `previous` and its rows 1..n_b − 1
+    sums["previous_token_score"] = (sums["previous_token"][0], rows_sum(row_sums[..., 1:], real[:, 1:])[0])
+    sums["duplicate_token_score"] = layout.duplicate.score_sums(attention, row_sums)
+    if layout.induction is not None:
+        sums["induction_score"] = layout.induction.score_sums(attention, row_sums)
+    return sums
+
+
+def doc_head_sums(
+    attention: torch.Tensor,
+    labels: list[str],
+    specials: list[bool],
+    causal: bool,
+    cls_token: str | None,
+    sep_token: str | None,
+    value_norm: torch.Tensor | None = None,
+) -> Sums:
+    """Every metric's (total, weight) [layer, head] for one document; attention, value_norm: [layer, head, q, k]."""
+    n_layers, n_heads, n, _ = attention.shape
+    layout = BatchLayout.build([n], [labels], [specials], causal, cls_token, sep_token, attention.device)
+    sums = head_sums(attention.reshape(1, n_layers * n_heads, n, n), layout,
+                     None if value_norm is None else value_norm.reshape(1, n_layers * n_heads, n, n))
+    return {k: (total.view(n_layers, n_heads), weight.view(n_layers, n_heads)) for k, (total, weight) in sums.items()}
+
+
+def _check_layers_heads(found: tuple[int, int], n_layers: int, n_heads: int) -> None:
+    if found != (n_layers, n_heads):
+        raise ValueError(f"attention has {found} layers × heads, expected ({n_layers}, {n_heads})")
+
+
+def checked_attention(doc: DocAttention, n_layers: int, n_heads: int) -> torch.Tensor:
+    """The document's attention [layer, head, query, key]; a ValueError if its layers × heads differ."""
+    attention = doc.head_measures["attention"]
+    _check_layers_heads((attention.shape[0], attention.shape[1]), n_layers, n_heads)
+    return attention
+
+
+def checked_batch_attention(analysis: BatchAnalysis, n_layers: int, n_heads: int) -> list[torch.Tensor]:
+    """The batch's attention per layer [batch, head, query, key], padded, token level (whatever
+    `analysis.level` is); a ValueError if its layers × heads differ."""
+    attention = analysis.per_layer["attention"]
+    _check_layers_heads((len(attention), attention[0].shape[1]), n_layers, n_heads)
+    return attention
+
+
+# --- streaming accumulator ----------------------------------------------------------------------------------
+
+
+class HeadStats:
+    """Running per-head metrics over a corpus: `update` per document, `merge` workers, `table` at the end.
+
+    A metric that never received a row (no value_norm, no [CLS] token, non-causal induction) is NaN.
+    """
+
+    def __init__(
+        self, n_layers: int, n_heads: int, causal: bool, cls_token: str | None, sep_token: str | None
+    ) -> None:
+        self.n_layers = n_layers
+        self.n_heads = n_heads
+        self.causal = causal
+        self.cls_token = cls_token
+        self.sep_token = sep_token
+        self.n_rows = 0  # query rows seen (per head; every head sees every row)
+        # metric → [layer, head] running sums of values and of their weights (rows, or Σ A for detectors)
+        self.totals = {m: torch.zeros(n_layers, n_heads, dtype=torch.float64) for m in METRICS}
+        self.weights = {m: torch.zeros(n_layers, n_heads, dtype=torch.float64) for m in METRICS}
+
+    def update(self, doc: DocAttention) -> None:
+        """Add one document (token or word level): `attention` [layer, head, query, key] (+ value_norm)."""
+        attention = checked_attention(doc, self.n_layers, self.n_heads)
+        sums = doc_head_sums(
+            attention.float(),
+            doc.labels(),
+            position_specials(doc),
+            self.causal,
+            self.cls_token,
+            self.sep_token,
+            value_norm=None
+            if doc.head_measures.get("value_norm") is None
+            else doc.head_measures["value_norm"].float(),
+        )
+        for name, (total, weight) in sums.items():
+            self.totals[name] += total
+            self.weights[name] += weight
+        self.n_rows += attention.shape[-1]
+
+    def update_batch(self, analysis: BatchAnalysis) -> None:
+        """Add a whole batch at token level, straight from its padded per-layer tensors (`update` takes one
+        document at either level)."""
+        docs = analysis.batch.docs
+        attention = checked_batch_attention(analysis, self.n_layers, self.n_heads)
+        layout = BatchLayout.build([d.n_tokens for d in docs], [list(d.tokens) for d in docs],
+                                   [list(d.is_special) for d in docs], self.causal, self.cls_token, self.sep_token,
+                                   attention[0].device)
+        value_norm = analysis.per_layer.get("value_norm")
+        for layer, pattern in enumerate(attention):
+            sums = head_sums(pattern.float(), layout, None if value_norm is None else value_norm[layer].float())
+            for name, (total, weight) in sums.items():
+                self.totals[name][layer] += total.cpu()
+                self.weights[name][layer] += weight.cpu()
+        self.n_rows += sum(d.n_tokens for d in docs)
+
+    def merge(self, other: HeadStats) -> None:
+        """Fold in another worker's stats (same model): the result equals one pass over both corpora."""
+        if (other.n_layers, other.n_heads, other.causal) != (self.n_layers, self.n_heads, self.causal):
+            raise ValueError("cannot merge head stats of different models")
+        for name in METRICS:
+            self.totals[name] += other.totals[name]
+            self.weights[name] += other.weights[name]
+        self.n_rows += other.n_rows
+
+    def values(self) -> dict[str, torch.Tensor]:
+        """metric → [layer, head] float64 (NaN where no row counted)."""
+        return {
+            m: torch.where(self.weights[m] > 0, self.totals[m] / self.weights[m], math.nan) for m in METRICS
+        }
+
+    def table(self) -> pd.DataFrame:
+        """One row per (layer, head): layer, head (int16), n_rows (int64), a float64 column per metric."""
+        layer, head = torch.meshgrid(torch.arange(self.n_layers), torch.arange(self.n_heads), indexing="ij")
+        frame = pd.DataFrame(
+            {
+                "layer": layer.flatten().numpy().astype("int16"),
+                "head": head.flatten().numpy().astype("int16"),
+                "n_rows": pd.Series([self.n_rows] * layer.numel(), dtype="int64"),
+            }
+        )
+        for name, value in self.values().items():
+            frame[name] = value.flatten().numpy().astype("float64")
+        return frame

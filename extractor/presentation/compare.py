@@ -1,0 +1,45 @@
+"""`extractor compare RUN_A RUN_B`: the per-head difference table and its heatmaps, written to a folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from extractor.corpus import run_folder as outputs
+from extractor.heads.compare import check_same_shape, heads_difference
+from extractor.presentation.plots import plot_head_metric_heatmaps
+
+
+def default_output(run_a: str | Path, run_b: str | Path) -> Path:
+    """RUN_B/compare_vs_<name of A>/."""
+    return Path(run_b) / f"compare_vs_{outputs.run_name(run_a)}"
+
+
+def runs_difference(run_a: str | Path, run_b: str | Path) -> tuple[pd.DataFrame, str]:
+    """(B − A per head and metric, a title naming both runs and models). A UserError if either folder is not a
+    complete run or the runs' (n_layers, n_heads) differ."""
+    manifest_a, manifest_b = outputs.read_manifest(run_a), outputs.read_manifest(run_b)
+    name_a, name_b = outputs.run_name(run_a, manifest_a), outputs.run_name(run_b, manifest_b)
+    check_same_shape(outputs.heads_shape(run_a), outputs.heads_shape(run_b), name_a, name_b)
+    difference = heads_difference(outputs.read_heads(run_a), outputs.read_heads(run_b))
+    model_a, model_b = outputs.model_name(manifest_a), outputs.model_name(manifest_b)
+    return difference, f"{name_b} ({model_b}) − {name_a} ({model_a})"
+
+
+def compare_runs(
+    run_a: str | Path, run_b: str | Path, output: str | Path | None = None
+) -> tuple[pd.DataFrame, list[Path]]:
+    """Write OUTPUT/heads_diff.parquet and one diverging layer × head heatmap per metric (B − A).
+
+    Returns the difference table and the written paths (OUTPUT defaults to RUN_B/compare_vs_<name of A>/).
+    """
+    difference, title = runs_difference(run_a, run_b)
+    folder = Path(output) if output is not None else default_output(run_a, run_b)
+    folder.mkdir(parents=True, exist_ok=True)
+    table_path = folder / "heads_diff.parquet"
+    pq.write_table(pa.Table.from_pandas(difference, preserve_index=False), table_path)
+    paths = plot_head_metric_heatmaps(difference, folder, title, diverging=True, stem_prefix="diff_")
+    return difference, [table_path, *paths]

@@ -1,0 +1,483 @@
+"""Figures (seaborn/matplotlib, headless), each written as PNG and SVG.
+
+Every figure has a `*_figure(...) -> Figure` builder (testable: count its panels) and a `plot_*(..., out_dir)`
+writer that returns the written paths. Figures are built with matplotlib's object API on an Agg canvas
+(`new_figure`), which draws without any GUI backend; only seaborn's clustermap goes through pyplot, and its
+figure is closed after saving. A figure without a canvas makes every text-extent query (seaborn's tick-label
+overlap check, constrained layout) render the whole figure again: 7 GB and 39 s for three 60-token figures,
+against a few hundred MB on a canvas. Sides are capped and labels thinned, so memory stays bounded at 512
+tokens; the cell meshes are rasterised in SVG (one image instead of n² paths).
+
+`write_default_plots(run_dir)` draws the standard set from a run's output folder into RUN/plots/.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from extractor.corpus import run_folder as outputs
+from extractor.corpus.faults import checkpoint
+from extractor.errors import UserError
+from extractor.heads.metrics import METRICS
+from extractor.heads.similarity import cluster_heads
+
+FORMATS = ("png", "svg")
+DPI = 150
+SEQUENTIAL = "viridis"
+DIVERGING = "RdBu_r"
+METRIC_LABELS = {
+    "entropy": "mean row entropy (nats)",
+    "entropy_normalised": "mean row entropy / ln(row length)",
+    "mean_distance": "mean attention distance |i − j| (tokens)",
+    "first_token": "attention to the first token",
+    "cls": "attention to [CLS]",
+    "sep": "attention to [SEP]",
+    "self": "attention to itself",
+    "previous_token": "attention to the previous token",
+    "next_token": "attention to the next token",
+    "punctuation": "attention to punctuation",
+    "max_weight": "mean max weight of a row",
+    "cls_value_norm": "value_norm share to [CLS]",
+    "sep_value_norm": "value_norm share to [SEP]",
+    "previous_token_score": "previous-token score Σ(A⊙P)/ΣA",
+    "duplicate_token_score": "duplicate-token score Σ(A⊙P)/ΣA",
+    "induction_score": "induction score Σ(A⊙P)/ΣA",
+}
+
+
+# --- writing ------------------------------------------------------------------------------------------------
+
+
+def new_figure(figsize: tuple[float, float], **options: object) -> Figure:
+    """A Figure on an Agg canvas (see the module docstring for why it must have one)."""
+    figure = Figure(figsize=figsize, **options)  # type: ignore[arg-type]
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def save_figure(figure: Figure, out_dir: str | Path, stem: str) -> list[Path]:
+    """Write `figure` as OUT/stem.png and OUT/stem.svg (each through a temporary name); returns both paths."""
+    folder = Path(out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"{stem}.{fmt}" for fmt in FORMATS]
+    # SVG text stays text (searchable, editable, smaller) instead of glyph outlines.
+    with matplotlib.rc_context({"svg.fonttype": "none"}):
+        for path in paths:
+            partial = path.with_name(f".{path.name}.tmp")
+            figure.savefig(partial, dpi=DPI, bbox_inches="tight", format=path.suffix[1:])
+            partial.replace(path)
+    return paths
+
+
+def _tick_size(n: int, side: float) -> float:
+    """Font size (points) for n tick labels along `side` inches: as large as their spacing allows, 4–9 pt."""
+    spacing = (
+        0.8 * side * 72 / max(n, 1)
+    )  # points between neighbouring labels (the map fills ~80% of the side)
+    return float(np.clip(0.65 * spacing, 4, 9))
+
+
+def thin_labels(labels: Sequence[str], side: float, smallest: float = 5.0) -> list[str]:
+    """Labels for a long axis: every k-th label (others blank), so that those shown are ≥ `smallest` pt."""
+    spacing = 0.8 * side * 72 / max(len(labels), 1)
+    step = max(1, int(np.ceil(smallest / (0.65 * spacing))))
+    return [label if i % step == 0 else "" for i, label in enumerate(labels)]
+
+
+def _side(n: int, per_label: float = 0.28, low: float = 4.0, high: float = 14.0) -> float:
+    """Figure side in inches for n labels."""
+    return float(np.clip(per_label * n, low, high))
+
+
+# --- per-head metrics ---------------------------------------------------------------------------------------
+
+
+def metric_grid(heads: pd.DataFrame, column: str) -> pd.DataFrame:
+    """heads table → [layer, head] grid of one column (rows: layers, columns: heads)."""
+    return heads.pivot(index="layer", columns="head", values=column).sort_index().sort_index(axis=1)
+
+
+def head_metric_figure(heads: pd.DataFrame, metric: str, title: str, diverging: bool = False) -> Figure:
+    """A layer × head heatmap of one metric, annotated when small enough to read, with a colour bar."""
+    grid = metric_grid(heads, metric)  # [layer, head]
+    n_layers, n_heads = grid.shape
+    figure = new_figure((max(5.0, 0.55 * n_heads + 2.5), max(3.0, 0.45 * n_layers + 1.6)))
+    ax = figure.add_subplot()
+    label = ("change (B − A) in " if diverging else "") + METRIC_LABELS.get(metric, metric)
+    options: dict = {"cmap": DIVERGING, "center": 0.0} if diverging else {"cmap": SEQUENTIAL}
+    sns.heatmap(
+        grid,
+        ax=ax,
+        annot=n_layers * n_heads <= 144,
+        fmt=".2f",
+        annot_kws={"fontsize": 7},
+        linewidths=0.3,
+        linecolor="white",
+        cbar_kws={"label": label},
+        **options,
+    )
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_title(title, fontsize=10)
+    return figure
+
+
+def plotted_metrics(heads: pd.DataFrame) -> list[str]:
+    """Metric columns of a heads table with any value (all-NaN ones, e.g. BERT's induction, are skipped)."""
+    return [m for m in METRICS if m in heads.columns and heads[m].notna().any()]
+
+
+def plot_head_metric_heatmaps(
+    heads: pd.DataFrame,
+    out_dir: str | Path,
+    title_prefix: str,
+    diverging: bool = False,
+    stem_prefix: str = "heads_",
+) -> list[Path]:
+    """One layer × head heatmap per metric → OUT/<stem_prefix><metric>.png/.svg."""
+    paths: list[Path] = []
+    for metric in plotted_metrics(heads):
+        title = f"{title_prefix} — {METRIC_LABELS.get(metric, metric)}"
+        figure = head_metric_figure(heads, metric, title, diverging=diverging)
+        paths += save_figure(figure, out_dir, f"{stem_prefix}{metric}")
+    return paths
+
+
+# --- head similarity ----------------------------------------------------------------------------------------
+
+
+def similarity_clustermap_figure(similarity: pd.DataFrame, title: str) -> Figure:
+    """Seaborn clustermap of the heads' mean JS divergence, in hierarchical-clustering order."""
+    clustering = cluster_heads(similarity)
+    n = len(clustering.labels)
+    frame = pd.DataFrame(clustering.divergence, index=clustering.labels, columns=clustering.labels)
+    linkage = clustering.linkage if n > 2 else None
+    side = _side(n, per_label=0.16, low=6.0, high=26.0)
+    grid = sns.clustermap(
+        frame,
+        row_linkage=linkage,
+        col_linkage=linkage,
+        row_cluster=linkage is not None,
+        col_cluster=linkage is not None,
+        cmap="mako_r",
+        vmin=0.0,
+        figsize=(side, side),
+        xticklabels=True,
+        yticklabels=True,
+        cbar_kws={"label": "mean JS divergence (bits)"},
+        dendrogram_ratio=0.12,
+        cbar_pos=(0.035, 0.86, 0.018, 0.12),
+    )
+    # Ticks and label on the colour bar's left, clear of the column dendrogram.
+    grid.ax_cbar.yaxis.set_ticks_position("left")
+    grid.ax_cbar.yaxis.set_label_position("left")
+    grid.ax_heatmap.tick_params(labelsize=_tick_size(n, side * 0.8))
+    grid.ax_heatmap.set_xlabel("head")
+    grid.ax_heatmap.set_ylabel("head")
+    grid.figure.suptitle(title, fontsize=11, y=1.01)
+    return grid.figure
+
+
+def plot_similarity_clustermap(
+    similarity: pd.DataFrame, out_dir: str | Path, title: str, stem: str = "head_similarity_clustermap"
+) -> list[Path]:
+    """The head-similarity clustermap → OUT/<stem>.png/.svg."""
+    import matplotlib.pyplot as plt  # clustermap draws through pyplot; close its figure after saving
+
+    figure = similarity_clustermap_figure(similarity, title)
+    try:
+        return save_figure(figure, out_dir, stem)
+    finally:
+        plt.close(figure)
+
+
+# --- one document -------------------------------------------------------------------------------------------
+
+
+def _matrix_heatmap(
+    ax, matrix: np.ndarray, labels: Sequence[str], side: float, colour_label: str, vmax: float | None = None
+) -> None:
+    """One [query, key] matrix on a `side`-inch square: token labels (x: keys, y: queries), colour bar.
+
+    One image (not a mesh of n² cells), and ticks only where a label is shown: at 512 tokens this is the
+    difference between seconds and minutes.
+    """
+    image = ax.imshow(matrix, cmap=SEQUENTIAL, vmin=0.0, vmax=vmax, interpolation="nearest", aspect="equal",
+                      rasterized=True)
+    shown = [(i, label) for i, label in enumerate(thin_labels(labels, side)) if label]
+    positions, names = [i for i, _ in shown], [label for _, label in shown]
+    size = max(_tick_size(len(labels), side), 5.0)
+    ax.set_xticks(positions, names, fontsize=size, rotation=90)
+    ax.set_yticks(positions, names, fontsize=size)
+    ax.set_xlabel("key (attended to)")
+    ax.set_ylabel("query (attending)")
+    ax.figure.colorbar(image, ax=ax, label=colour_label, shrink=0.8)
+
+
+def doc_head_figure(
+    matrix: np.ndarray, labels: Sequence[str], title: str, colour_label: str = "attention weight"
+) -> Figure:
+    """One document's [query, key] matrix for one head: row i = how token i spreads its attention."""
+    side = _side(len(labels)) + 1.5
+    figure = new_figure((side + 1.2, side))
+    _matrix_heatmap(figure.add_subplot(), matrix, labels, side, colour_label)
+    figure.axes[0].set_title(title, fontsize=10)
+    return figure
+
+
+def plot_doc_head(
+    matrix: np.ndarray,
+    labels: Sequence[str],
+    out_dir: str | Path,
+    title: str,
+    stem: str = "doc_head",
+    colour_label: str = "attention weight",
+) -> list[Path]:
+    """One head's attention heatmap for one document, token labels on both axes → OUT/<stem>.png/.svg."""
+    return save_figure(doc_head_figure(matrix, labels, title, colour_label), out_dir, stem)
+
+
+def text_preview(labels: Sequence[str], limit: int = 80) -> str:
+    """The document's tokens joined, shortened to `limit` characters (for subtitles)."""
+    text = " ".join(labels)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+GRID_CELL_PIXELS = 128  # a grid cell is ~1 inch at 150 dpi: more resolution than that is never seen
+
+
+def pooled(matrices: np.ndarray, size: int) -> np.ndarray:
+    """[..., n, n] → [..., m, m] with m ≤ size, each cell the max of a block (a sharp weight stays visible)."""
+    n = matrices.shape[-1]
+    factor = int(np.ceil(n / size))
+    if factor <= 1:
+        return matrices
+    m = int(np.ceil(n / factor))
+    padded = np.zeros((*matrices.shape[:-2], m * factor, m * factor), dtype=matrices.dtype)
+    padded[..., :n, :n] = matrices
+    return padded.reshape(*matrices.shape[:-2], m, factor, m, factor).max(axis=(-3, -1))
+
+
+def doc_grid_figure(
+    matrices: np.ndarray, labels: Sequence[str], title: str, colour_label: str = "attention weight"
+) -> Figure:
+    """matrices [layer, head, query, key] → a layer × head grid of small maps sharing one colour scale.
+
+    Drawn as one mosaic image with white gutters (one image, not layers × heads axes), so 270 heads draw as
+    fast as 12.
+    """
+    matrices = pooled(matrices, GRID_CELL_PIXELS)  # [layer, head, query, key] at most a cell's pixels a side
+    n_layers, n_heads, n, _ = matrices.shape
+    gap = max(1, n // 12)
+    mosaic = np.full((n_layers * (n + gap) - gap, n_heads * (n + gap) - gap), np.nan, dtype=np.float32)
+    for layer in range(n_layers):
+        for head in range(n_heads):
+            top, left = layer * (n + gap), head * (n + gap)
+            mosaic[top : top + n, left : left + n] = matrices[layer, head]  # [query, key]
+    cell = 1.1 if n_heads <= 12 else 0.8
+    figure = new_figure((cell * n_heads + 1.8, cell * n_layers + 1.2))
+    ax = figure.add_subplot()
+    colours = matplotlib.colormaps[SEQUENTIAL].with_extremes(bad="white")
+    vmax = float(matrices.max()) if matrices.size else 1.0
+    image = ax.imshow(mosaic, cmap=colours, vmin=0.0, vmax=vmax, interpolation="nearest", rasterized=True)
+    centres = [i * (n + gap) + (n - 1) / 2 for i in range(max(n_layers, n_heads))]
+    ax.set_xticks(centres[:n_heads], [f"head {h}" for h in range(n_heads)], fontsize=7, rotation=90)
+    ax.set_yticks(centres[:n_layers], [f"layer {layer}" for layer in range(n_layers)], fontsize=7)
+    ax.tick_params(length=0)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    figure.colorbar(image, ax=ax, shrink=0.6, label=colour_label)
+    figure.suptitle(f"{title}\n{text_preview(labels)}", fontsize=10)
+    return figure
+
+
+def plot_doc_grid(
+    matrices: np.ndarray, labels: Sequence[str], out_dir: str | Path, title: str, stem: str = "doc_grid"
+) -> list[Path]:
+    """A layer × head grid of one document's maps [layer, head, query, key] → OUT/<stem>.png/.svg."""
+    return save_figure(doc_grid_figure(matrices, labels, title), out_dir, stem)
+
+
+def row_share(matrix: np.ndarray) -> np.ndarray:
+    """[query, key] → each row divided by its sum (rows of zeros stay zero)."""
+    total = matrix.sum(axis=-1, keepdims=True)
+    return np.divide(matrix, total, out=np.zeros_like(matrix, dtype=np.float64), where=total > 0)
+
+
+def attention_vs_value_norm_figure(
+    attention: np.ndarray, value_norm: np.ndarray, labels: Sequence[str], title: str
+) -> Figure:
+    """Attention and value_norm of one head side by side, both [query, key], on one 0..1 scale.
+
+    value_norm ‖α_ij f(x_j)‖ is shown as each key's share of its row (rows sum to 1, like attention), so the
+    two panels compare directly: a key bright on the left but dim on the right has a large weight on a small
+    value vector.
+    """
+    side = _side(len(labels)) + 1.5
+    figure = new_figure((2 * side + 2.5, side))
+    left, right = figure.subplots(1, 2, gridspec_kw={"wspace": 0.35})
+    _matrix_heatmap(left, attention, labels, side, "attention weight", vmax=1.0)
+    left.set_title("attention A (softmax weights)", fontsize=9)
+    _matrix_heatmap(right, row_share(value_norm), labels, side, "share of the row's value_norm", vmax=1.0)
+    right.set_title("value_norm ‖α·f(x)‖, share of each row", fontsize=9)
+    figure.suptitle(title, fontsize=10)
+    return figure
+
+
+def plot_attention_vs_value_norm(
+    attention: np.ndarray,
+    value_norm: np.ndarray,
+    labels: Sequence[str],
+    out_dir: str | Path,
+    title: str,
+    stem: str = "attention_vs_value_norm",
+) -> list[Path]:
+    """Attention and value_norm side by side for one head → OUT/<stem>.png/.svg."""
+    return save_figure(attention_vs_value_norm_figure(attention, value_norm, labels, title), out_dir, stem)
+
+
+# --- the default set from a run folder ----------------------------------------------------------------------
+
+
+def choose_head(heads: pd.DataFrame, layer: int | None = None, head: int | None = None) -> tuple[int, int]:
+    """The head to draw: the given one, else the one with the lowest mean row entropy among those matching.
+
+    The lowest-entropy head attends most sharply, so its picture shows structure rather than a uniform wash.
+    """
+    n_layers, n_heads = int(heads["layer"].max()) + 1, int(heads["head"].max()) + 1
+    for name, value, size in (("layer", layer, n_layers), ("head", head, n_heads)):
+        if value is not None and not 0 <= value < size:
+            raise UserError(f"--{name} {value} is out of range; this run has {name}s 0..{size - 1}")
+    candidates = heads
+    if layer is not None:
+        candidates = candidates[candidates["layer"] == layer]
+    if head is not None:
+        candidates = candidates[candidates["head"] == head]
+    best = candidates.sort_values(["entropy", "layer", "head"], na_position="last").iloc[0]
+    return int(best["layer"]), int(best["head"])
+
+
+def choose_document_view(
+    run_dir: Path, heads: pd.DataFrame, doc_id: int | None, layer: int | None, head: int | None
+) -> tuple[int, int, int] | None:
+    """(doc, layer, head) to draw, checked before anything is drawn; None when the run stored nothing to draw
+    per document and nothing was asked for (storage: summary)."""
+    asked = doc_id is not None or layer is not None or head is not None
+    if not asked and not outputs.has_associations(run_dir):
+        return None
+    if "attention" not in outputs.stored_measures(
+        run_dir
+    ):  # a UserError naming the storage if none were stored
+        if not asked:
+            return None
+        raise UserError(f"run '{run_dir}' did not store attention; rerun with measures including attention")
+    doc = outputs.first_ok_doc(run_dir) if doc_id is None else doc_id
+    outputs.doc_labels(run_dir, doc)  # a UserError listing the doc ids if `doc` is not in the run
+    return (doc, *choose_head(heads, layer, head))
+
+
+def plot_document(run_dir: Path, doc: int, layer: int, head: int, out_dir: Path, model: str) -> list[Path]:
+    """One document's figures: one head's attention, the layer × head grid, attention vs value_norm."""
+    # What the cells are: only the top-k keys per row (others read as 0), and between words at word level.
+    qualifier = " (top-k cells only)" if outputs.is_top_k(run_dir) else ""
+    if outputs.run_level(outputs.read_manifest(run_dir)) == "word":
+        qualifier += " between words"
+    where = f"doc {doc}, layer {layer} head {head}"
+    attention, labels = outputs.doc_matrix(run_dir, doc, layer, head, "attention")
+    paths = plot_doc_head(
+        attention,
+        labels,
+        out_dir,
+        f"{model}: attention{qualifier}, {where}",
+        stem=f"doc{doc}_L{layer}H{head}",
+    )
+    grid, labels = outputs.doc_matrices(run_dir, doc, "attention")
+    paths += plot_doc_grid(
+        grid,
+        labels,
+        out_dir,
+        f"{model}: attention{qualifier}, doc {doc}, every layer × head",
+        stem=f"doc{doc}_grid",
+    )
+    if "value_norm" in outputs.stored_measures(run_dir):
+        value_norm, _ = outputs.doc_matrix(run_dir, doc, layer, head, "value_norm")
+        paths += plot_attention_vs_value_norm(
+            attention,
+            value_norm,
+            labels,
+            out_dir,
+            f"{model}: attention vs value_norm{qualifier}, {where}",
+            stem=f"doc{doc}_L{layer}H{head}_attention_vs_value_norm",
+        )
+    return paths
+
+
+def write_default_plots(
+    run_dir: str | Path, doc_id: int | None = None, layer: int | None = None, head: int | None = None
+) -> list[Path]:
+    """Draw the standard figures of a run into RUN/plots/ and return the written paths.
+
+    - a layer × head heatmap per metric of heads.parquet (metrics that are all NaN are skipped);
+    - the head-similarity clustermap (if head_similarity.parquet exists);
+    - if associations were stored: for document `doc_id` (default: the first document with status ok) and
+      head (`layer`, `head`) (default: the head with the lowest mean row entropy, see `choose_head`):
+      its attention heatmap, a layer × head grid of its attention maps, and attention vs value_norm (when
+      value_norm was stored). Asking for a document of a run without associations is a UserError.
+
+    The full set is drawn into a new folder that then replaces RUN/plots/ whole, so an interrupted drawing
+    leaves the previous figures (or none), never half a set. Asking for a document, layer or head draws only
+    that document's figures, added to RUN/plots/.
+    """
+    run_dir = Path(run_dir)
+    manifest = outputs.read_manifest(run_dir)
+    heads = outputs.read_heads(run_dir)
+    view = choose_document_view(run_dir, heads, doc_id, layer, head)
+    model = outputs.model_name(manifest)
+    final = run_dir / "plots"
+    if doc_id is not None or layer is not None or head is not None:
+        assert view is not None, "choose_document_view returns a view when one is asked for"
+        return plot_document(run_dir, *view, out_dir=final, model=model)
+    partial = run_dir / f"plots.partial-{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)
+    paths = plot_head_metric_heatmaps(heads, partial, f"{model}: per-head metric over the corpus")
+    checkpoint("figures")
+    if (run_dir / "head_similarity.parquet").is_file():
+        similarity = outputs.read_similarity(run_dir)
+        paths += plot_similarity_clustermap(
+            similarity, partial, f"{model}: head similarity (mean JS divergence of rows)"
+        )
+    if view is not None:
+        paths += plot_document(run_dir, *view, out_dir=partial, model=model)
+    previous = run_dir / f"plots.previous-{os.getpid()}"
+    if final.exists():
+        final.rename(previous)
+    partial.rename(final)
+    shutil.rmtree(previous, ignore_errors=True)
+    return [final / path.name for path in paths]
+
+
+__all__ = [
+    "attention_vs_value_norm_figure",
+    "choose_head",
+    "doc_grid_figure",
+    "doc_head_figure",
+    "head_metric_figure",
+    "plot_attention_vs_value_norm",
+    "plot_doc_grid",
+    "plot_doc_head",
+    "plot_head_metric_heatmaps",
+    "plot_similarity_clustermap",
+    "save_figure",
+    "similarity_clustermap_figure",
+    "write_default_plots",
+]

@@ -1,0 +1,593 @@
+"""`extractor report`: one self-contained, offline HTML page to explore a run's heads and tokens.
+
+    write_report(OUTPUT) → OUTPUT/report.html
+
+The page (template: report_template.html, vanilla JS + inline SVG, no library, no network) shows the run's
+provenance and verification summary, a layer × head grid coloured by a metric of heads.parquet, the chosen
+head's metrics, and for a chosen document a token-to-token view of attention, value_norm or rollout.
+
+Without heads.parquet the grid is coloured by the mean of each query row's largest attention weight over the
+embedded documents, and the page says so; verification errors are always offered as colours too.
+
+Size bound. The page considers the first `max_docs` documents (default 50) in order — status ok by doc_id,
+then truncated ones — and embeds each unless it would push the whole file past `max_bytes` (default 5 MB);
+the page says how many it left out. Per embedded document: its tokens (or words at level word), and every
+stored association row of every (layer, head) — attention and value_norm — and of every layer (head = -1) —
+rollout and layer_value_norm — with values rounded to 4 decimals. Top-k storage keeps only the k strongest
+keys per query row, so only those exist on the page too. configs/default.yaml's run (60 sentences, top-k 8,
+every measure) gives 50 documents in about 4.1 MB.
+
+Compact form. A matrix group (one document, one layer, one head or the layer) is
+`{"n": row lengths per query position, "k": key positions (row by row), "v": {measure: values}, "m": kept mass
+per non-empty row}`; "k" is left out when every row holds keys 0, 1, 2, … (dense storage). Each list is a
+string of non-negative integers (values × 10⁴, rounded): a width digit w, then w base-64 digits per integer
+(`encode_ints`). The JSON sits in <script type="application/json"> elements with '<', '>' and '&' written as
+\\u003c, \\u003e, \\u0026, so no token can close the element; the page renders all text with textContent and
+a Content-Security-Policy lets only its own script (by hash) run and forbids every network request.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import html
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from extractor.corpus.faults import checkpoint
+from extractor.corpus.run_folder import association_files, read_manifest
+from extractor.errors import UserError
+
+log = logging.getLogger("extractor.presentation.report")
+
+DEFAULT_MAX_DOCS = 50
+DEFAULT_MAX_BYTES = 5_000_000
+DECIMALS = 4
+SCALE = 10**DECIMALS  # values are stored as round(value × SCALE)
+ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+_DIGITS = np.frombuffer(ALPHABET.encode("ascii"), dtype="S1")
+TEMPLATE = Path(__file__).with_name("report_template.html")
+
+# Measures the view can switch between: level (head rows or layer rows, head = -1), label, and how line
+# opacity is scaled ("raw": the weight itself, as bertviz; "max": value / largest value in the matrix, for
+# unbounded norms and for rollout, whose rows spread thinly over many keys).
+MEASURE_INFO = {
+    "attention": {
+        "level": "head",
+        "label": "attention",
+        "scale": "raw",
+        "note": "α_ij, the softmax pattern A of the head: row i is how query i spreads its attention.",
+    },
+    "value_norm": {
+        "level": "head",
+        "label": "value norm",
+        "scale": "max",
+        "note": "‖α_ij · v_j W_O‖: the weight times the size of what key j sends (Kobayashi et al. 2020).",
+    },
+    "rollout": {
+        "level": "layer",
+        "label": "rollout",
+        "scale": "max",
+        "note": "Attention rollout up to this layer (Abnar & Zuidema 2020): all heads, residual included.",
+    },
+    "layer_value_norm": {
+        "level": "layer",
+        "label": "layer value norm",
+        "scale": "max",
+        "note": "‖Σ_h α_hij · v_j W_O^h‖: what key j adds to query i's output in this layer, all heads.",
+    },
+}
+HEAD_MEASURES = tuple(m for m, info in MEASURE_INFO.items() if info["level"] == "head")
+LAYER_MEASURES = tuple(m for m, info in MEASURE_INFO.items() if info["level"] == "layer")
+
+# One line per heads.parquet metric, shown under the colour picker (see extractor/heads.py for definitions).
+METRIC_NOTES = {
+    "entropy": "mean entropy of a query row of A (nats): high = spread out, low = focused",
+    "entropy_normalised": "row entropy / ln(row length): 1 = uniform, 0 = one key",
+    "mean_distance": "mean |i − j| weighted by attention: how far a head looks",
+    "first_token": "mean weight on the first token",
+    "cls": "mean weight on [CLS]",
+    "sep": "mean weight on [SEP]",
+    "self": "mean weight of a token on itself",
+    "previous_token": "mean weight on the previous token",
+    "next_token": "mean weight on the next token",
+    "punctuation": "mean weight on punctuation tokens",
+    "max_weight": "mean of each row's largest weight: how sharp the head is",
+    "cls_value_norm": "share of the value-weighted row on [CLS]",
+    "sep_value_norm": "share of the value-weighted row on [SEP]",
+    "previous_token_score": "previous-token pattern score (1 = always the previous token)",
+    "duplicate_token_score": "duplicate-token pattern score (earlier copies of the same token)",
+    "induction_score": "induction pattern score (the token after an earlier copy)",
+    "mean_max_attention": "mean of each row's largest attention weight over the embedded documents "
+    "(computed for this page: heads.parquet is not in the run folder)",
+    "pattern_max_abs_err": "verification: max |pattern − Hugging Face's attentions| over the run",
+    "z_max_abs_err": "verification: max |z − the z Hugging Face fed its output projection| over the run",
+}
+DEFAULT_METRIC = "max_weight"
+PROVENANCE_KEYS = (
+    "model",
+    "model_class",
+    "family",
+    "n_layers",
+    "n_heads",
+    "causal",
+    "dtype",
+    "device",
+    "attn_implementation",
+    "transformers_version",
+    "torch_version",
+    "extractor_version",
+    "weights_file",
+    "weights_sha256",
+)
+_JSON_ESCAPES = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026"}
+
+
+# -- compact encoding -------------------------------------------------------------------------------------
+def encode_ints(values: np.ndarray | list[int]) -> str:
+    """Non-negative integers → a width digit w, then w base-64 digits per integer (most significant first)."""
+    array = np.asarray(values, dtype=np.int64).reshape(-1)
+    if array.size and int(array.min()) < 0:
+        raise ValueError("encode_ints takes non-negative integers")
+    top = int(array.max()) if array.size else 0
+    width = 1
+    while top >= 64**width:
+        width += 1
+    assert width <= 9, "one width digit"
+    powers = 64 ** np.arange(width - 1, -1, -1, dtype=np.int64)  # [width]
+    digits = (array[:, None] // powers[None, :]) % 64  # [n, width]
+    return str(width) + _DIGITS[digits].tobytes().decode("ascii")
+
+
+def decode_ints(text: str) -> np.ndarray:
+    """Inverse of `encode_ints` (the page's JavaScript does the same)."""
+    width = int(text[0])
+    codes = np.frombuffer(text[1:].encode("ascii"), dtype=np.uint8)
+    lookup = np.full(256, -1, dtype=np.int64)
+    lookup[np.frombuffer(ALPHABET.encode("ascii"), dtype=np.uint8)] = np.arange(64)
+    digits = lookup[codes].reshape(-1, width)
+    return (digits * (64 ** np.arange(width - 1, -1, -1, dtype=np.int64))[None, :]).sum(axis=1)
+
+
+def scaled(values: np.ndarray) -> np.ndarray:
+    """Round to `DECIMALS` decimals, as integers (the page divides by SCALE again)."""
+    return np.rint(values.astype(np.float64) * SCALE).astype(np.int64)
+
+
+def embed_json(value: Any) -> str:
+    """JSON safe inside a <script> element: ASCII only, and no '<', '>' or '&' that could end the element."""
+    text = json.dumps(value, ensure_ascii=True, separators=(",", ":"), allow_nan=False)
+    return re.sub(r"[<>&]", lambda m: _JSON_ESCAPES[m.group(0)], text)
+
+
+def encode_group(
+    query: np.ndarray,
+    key: np.ndarray,
+    values: dict[str, np.ndarray],
+    kept_mass: np.ndarray | None,
+    n_positions: int,
+) -> dict[str, Any]:
+    """One matrix (document, layer, head or layer) in compact form. Rows must be sorted by (query, key).
+
+    query, key: [rows] positions; values: measure → [rows] (a measure with nulls in this group is left out);
+    kept_mass: [rows] (constant per query row) or None.
+    """
+    counts = np.bincount(query, minlength=n_positions)  # [position]
+    group: dict[str, Any] = {"n": encode_ints(counts)}
+    starts = np.cumsum(counts) - counts  # [position] first row of each query
+    within = np.arange(len(key)) - np.repeat(starts, counts)  # each row's index inside its query row
+    if not np.array_equal(within, key):
+        group["k"] = encode_ints(key)
+    group["v"] = {name: encode_ints(scaled(v)) for name, v in values.items() if not np.isnan(v).any()}
+    if kept_mass is not None and not np.isnan(kept_mass).any():
+        group["m"] = encode_ints(scaled(kept_mass[starts[counts > 0]]))
+    return group
+
+
+def decode_group(group: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Inverse of `encode_group`: query, key and each measure's values (floats with 4 decimals) per row."""
+    counts = decode_ints(group["n"])
+    query = np.repeat(np.arange(len(counts)), counts)
+    if "k" in group:
+        key = decode_ints(group["k"])
+    else:
+        key = np.arange(len(query)) - np.repeat(np.cumsum(counts) - counts, counts)
+    decoded = {"query_pos": query, "key_pos": key}
+    decoded.update({name: decode_ints(text) / SCALE for name, text in group["v"].items()})
+    return decoded
+
+
+# -- reading the run ----------------------------------------------------------------------------------------
+def _read_table(folder: Path, name: str) -> pd.DataFrame | None:
+    file = folder / name
+    return pq.read_table(file).to_pandas() if file.is_file() else None
+
+
+def _number(value: Any) -> float | None:
+    """A float for JSON, or None for NaN / missing."""
+    if value is None:
+        return None
+    number = float(value)
+    return None if np.isnan(number) else number
+
+
+def document_text(tokens: pd.DataFrame) -> str:
+    """The document's text, rebuilt from its tokens and character offsets (special tokens left out)."""
+    pieces: list[str] = []
+    end = None
+    for token, special, start, stop in zip(
+        tokens["token"], tokens["is_special"], tokens["char_start"], tokens["char_end"], strict=True
+    ):
+        if special:
+            continue
+        text = str(token)
+        if text.startswith("##"):
+            text = text[2:]
+        elif text[:1] in ("Ġ", "▁"):
+            text = text[1:]
+        if end is not None and start > end:
+            pieces.append(" ")
+        pieces.append(text)
+        end = stop
+    return "".join(pieces)
+
+
+def _labels(folder: Path, doc_ids: list[int], level: str) -> dict[int, dict[str, Any]]:
+    """Per document: the position labels (tokens, or words at level word), which are special, and the text."""
+    wanted = ds.field("doc_id").isin(doc_ids)
+    tokens = ds.dataset(folder / "tokens.parquet").to_table(filter=wanted).to_pandas()
+    words = None
+    if level == "word" and (folder / "words.parquet").is_file():
+        words = ds.dataset(folder / "words.parquet").to_table(filter=wanted).to_pandas()
+    result: dict[int, dict[str, Any]] = {}
+    for doc_id, doc_tokens in tokens.groupby("doc_id", sort=False):
+        doc_tokens = doc_tokens.sort_values("position")
+        if words is not None:
+            units = words[words["doc_id"] == doc_id].sort_values("word_index")
+            labels, special = units["word"].tolist(), units["is_special"].tolist()
+        else:
+            labels, special = doc_tokens["token"].tolist(), doc_tokens["is_special"].tolist()
+        result[int(doc_id)] = {
+            "labels": [str(x) for x in labels],
+            "special": [i for i, s in enumerate(special) if s],
+            "text": document_text(doc_tokens),
+        }
+    return result
+
+
+def _association_rows(folder: Path, doc_ids: list[int]) -> pd.DataFrame | None:
+    """The stored association rows of `doc_ids` (the columns the page uses), or None without pair tables."""
+    files = association_files(folder)
+    if not files:
+        return None
+    dataset = ds.dataset(files, format="parquet")
+    wanted = ["doc_id", "layer", "head", "query_pos", "key_pos", *MEASURE_INFO, "kept_mass", "window"]
+    columns = [c for c in wanted if c in dataset.schema.names]
+    rows = dataset.to_table(columns=columns, filter=ds.field("doc_id").isin(doc_ids)).to_pandas()
+    if "window" in rows:  # overlapping windows repeat a pair: keep the first window's row
+        rows = rows.sort_values("window", kind="stable").drop_duplicates(
+            ["doc_id", "layer", "head", "query_pos", "key_pos"]
+        )
+        rows = rows.drop(columns="window")
+    return rows
+
+
+class MaxAttention:
+    """Running mean of each query row's largest attention weight per (layer, head): the fallback colour."""
+
+    def __init__(self, n_layers: int, n_heads: int) -> None:
+        self.total = np.zeros((n_layers, n_heads))  # [layer, head]
+        self.rows = np.zeros((n_layers, n_heads))  # [layer, head]
+
+    def add(self, layer: int, head: int, query: np.ndarray, attention: np.ndarray) -> None:
+        if not len(query) or np.isnan(attention).any():
+            return
+        starts = np.flatnonzero(np.r_[True, query[1:] != query[:-1]])  # first row of each query (rows sorted)
+        self.total[layer, head] += np.maximum.reduceat(attention, starts).sum()
+        self.rows[layer, head] += len(starts)
+
+    def merge(self, other: MaxAttention) -> None:
+        self.total += other.total
+        self.rows += other.rows
+
+    def values(self) -> list[float | None]:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = self.total / self.rows
+        return [_number(v) for v in mean.reshape(-1)]
+
+
+def encode_document(
+    rows: pd.DataFrame,
+    n_positions: int,
+    n_layers: int,
+    n_heads: int,
+    max_attention: MaxAttention | None = None,
+) -> dict[str, Any]:
+    """Every matrix group of one document: "h"[layer][head] and "l"[layer] (None where nothing is stored)."""
+    rows = rows.sort_values(["layer", "head", "query_pos", "key_pos"])
+    layer = rows["layer"].to_numpy(np.int64)
+    head = rows["head"].to_numpy(np.int64)
+    query = rows["query_pos"].to_numpy(np.int64)
+    key = rows["key_pos"].to_numpy(np.int64)
+    n_positions = max(
+        n_positions, int(query.max()) + 1 if len(query) else 0, int(key.max()) + 1 if len(key) else 0
+    )
+    columns = {m: rows[m].to_numpy(np.float64) for m in MEASURE_INFO if m in rows}
+    kept = rows["kept_mass"].to_numpy(np.float64) if "kept_mass" in rows else None
+    head_groups: list[list[Any]] = [[None] * n_heads for _ in range(n_layers)]
+    layer_groups: list[Any] = [None] * n_layers
+    group_id = layer * (n_heads + 1) + (head + 1)  # [rows]; rows are sorted by it
+    bounds = np.flatnonzero(np.r_[True, group_id[1:] != group_id[:-1], True])
+    for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
+        g_layer, g_head = int(layer[start]), int(head[start])
+        part = slice(start, stop)
+        measures = HEAD_MEASURES if g_head >= 0 else LAYER_MEASURES
+        values = {m: columns[m][part] for m in measures if m in columns}
+        values = {m: v for m, v in values.items() if not np.isnan(v).all()}
+        if not values:
+            continue
+        group = encode_group(
+            query[part], key[part], values, kept[part] if kept is not None else None, n_positions
+        )
+        if g_head >= 0:
+            head_groups[g_layer][g_head] = group
+            if max_attention is not None and "attention" in values:
+                max_attention.add(g_layer, g_head, query[part], values["attention"])
+        else:
+            layer_groups[g_layer] = group
+    return {"h": head_groups, "l": layer_groups}
+
+
+def _heads_metrics(heads: pd.DataFrame | None, n_layers: int, n_heads: int) -> dict[str, list[float | None]]:
+    """heads.parquet as metric → [layer·n_heads + head] values (metrics NaN for every head dropped)."""
+    if heads is None:
+        return {}
+    index = heads["layer"].to_numpy(np.int64) * n_heads + heads["head"].to_numpy(np.int64)
+    metrics: dict[str, list[float | None]] = {}
+    for column in heads.columns:
+        if column in ("layer", "head", "n_rows") or not pd.api.types.is_numeric_dtype(heads[column]):
+            continue
+        values: list[float | None] = [None] * (n_layers * n_heads)
+        for i, v in zip(index, heads[column], strict=True):
+            if 0 <= i < len(values):
+                values[i] = _number(v)
+        if any(v is not None for v in values):
+            metrics[str(column)] = values
+    return metrics
+
+
+def _neighbours(
+    similarity: pd.DataFrame | None, n_heads: int, count: int = 3
+) -> dict[str, list[list[float]]] | None:
+    """Per head "L,H": its `count` closest other heads by Jensen–Shannon divergence, [[layer, head, js]]."""
+    if similarity is None or "js_divergence" not in similarity:
+        return None
+    other = similarity[
+        (similarity["layer_a"] != similarity["layer_b"]) | (similarity["head_a"] != similarity["head_b"])
+    ]
+    other = other.dropna(subset=["js_divergence"]).sort_values("js_divergence", kind="stable")
+    result: dict[str, list[list[float]]] = {}
+    for (layer, head), group in other.groupby(["layer_a", "head_a"], sort=False):
+        result[f"{int(layer)},{int(head)}"] = [
+            [int(r.layer_b), int(r.head_b), round(float(r.js_divergence), 4)]
+            for r in group.head(count).itertuples()
+        ]
+    return result
+
+
+def _verification(table: pd.DataFrame | None, n_layers: int, n_heads: int) -> dict[str, list[Any]] | None:
+    if table is None:
+        return None
+    size = n_layers * n_heads
+    out: dict[str, list[Any]] = {
+        "pattern_max_abs_err": [None] * size,
+        "z_max_abs_err": [None] * size,
+        "passed": [None] * size,
+    }
+    for row in table.itertuples():
+        i = int(row.layer) * n_heads + int(row.head)
+        if 0 <= i < size:
+            out["pattern_max_abs_err"][i] = _number(row.pattern_max_abs_err)
+            out["z_max_abs_err"][i] = _number(row.z_max_abs_err)
+            out["passed"][i] = bool(row.passed)
+    return out
+
+
+def _shape(manifest: dict[str, Any], *tables: pd.DataFrame | None) -> tuple[int, int]:
+    provenance = manifest.get("provenance") or {}
+    if provenance.get("n_layers") and provenance.get("n_heads"):
+        return int(provenance["n_layers"]), int(provenance["n_heads"])
+    for table in tables:
+        if table is not None and len(table):
+            return int(table["layer"].max()) + 1, int(table["head"].max()) + 1
+    raise UserError("the run's manifest has no model shape (n_layers, n_heads); rerun `extractor run`")
+
+
+def _candidates(documents: pd.DataFrame) -> list[int]:
+    """Documents the page may embed, in order: status ok by doc_id, then truncated ones."""
+    usable = documents[documents["status"].isin(["ok", "truncated"])]
+    usable = usable.assign(_rank=(usable["status"] != "ok").astype(int)).sort_values(["_rank", "doc_id"])
+    return [int(d) for d in usable["doc_id"]]
+
+
+# -- the page -----------------------------------------------------------------------------------------------
+def _template() -> tuple[str, str]:
+    """The page template, and a Content-Security-Policy that runs only its own script (by hash)."""
+    template = TEMPLATE.read_text(encoding="utf-8")
+    match = re.search(r'<script id="app">(.*?)</script>', template, flags=re.DOTALL)
+    assert match is not None, 'report_template.html has its script in <script id="app">'
+    digest = base64.b64encode(hashlib.sha256(match.group(1).encode("utf-8")).digest()).decode("ascii")
+    csp = (
+        f"default-src 'none'; script-src 'sha256-{digest}'; style-src 'unsafe-inline'; "
+        "base-uri 'none'; form-action 'none'"
+    )
+    return template, csp
+
+
+def render_page(meta: dict[str, Any], docs_json: str, template: str, csp: str) -> str:
+    """Fill the template in one pass (inserted text is never scanned again for placeholders)."""
+    values = {
+        "TITLE": html.escape(f"Attention report · {meta['run'].get('name') or 'run'}"),
+        "CSP": html.escape(csp, quote=False),
+        "META_JSON": embed_json(meta),
+        "DOCS_JSON": docs_json,
+    }
+    return re.sub(r"\{\{([A-Z_]+)\}\}", lambda m: values[m.group(1)], template)
+
+
+def build_report(
+    output_dir: Path | str, max_docs: int = DEFAULT_MAX_DOCS, max_bytes: int = DEFAULT_MAX_BYTES
+) -> tuple[str, dict[str, Any]]:
+    """The page's HTML and its metadata (what `write_report` writes); bounds: module docstring."""
+    folder = Path(output_dir)
+    if max_docs < 0:
+        raise UserError(f"--max-docs must be ≥ 0 (got {max_docs})")
+    manifest = read_manifest(folder)
+    documents = _read_table(folder, "documents.parquet")
+    if documents is None or not (folder / "tokens.parquet").is_file():
+        raise UserError(
+            f"the run in '{output_dir}' is not finished (no documents.parquet or tokens.parquet); "
+            "finish it with `extractor run ... --resume`"
+        )
+    heads = _read_table(folder, "heads.parquet")
+    verification = _read_table(folder, "verification.parquet")
+    n_layers, n_heads = _shape(manifest, heads, verification)
+    config = manifest.get("config") or {}
+    provenance = manifest.get("provenance") or {}
+    rows_probe = association_files(folder)
+    stored = set(pq.read_schema(rows_probe[0]).names) if rows_probe else set()
+    measures = {m: info for m, info in MEASURE_INFO.items() if m in stored}
+    metrics = _heads_metrics(heads, n_layers, n_heads)
+    max_attention = MaxAttention(n_layers, n_heads) if not metrics and "attention" in measures else None
+
+    meta: dict[str, Any] = {
+        "run": {
+            "name": manifest.get("run") or folder.name,
+            "status": manifest.get("status"),
+            "counts": manifest.get("counts") or {},
+            "timings": manifest.get("timings") or {},
+            "config": {
+                k: config.get(k)
+                for k in (
+                    "input",
+                    "storage",
+                    "top_k",
+                    "threshold",
+                    "level",
+                    "measures",
+                    "max_length",
+                    "long_documents",
+                    "verify",
+                    "atol",
+                )
+            },
+        },
+        "provenance": {k: provenance.get(k) for k in PROVENANCE_KEYS if k in provenance},
+        "verification_summary": manifest.get("verification"),
+        "verification": _verification(verification, n_layers, n_heads),
+        "n_layers": n_layers,
+        "n_heads": n_heads,
+        "scale": SCALE,
+        "decimals": DECIMALS,
+        "measures": measures,
+        "metrics": metrics,
+        "metric_notes": METRIC_NOTES,
+        "default_metric": DEFAULT_METRIC,
+        "metric_source": "heads.parquet" if metrics else None,
+        "neighbours": _neighbours(_read_table(folder, "head_similarity.parquet"), n_heads),
+        "sampling": {
+            "max_docs": max_docs,
+            "max_bytes": max_bytes,
+            "documents_total": int(len(documents)),
+            "documents_usable": 0,
+            "documents_embedded": 0,
+            "left_out_for_size": 0,
+            "pairs_stored": bool(rows_probe),
+        },
+    }
+    template, csp = _template()
+    # Bytes left for documents: the page without them, and room for the numbers filled in below.
+    budget = max_bytes - len(render_page(meta, "[]", template, csp).encode("utf-8")) - 1024
+    candidates = _candidates(documents)
+    meta["sampling"]["documents_usable"] = len(candidates)
+    ids = candidates[:max_docs]
+    labels = _labels(folder, ids, level=str(config.get("level") or "token")) if ids else {}
+    rows = _association_rows(folder, ids) if ids else None
+    grouped = dict(iter(rows.groupby("doc_id", sort=False))) if rows is not None else {}
+    status_of = dict(zip(documents["doc_id"].astype(int), documents["status"], strict=True))
+    docs: list[str] = []
+    used = 0
+    for doc_id in ids:
+        label = labels.get(doc_id, {"labels": [], "special": [], "text": ""})
+        doc_rows = grouped.get(doc_id)
+        doc_max = MaxAttention(n_layers, n_heads) if max_attention is not None else None
+        matrices = (
+            encode_document(doc_rows, len(label["labels"]), n_layers, n_heads, doc_max)
+            if doc_rows is not None
+            else {"h": None, "l": None}
+        )
+        text = embed_json(
+            {
+                "id": doc_id,
+                "status": status_of.get(doc_id),
+                "tokens": label["labels"],
+                "special": label["special"],
+                "text": label["text"],
+                **matrices,
+            }
+        )
+        if used + len(text) + 1 > budget:  # +1: the comma
+            meta["sampling"]["left_out_for_size"] += 1
+            continue
+        docs.append(text)
+        used += len(text) + 1
+        if (
+            max_attention is not None and doc_max is not None
+        ):  # the fallback colour counts embedded documents only
+            max_attention.merge(doc_max)
+    meta["sampling"]["documents_embedded"] = len(docs)
+    if max_attention is not None and docs:
+        meta["metrics"] = {"mean_max_attention": max_attention.values()}
+        meta["default_metric"] = "mean_max_attention"
+        meta["metric_source"] = "embedded documents"
+    if verification is not None:
+        for name in ("pattern_max_abs_err", "z_max_abs_err"):
+            meta["metrics"][name] = meta["verification"][name]
+    page = render_page(meta, "[" + ",".join(docs) + "]", template, csp)
+    size = len(page.encode("utf-8"))
+    if size > max_bytes:
+        raise UserError(
+            f"the report needs {size:,} bytes without any document, more than max_bytes={max_bytes:,}; "
+            "raise --max-mb"
+        )
+    return page, meta
+
+
+def write_report(
+    output_dir: Path | str, max_docs: int = DEFAULT_MAX_DOCS, max_bytes: int = DEFAULT_MAX_BYTES
+) -> Path:
+    """Write OUTPUT/report.html: ≤ `max_docs` documents (default 50), ≤ `max_bytes` bytes (default 5 MB)."""
+    page, meta = build_report(output_dir, max_docs, max_bytes)
+    path = Path(output_dir) / "report.html"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(page, encoding="utf-8")
+    checkpoint("report")
+    os.replace(tmp, path)
+    sampling = meta["sampling"]
+    log.info(
+        "report: %s (%d bytes, %d of %d documents)",
+        path,
+        len(page.encode("utf-8")),
+        sampling["documents_embedded"],
+        sampling["documents_total"],
+    )
+    return path
