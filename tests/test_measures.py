@@ -7,8 +7,10 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from extractor.attribution import measures as M
 from extractor.attribution.analysis import DocAttention, analyse_batch, decomposition_error
+from extractor.attribution.layer_value_norm import layer_value_norm
+from extractor.attribution.rollout import rollout
+from extractor.attribution.value_norm import value_norm
 from extractor.core.encode import encode
 from extractor.core.models import LoadedModel
 from extractor.core.words import to_words
@@ -130,7 +132,7 @@ def test_layer_value_norm_matches_brute_force(which: str, minilm, tiny_loaded) -
 def test_layer_value_norm_unit_brute_force() -> None:
     pattern = torch.softmax(torch.randn(2, 3, 5, 5), dim=-1)  # [batch, head, query, key]
     f = torch.randn(2, 3, 5, 7)  # [batch, head, key, d_model]
-    got = M.layer_value_norm(pattern, f)
+    got = layer_value_norm(pattern, f)
     expected = torch.empty(2, 5, 5)
     for b in range(2):
         for i in range(5):
@@ -142,7 +144,7 @@ def test_layer_value_norm_unit_brute_force() -> None:
 def test_value_norm_unit() -> None:
     pattern = torch.softmax(torch.randn(1, 2, 3, 3), dim=-1)
     f = torch.randn(1, 2, 3, 4)
-    got = M.value_norm(pattern, f.norm(dim=-1))
+    got = value_norm(pattern, f.norm(dim=-1))
     for h in range(2):
         for i in range(3):
             for j in range(3):
@@ -175,7 +177,7 @@ def test_attention_and_rollout_rows_sum_to_one(
 def test_rollout_brute_force() -> None:
     batch, heads, n, layers = 2, 3, 4, 3
     patterns = [torch.softmax(torch.randn(batch, heads, n, n) * 2, dim=-1) for _ in range(layers)]
-    got = M.rollout(patterns)
+    got = rollout(patterns)
     assert len(got) == layers
     for b in range(batch):
         rolled = None
@@ -192,13 +194,13 @@ def test_rollout_brute_force() -> None:
 
 def test_rollout_of_self_attention_is_identity() -> None:
     patterns = [torch.eye(4).expand(1, 2, 4, 4).clone() for _ in range(3)]
-    for rolled in M.rollout(patterns):
+    for rolled in rollout(patterns):
         torch.testing.assert_close(rolled[0], torch.eye(4))
 
 
 def test_rollout_of_single_uniform_layer() -> None:
     n = 4
-    got = M.rollout([torch.full((1, 2, n, n), 1.0 / n)])[0][0]
+    got = rollout([torch.full((1, 2, n, n), 1.0 / n)])[0][0]
     expected = torch.full((n, n), 0.5 / n) + 0.5 * torch.eye(n)
     torch.testing.assert_close(got, expected)
 

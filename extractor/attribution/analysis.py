@@ -13,6 +13,7 @@ import torch
 
 from extractor.attribution import measures as M
 from extractor.attribution.layer_pass import AttributionPass
+from extractor.attribution.registry import LayerInputs
 from extractor.core.capture import run_with_capture
 from extractor.core.encode import EncodedBatch, TokenizedDoc, strip_subword_markers
 from extractor.core.models import LoadedModel
@@ -21,13 +22,10 @@ from extractor.core.recompute import (
     layer_masks,
     project_values,
     recompute_attention,
-    value_vector_norms,
     value_vectors_out,
 )
 from extractor.core.verify import VerificationReport, layer_errors
 from extractor.core.words import to_words
-
-VALUE_MEASURES = {"value_norm", "layer_value_norm"}
 
 
 @dataclass
@@ -130,7 +128,10 @@ def analyse_batch(
     masks = layer_masks(batch.attention_mask, adapter.causal, [w.sliding_window for w in all_weights],
                         capture.hidden_in[0].dtype)
     report = VerificationReport(adapter.n_layers, adapter.n_heads, atol=atol) if verify else None
-    per_layer: dict[str, list[torch.Tensor]] = {name: [] for name in measures}
+    specs = [M.REGISTRY[name] for name in measures]
+    in_loop = [spec for spec in specs if spec.per_layer is not None]
+    needs_values = any(spec.needs_values for spec in specs) or attribution.needs_values
+    per_layer: dict[str, list[torch.Tensor]] = {spec.name: [] for spec in in_loop}
     patterns: list[torch.Tensor] = []
     for layer, weights in enumerate(all_weights):
         x = capture.hidden_in[layer]  # [batch, pos, d_model]
@@ -142,21 +143,19 @@ def analyse_batch(
             # Unverified batch (verify every:N / off): Hugging Face's pattern, which verified batches showed to
             # equal the recomputation; only V is projected, for the value-weighted measures.
             pattern = capture.attentions[layer]
-            needs_v = VALUE_MEASURES & set(measures) or attribution.needs_values
-            v = project_values(x, weights) if needs_v else None
+            v = project_values(x, weights) if needs_values else None
         patterns.append(pattern)
         attribution.add_layer(layer, x, pattern, v, weights)
         # Let go of this layer's captured tensors now: peak memory then holds one layer's extra copies, not all.
         capture.hidden_in[layer] = capture.z[layer] = capture.attentions[layer] = None  # type: ignore[call-overload]
-        if "attention" in measures:
-            per_layer["attention"].append(pattern)
-        if "value_norm" in measures:
-            per_layer["value_norm"].append(M.value_norm(pattern, value_vector_norms(v, weights)))
-        if "layer_value_norm" in measures:
-            per_layer["layer_value_norm"].append(M.layer_value_norm(pattern, value_vectors_out(v, weights)))
-    if "rollout" in measures:
-        per_layer["rollout"] = M.rollout(patterns)
+        inputs = LayerInputs(pattern=pattern, v=v, weights=weights)
+        for spec in in_loop:
+            per_layer[spec.name].append(spec.per_layer(inputs))  # type: ignore[misc]
+    for spec in specs:
+        if spec.across_layers is not None:
+            per_layer[spec.name] = spec.across_layers(patterns)
     per_layer.update(attribution.finish())
+    per_layer = {name: per_layer[name] for name in measures}  # in the order asked
     if report is not None:
         report.n_docs = len(batch.docs)
     return BatchAnalysis(batch=batch, level=level, per_layer=per_layer, verification=report)

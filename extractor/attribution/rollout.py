@@ -1,12 +1,16 @@
-"""Rollout of per-layer contribution matrices whose residual is already inside them (no identity added).
+"""Rollout: following contributions through layers by a product of per-layer matrices.
 
-R_0 = C_0, R_l = C_l · R_{l−1} (Abnar & Zuidema's product order; Ferrando et al. 2022 and Modarressi et al.
-2022 both aggregate this way, without the 0.5·I that plain attention rollout adds).
+- `rollout` (Abnar & Zuidema, 2020): Ã_l = 0.5·mean_h(A_l) + 0.5·I (rows renormalised), R_0 = Ã_0,
+  R_l = Ã_l · R_{l−1} (head = -1): the identity stands for the residual stream that attention ignores.
+- `chain`: the same product for per-layer contribution matrices whose residual is already inside them (ALTI,
+  GlobEnc: Ferrando et al. 2022 and Modarressi et al. 2022 aggregate this way, without the 0.5·I).
 """
 
 from __future__ import annotations
 
 import torch
+
+from extractor.attribution.registry import Measure
 
 
 def normalise_rows(matrix: torch.Tensor) -> torch.Tensor:
@@ -30,3 +34,23 @@ def chain(matrices: list[torch.Tensor]) -> list[torch.Tensor]:
         rolled = rolled / peak
         results.append(normalise_rows(rolled))
     return results
+
+
+def rollout(patterns: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Attention rollout after each layer. patterns: per layer [batch, head, query, key] → per layer [batch, query, key]."""
+    results: list[torch.Tensor] = []
+    rolled: torch.Tensor | None = None
+    for pattern in patterns:
+        n = pattern.shape[-1]
+        eye = torch.eye(n, dtype=pattern.dtype, device=pattern.device)
+        mixed = 0.5 * pattern.mean(dim=1) + 0.5 * eye  # [batch, query, key]
+        mixed = mixed / mixed.sum(dim=-1, keepdim=True)
+        rolled = mixed if rolled is None else torch.matmul(mixed, rolled)
+        results.append(rolled)
+    return results
+
+
+MEASURE = Measure(
+    name="rollout", level="layer", label="rollout", across_layers=rollout, run_default=True,
+    meaning="Attention rollout up to this layer (Abnar & Zuidema 2020): all heads, residual included as 0.5·I.",
+)

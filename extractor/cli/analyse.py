@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from extractor.attribution.measures import MEASURES
 from extractor.cli.common import ModelOption, TextOption, checked_texts, user_errors
 from extractor.errors import UserError
 
@@ -44,7 +45,7 @@ def explain(
     model: ModelOption = "minilm",
     layer: Annotated[int | None, typer.Option(help="Layer (0-based); omit to pick the sharpest heads.")] = None,
     head: Annotated[int | None, typer.Option(help="Head (0-based).")] = None,
-    measure: Annotated[str, typer.Option(help="attention | value_norm | rollout: what to sort by / show.")] = "attention",
+    measure: Annotated[str, typer.Option(help="What to show: " + " | ".join(MEASURES) + ".")] = "attention",
     occurrence: Annotated[int, typer.Option(help="Which occurrence of the token (1 = first).")] = 1,
     level: Annotated[str, typer.Option(help="token or word.")] = "token",
 ) -> None:
@@ -57,6 +58,8 @@ def explain(
         raise UserError("explain takes exactly one --text")
     if level not in ("token", "word"):
         raise UserError(f"--level '{level}' is not supported; choose token or word")
-    result = extract(texts, model=model, measures=("attention", "value_norm", "rollout"), level=level)
+    if measure not in MEASURES:
+        raise UserError(f"--measure '{measure}' is not supported; choose one of: {', '.join(MEASURES)}")
+    result = extract(texts, model=model, measures=tuple(dict.fromkeys(("attention", "value_norm", measure))), level=level)
     typer.echo(f"text: {texts[0]}")
     typer.echo(explain_token(result.docs[0], token, layer, head, measure, occurrence))

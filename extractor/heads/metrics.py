@@ -44,7 +44,7 @@ import pandas as pd
 import torch
 
 from extractor.attribution.analysis import BatchAnalysis, DocAttention
-from extractor.attribution.measures import row_entropy
+from extractor.attribution.attention import row_entropy
 from extractor.core.encode import strip_subword_markers
 from extractor.core.recompute import visible_keys
 

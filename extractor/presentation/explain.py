@@ -7,11 +7,10 @@ how token i spreads its attention over every token j; Z is the mixture of value 
 from __future__ import annotations
 
 from extractor.attribution.analysis import DocAttention
-from extractor.attribution.measures import row_entropy
+from extractor.attribution.attention import row_entropy
+from extractor.attribution.measures import LAYER_MEASURES, REGISTRY
 from extractor.core.encode import strip_subword_markers
 from extractor.errors import UserError, shortened
-
-SHOW_MEASURES = ("attention", "value_norm", "rollout")
 
 
 def normalise_token(token: str) -> str:
@@ -66,11 +65,12 @@ def format_head_row(doc: DocAttention, position: int, layer: int, head: int, mea
     return "\n".join(lines)
 
 
-def format_rollout_row(doc: DocAttention, position: int, layer: int, top: int = 10) -> str:
+def format_layer_row(doc: DocAttention, position: int, layer: int, measure: str, top: int = 10) -> str:
+    """One layer-level measure's row for `position` (all heads together), strongest keys first."""
     labels = doc.labels()
-    row = doc.layer_measures["rollout"][layer, position]
+    row = doc.layer_measures[measure][layer, position]
     order = row.argsort(descending=True)[:top]
-    lines = [f"rollout after layer {layer}: row '{labels[position]}' (all heads, residual included)"]
+    lines = [f"{measure} after layer {layer}: row '{labels[position]}' — {REGISTRY[measure].meaning}"]
     lines += [f"  {labels[j]:<14}{float(row[j]):>8.3f}" for j in order.tolist()]
     return "\n".join(lines)
 
@@ -79,17 +79,17 @@ def explain_token(
     doc: DocAttention, token: str, layer: int | None, head: int | None, measure: str = "attention", occurrence: int = 1
 ) -> str:
     """The text `extractor explain` prints."""
-    if measure not in SHOW_MEASURES:
-        raise UserError(f"--measure '{measure}' is not supported; choose one of: {', '.join(SHOW_MEASURES)}")
+    if measure not in REGISTRY:
+        raise UserError(f"--measure '{measure}' is not supported; choose one of: {', '.join(REGISTRY)}")
     n_layers, n_heads = doc.head_measures["attention"].shape[:2]
     if layer is not None and not 0 <= layer < n_layers:
         raise UserError(f"--layer {layer} is out of range; this model has layers 0..{n_layers - 1}")
     if head is not None and not 0 <= head < n_heads:
         raise UserError(f"--head {head} is out of range; this model has heads 0..{n_heads - 1}")
     position = find_token(doc, token, occurrence)
-    if measure == "rollout":
+    if measure in LAYER_MEASURES:
         layers = [layer] if layer is not None else list(range(n_layers))
-        return "\n\n".join(format_rollout_row(doc, position, lay) for lay in layers)
+        return "\n\n".join(format_layer_row(doc, position, lay, measure) for lay in layers)
     if layer is not None and head is not None:
         heads = [(layer, head)]
         intro = ""

@@ -43,6 +43,7 @@ import pandas as pd
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from extractor.attribution.measures import HEAD_MEASURES, LAYER_MEASURES, REGISTRY
 from extractor.corpus.faults import checkpoint
 from extractor.corpus.run_folder import association_files, read_manifest
 from extractor.errors import UserError
@@ -57,37 +58,11 @@ ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 _DIGITS = np.frombuffer(ALPHABET.encode("ascii"), dtype="S1")
 TEMPLATE = Path(__file__).with_name("report_template.html")
 
-# Measures the view can switch between: level (head rows or layer rows, head = -1), label, and how line
-# opacity is scaled ("raw": the weight itself, as bertviz; "max": value / largest value in the matrix, for
-# unbounded norms and for rollout, whose rows spread thinly over many keys).
-MEASURE_INFO = {
-    "attention": {
-        "level": "head",
-        "label": "attention",
-        "scale": "raw",
-        "note": "α_ij, the softmax pattern A of the head: row i is how query i spreads its attention.",
-    },
-    "value_norm": {
-        "level": "head",
-        "label": "value norm",
-        "scale": "max",
-        "note": "‖α_ij · v_j W_O‖: the weight times the size of what key j sends (Kobayashi et al. 2020).",
-    },
-    "rollout": {
-        "level": "layer",
-        "label": "rollout",
-        "scale": "max",
-        "note": "Attention rollout up to this layer (Abnar & Zuidema 2020): all heads, residual included.",
-    },
-    "layer_value_norm": {
-        "level": "layer",
-        "label": "layer value norm",
-        "scale": "max",
-        "note": "‖Σ_h α_hij · v_j W_O^h‖: what key j adds to query i's output in this layer, all heads.",
-    },
-}
-HEAD_MEASURES = tuple(m for m, info in MEASURE_INFO.items() if info["level"] == "head")
-LAYER_MEASURES = tuple(m for m, info in MEASURE_INFO.items() if info["level"] == "layer")
+# Measures the view can switch between (from the measure registry): level (head rows, or layer rows with
+# head = -1), label, and how line opacity is scaled ("raw": the weight itself, as bertviz; "max": value / largest
+# value in the matrix, for unbounded norms and for rolled-out measures, whose rows spread thinly over many keys).
+MEASURE_INFO = {name: {"level": m.level, "label": m.label, "scale": m.scale, "note": m.meaning}
+                for name, m in REGISTRY.items()}
 
 # One line per heads.parquet metric, shown under the colour picker (see extractor/heads.py for definitions).
 METRIC_NOTES = {
