@@ -32,7 +32,7 @@ browser:
 	  else sudo apt-get update -qq && sudo apt-get install -y -qq chromium >/dev/null; fi; }
 
 bench: $(STAMP)
-	$(BIN)/python -m extractor.bench.throughput
+	$(BIN)/python -m extractor.bench
 
 lint: $(STAMP)
 	$(BIN)/ruff check extractor tests

@@ -1,6 +1,6 @@
 """Where the time goes: each step of `extractor run` timed alone on one batch, beside the model's forward pass.
 
-    python -m extractor.bench.throughput --steps-only
+    python -m extractor.bench --steps-only
 
 On one batch as `extractor run` plans it (length bucketing, the token and attention budgets), each step is run
 `repeats` times after a warm-up and its median wall time reported, in ms per batch and as a share of the
@@ -24,7 +24,7 @@ STEPS = {
     "forward": "(b) HF forward, eager, output_attentions (to NumPy)",
     "capture": "forward with the capture hooks",
     "verify": "recompute Q·Kᵀ, masks, softmax, z; verify every head",
-    "measures": "value_norm and rollout (the default measures)",
+    "measures": "the run's default measures from the captured pattern and V (attention, value_norm, rollout)",
     "heads": "per-head metrics (heads.parquet)",
     "similarity": "head similarity (4 rows per document)",
     "topk_table": "top-k association table (k = 8)",
@@ -49,13 +49,17 @@ def median_ms(step: Callable[[], Any], repeats: int) -> float:
 def profile_batch(model: str, texts: list[str], max_length: int, repeats: int = 3) -> dict[str, Any]:
     """Time every step on a batch `extractor run` would form from `texts` (the middle of the length range); ms."""
     from extractor.attribution.analysis import analyse_batch
+    from extractor.attribution.measures import REGISTRY
+    from extractor.attribution.registry import LayerInputs
     from extractor.core.capture import run_with_capture
     from extractor.core.encode import collate
     from extractor.core.models import load_model
+    from extractor.core.recompute import layer_masks, project_values, recompute_attention
+    from extractor.core.verify import layer_errors
     from extractor.corpus.batching import plan_batches
     from extractor.corpus.config import RunConfig
+    from extractor.corpus.extraction import DENSE_ATTENTION_BUDGET, corpus_statistics, prepare_documents
     from extractor.corpus.readers import SourceRecord
-    from extractor.corpus.run import DENSE_ATTENTION_BUDGET, corpus_statistics, prepare_documents
     from extractor.corpus.storage import write_associations
     from extractor.corpus.tables import batch_association_table
 
@@ -84,9 +88,31 @@ def profile_batch(model: str, texts: list[str], max_length: int, repeats: int = 
 
     times["forward"] = median_ms(forward, repeats)
     times["capture"] = median_ms(lambda: run_with_capture(loaded.adapter, batch.model_inputs), repeats)
-    attention_only = median_ms(lambda: analyse_batch(loaded, batch, ["attention"]), repeats)
-    times["verify"] = attention_only - times["capture"]
-    times["measures"] = median_ms(lambda: analyse_batch(loaded, batch, config.measures), repeats) - attention_only
+    # Verification and the measures, each timed alone on inputs computed outside the timer (a difference of two
+    # timings could come out negative in noise).
+    capture = run_with_capture(loaded.adapter, batch.model_inputs)
+    weights = loaded.adapter.all_layer_weights()
+    masks = layer_masks(batch.attention_mask, loaded.adapter.causal, [w.sliding_window for w in weights],
+                        capture.hidden_in[0].dtype)
+
+    def verify() -> None:
+        for layer, w in enumerate(weights):
+            rec = recompute_attention(capture.hidden_in[layer], w, masks[layer], capture.position_embeddings[layer])
+            layer_errors(capture.attentions[layer], rec.pattern, capture.z[layer], rec.z, batch.attention_mask)
+
+    times["verify"] = median_ms(verify, repeats)
+    specs = [REGISTRY[name] for name in config.measures]
+    inputs = [LayerInputs(capture.attentions[layer], project_values(capture.hidden_in[layer], w), w)
+              for layer, w in enumerate(weights)]
+
+    def measures() -> None:
+        for spec in specs:
+            if spec.per_layer is not None:
+                _ = [spec.per_layer(layer_inputs) for layer_inputs in inputs]
+            if spec.across_layers is not None:
+                spec.across_layers([layer_inputs.pattern for layer_inputs in inputs])
+
+    times["measures"] = median_ms(measures, repeats)
     # the inputs of the later steps, computed once more outside the timers (see median_ms)
     analysis = analyse_batch(loaded, batch, config.measures)
     stats = corpus_statistics(loaded, config)

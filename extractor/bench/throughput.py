@@ -1,6 +1,6 @@
 """Benchmark: what the extractor costs next to the model's own forward pass, measured side by side.
 
-    python -m extractor.bench.throughput [--model minilm] [--quick] [--json FILE] [--steps-only]
+    python -m extractor.bench [--model minilm] [--quick] [--json FILE] [--steps-only]
 
 Cases, on the same inputs and the same batches (length bucketing, token budget):
   (a) Hugging Face forward, sdpa, no attentions             the floor
