@@ -634,3 +634,29 @@ def test_missing_jsonl_field_after_a_bad_first_line_writes_nothing(tiny: str, tm
     message = user_error(["run", "--model", tiny, "-i", str(corpus), "-o", str(out), *NO_EXTRAS])
     assert "line 2" in message and "'text'" in message
     assert not out.exists()
+
+
+def test_a_forward_that_no_longer_matches_its_weights_fails_the_run(
+    tiny: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Negative control for `extractor run`: a hook scales layer 1's query projection by 1.05, so the model's
+    forward no longer matches its weights there. The run exits 1 and names exactly layer 1's heads."""
+    import extractor.corpus.engines.local as local
+
+    real_load = local.load_model
+
+    def hooked_load(*args: Any, **kwargs: Any) -> LoadedModel:
+        loaded = real_load(*args, **kwargs)
+        query = loaded.model.encoder.layer[1].attention.self.query
+        query.register_forward_hook(lambda module, inputs, output: output * 1.05)
+        return loaded
+
+    monkeypatch.setattr(local, "load_model", hooked_load)
+    corpus = write_lines(tmp_path / "c.txt", SAMPLE[:4])
+    result = invoke(["run", "--model", tiny, "-i", str(corpus), "-o", str(tmp_path / "out"), "--quiet", *NO_EXTRAS])
+    assert result.exit_code == 1, result.output
+    line = result.stderr.strip().splitlines()[-1]
+    assert line == "error: verification failed for L1H0, L1H1, L1H2, L1H3 (see verification.parquet)"
+    verification = table(tmp_path / "out", "verification")
+    assert verification.loc[verification["layer"] == 0, "passed"].all()
+    assert not verification.loc[verification["layer"] == 1, "passed"].any()
