@@ -9,7 +9,8 @@ from typer.testing import CliRunner
 
 from extractor.api import run_extraction
 from extractor.cli import app
-from extractor.corpus.config import BF16_ATOL, validate_config
+from extractor.core.tolerance import BF16_ATOL
+from extractor.corpus.config import validate_config
 
 
 def test_bfloat16_default_tolerance_and_explicit_override() -> None:

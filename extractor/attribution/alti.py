@@ -21,7 +21,6 @@ from extractor.attribution.decompose import (
     norm_scale,
     query_blocks,
 )
-from extractor.attribution.registry import Measure
 from extractor.attribution.rollout import normalise_rows
 
 
@@ -50,9 +49,3 @@ def alti_layer(
         distance = (T - y[:, None, queries]).abs().sum(dim=-1)  # [batch, key, block]
         scores[:, :, queries] = (y_l1[:, None, queries] - distance).clamp_min(0)
     return normalise_rows(scores.transpose(1, 2) * visible)  # [batch, query, key]
-
-
-MEASURE = Measure(
-    name="alti", level="layer", label="ALTI", extract_default=False,
-    meaning="ALTI (Ferrando et al. 2022): each token's share of the attention block + residual after the LayerNorm, by L1 distance; rolled out.",
-)

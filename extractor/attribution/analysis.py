@@ -129,9 +129,9 @@ def analyse_batch(
                         capture.hidden_in[0].dtype)
     report = VerificationReport(adapter.n_layers, adapter.n_heads, atol=atol) if verify else None
     specs = [M.REGISTRY[name] for name in measures]
-    in_loop = [spec for spec in specs if spec.per_layer is not None]
+    in_loop = [(spec.name, spec.function("per_layer")) for spec in specs if spec.per_layer is not None]
     needs_values = any(spec.needs_values for spec in specs) or attribution.needs_values
-    per_layer: dict[str, list[torch.Tensor]] = {spec.name: [] for spec in in_loop}
+    per_layer: dict[str, list[torch.Tensor]] = {name: [] for name, _ in in_loop}
     patterns: list[torch.Tensor] = []
     for layer, weights in enumerate(all_weights):
         x = capture.hidden_in[layer]  # [batch, pos, d_model]
@@ -149,11 +149,11 @@ def analyse_batch(
         # Let go of this layer's captured tensors now: peak memory then holds one layer's extra copies, not all.
         capture.hidden_in[layer] = capture.z[layer] = capture.attentions[layer] = None  # type: ignore[call-overload]
         inputs = LayerInputs(pattern=pattern, v=v, weights=weights)
-        for spec in in_loop:
-            per_layer[spec.name].append(spec.per_layer(inputs))  # type: ignore[misc]
+        for name, compute in in_loop:
+            per_layer[name].append(compute(inputs))
     for spec in specs:
         if spec.across_layers is not None:
-            per_layer[spec.name] = spec.across_layers(patterns)
+            per_layer[spec.name] = spec.function("across_layers")(patterns)
     per_layer.update(attribution.finish())
     per_layer = {name: per_layer[name] for name in measures}  # in the order asked
     if report is not None:

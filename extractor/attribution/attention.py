@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from extractor.attribution.registry import LayerInputs, Measure
+from extractor.attribution.registry import LayerInputs
 
 CACHE_BLOCK = 1 << 19  # elements (2 MiB of float32) per block of a multi-pass elementwise reduction
 
@@ -30,9 +30,3 @@ def row_entropy(pattern: torch.Tensor) -> torch.Tensor:
 def attention(inputs: LayerInputs) -> torch.Tensor:
     """The pattern itself: [batch, head, query, key]."""
     return inputs.pattern
-
-
-MEASURE = Measure(
-    name="attention", level="head", label="attention", scale="raw", per_layer=attention, run_default=True,
-    meaning="α_ij, the softmax pattern A of the head: row i is how query i spreads its attention (sums to 1).",
-)

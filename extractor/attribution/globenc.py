@@ -25,7 +25,6 @@ from extractor.attribution.decompose import (
     norm_scale,
     query_blocks,
 )
-from extractor.attribution.registry import Measure
 
 
 def globenc_layer(
@@ -52,9 +51,3 @@ def globenc_layer(
         T = attention_block_vectors(pattern, f, x, attention_norm, sigma1, queries)  # [batch, key, block, d_model]
         norms[:, :, queries] = linear_norm(T, output_norm.gamma, sigma2[:, queries]).norm(dim=-1)  # [batch, key, block]
     return norms.transpose(1, 2) * visible  # [batch, query, key]
-
-
-MEASURE = Measure(
-    name="globenc", level="layer", label="GlobEnc", extract_default=False,
-    meaning="GlobEnc (Modarressi et al. 2022): norms through both LayerNorms of the layer, residual included; rolled out.",
-)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from extractor.attribution.registry import LayerInputs, Measure
+from extractor.attribution.registry import LayerInputs
 from extractor.core.recompute import value_vectors_out
 
 
@@ -28,12 +28,3 @@ def layer_value_norm(pattern: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
 def layer_value_norm_of_layer(inputs: LayerInputs) -> torch.Tensor:
     assert inputs.v is not None, "layer_value_norm needs V (needs_values)"
     return layer_value_norm(inputs.pattern, value_vectors_out(inputs.v, inputs.weights))  # [batch, query, key]
-
-
-# Not in `extractor run`'s default: it needs every head's f_h(x_j) in d_model and a per-key Gram matrix, which
-# costs about as much as the forward pass itself.
-MEASURE = Measure(
-    name="layer_value_norm", level="layer", label="layer value norm", needs_values=True,
-    per_layer=layer_value_norm_of_layer,
-    meaning="‖Σ_h α_hij · v_j W_O^h‖: what key j adds to query i's output in this layer, all heads.",
-)

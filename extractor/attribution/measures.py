@@ -1,22 +1,40 @@
-"""The measure registry: every association measure, one line each (its module holds its maths and `MEASURE`).
+"""The measure registry: every association measure, one entry each; its module holds its maths.
 
 Every list of measure names in the package derives from REGISTRY: config validation, the analysis pipeline,
-`explain`, the tables' ranking, plots and the report's measure switch.
+`explain`, the tables' ranking, plots and the report's measure switch. Reading it loads no torch.
 """
 
 from __future__ import annotations
 
-from extractor.attribution import alti, attention, globenc, layer_value_norm, rollout, value_norm, value_zeroing
 from extractor.attribution.registry import Measure
 
+A = "extractor.attribution"  # where the compute functions live: "module:function", imported on first use
+
 REGISTRY: dict[str, Measure] = {m.name: m for m in (
-    attention.MEASURE,
-    value_norm.MEASURE,
-    layer_value_norm.MEASURE,
-    rollout.MEASURE,
-    alti.MEASURE,
-    globenc.MEASURE,
-    value_zeroing.MEASURE,
+    Measure(name="attention", level="head", label="attention", scale="raw", run_default=True,
+            per_layer=f"{A}.attention:attention",
+            meaning="α_ij, the softmax pattern A of the head: row i is how query i spreads its attention (sums to 1)."),
+    Measure(name="value_norm", level="head", label="value norm", needs_values=True, run_default=True,
+            per_layer=f"{A}.value_norm:value_norm_of_layer",
+            meaning="‖α_ij · v_j W_O‖: the weight times the size of what key j sends (Kobayashi et al. 2020)."),
+    # Not in `extractor run`'s default: it needs every head's f_h(x_j) in d_model and a per-key Gram matrix,
+    # which costs about as much as the forward pass itself.
+    Measure(name="layer_value_norm", level="layer", label="layer value norm", needs_values=True,
+            per_layer=f"{A}.layer_value_norm:layer_value_norm_of_layer",
+            meaning="‖Σ_h α_hij · v_j W_O^h‖: what key j adds to query i's output in this layer, all heads."),
+    Measure(name="rollout", level="layer", label="rollout", run_default=True,
+            across_layers=f"{A}.rollout:rollout",
+            meaning="Attention rollout up to this layer (Abnar & Zuidema 2020): all heads, residual as 0.5·I."),
+    # Computed by the attribution pass (extractor.attribution.layer_pass): they re-run or decompose layers.
+    Measure(name="alti", level="layer", label="ALTI", extract_default=False,
+            meaning="ALTI (Ferrando et al. 2022): each token's share of the attention block + residual after "
+                    "the LayerNorm, by L1 distance; rolled out."),
+    Measure(name="globenc", level="layer", label="GlobEnc", extract_default=False,
+            meaning="GlobEnc (Modarressi et al. 2022): norms through both LayerNorms of the layer, residual "
+                    "included; rolled out."),
+    Measure(name="value_zeroing", level="layer", label="value zeroing", extract_default=False,
+            meaning="Value zeroing (Mohebbi et al. 2023): how far query i's layer output moves when key j's value "
+                    "vector is zeroed (cosine distance, rows normalised); per layer."),
 )}
 
 MEASURES = tuple(REGISTRY)

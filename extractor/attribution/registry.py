@@ -1,19 +1,23 @@
 """What every association measure declares about itself: the entry type of the measure registry.
 
-The registry itself is `extractor.attribution.measures.REGISTRY` (one line per measure). Config validation,
+The registry itself is `extractor.attribution.measures.REGISTRY` (one entry per measure). Config validation,
 the analysis pipeline, `explain`, the tables' ranking measure, plots and the HTML report all read it, so a
-new measure is one module (its maths and its `MEASURE`) plus one registry line.
+new measure is one module (its maths) plus one registry entry. Entries name their compute function by
+"module:function" and import it on first use, so reading the registry (the CLI's help, config validation)
+does not load torch.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-from extractor.core.adapters.base import AttentionWeights
+    from extractor.core.adapters.base import AttentionWeights
 
 
 @dataclass(frozen=True)
@@ -29,8 +33,10 @@ class LayerInputs:
 class Measure:
     """One association measure: how strongly query i is associated with key j.
 
-    Exactly one of `per_layer` and `across_layers` computes it, or neither: then the attribution pass
-    (`extractor.attribution.layer_pass`) does, because the measure re-runs or decomposes whole layers.
+    `per_layer` ("module:function", LayerInputs → [batch, head, query, key] or [batch, query, key]) is computed
+    inside the layer loop; `across_layers` (per layer patterns [batch, head, query, key] → per layer
+    [batch, query, key]) after it; with neither, the attribution pass (`extractor.attribution.layer_pass`)
+    computes the measure, because it re-runs or decomposes whole layers.
     """
 
     name: str
@@ -39,11 +45,18 @@ class Measure:
     meaning: str  # one line: the definition, with its reference
     scale: Literal["raw", "max"] = "max"  # the report's line opacity: the value itself, or value / matrix max
     needs_values: bool = False  # needs V of every layer (projected from the captured input)
-    per_layer: Callable[[LayerInputs], torch.Tensor] | None = None  # → [batch, head or -, query, key]
-    across_layers: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None  # patterns → per layer [batch, query, key]
+    per_layer: str | None = None
+    across_layers: str | None = None
     run_default: bool = False  # in `extractor run`'s default measures
     extract_default: bool = True  # in `extract()`'s default measures (one forward pass, every family)
 
     @property
     def by_attribution_pass(self) -> bool:
         return self.per_layer is None and self.across_layers is None
+
+    def function(self, which: Literal["per_layer", "across_layers"]) -> Callable[..., Any]:
+        """The compute function named by `per_layer` or `across_layers`, imported now."""
+        target = getattr(self, which)
+        assert target is not None, f"measure {self.name} has no {which} function"
+        module, name = target.split(":")
+        return getattr(importlib.import_module(module), name)  # type: ignore[no-any-return]

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import torch
 
-from extractor.attribution.registry import Measure
-
 
 def normalise_rows(matrix: torch.Tensor) -> torch.Tensor:
     """Rows scaled to sum 1; an all-zero row (padding) stays 0. [..., query, key] → same shape."""
@@ -48,9 +46,3 @@ def rollout(patterns: list[torch.Tensor]) -> list[torch.Tensor]:
         rolled = mixed if rolled is None else torch.matmul(mixed, rolled)
         results.append(rolled)
     return results
-
-
-MEASURE = Measure(
-    name="rollout", level="layer", label="rollout", across_layers=rollout, run_default=True,
-    meaning="Attention rollout up to this layer (Abnar & Zuidema 2020): all heads, residual included as 0.5·I.",
-)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from extractor.attribution.registry import LayerInputs, Measure
+from extractor.attribution.registry import LayerInputs
 from extractor.core.recompute import value_vector_norms
 
 
@@ -21,10 +21,3 @@ def value_norm(pattern: torch.Tensor, f_norm: torch.Tensor) -> torch.Tensor:
 def value_norm_of_layer(inputs: LayerInputs) -> torch.Tensor:
     assert inputs.v is not None, "value_norm needs V (needs_values)"
     return value_norm(inputs.pattern, value_vector_norms(inputs.v, inputs.weights))  # [batch, head, query, key]
-
-
-MEASURE = Measure(
-    name="value_norm", level="head", label="value norm", needs_values=True, per_layer=value_norm_of_layer,
-    run_default=True,
-    meaning="‖α_ij · v_j W_O‖: the weight times the size of what key j sends (Kobayashi et al. 2020).",
-)

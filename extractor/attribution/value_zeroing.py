@@ -19,7 +19,6 @@ from collections.abc import Callable
 
 import torch
 
-from extractor.attribution.registry import Measure
 from extractor.attribution.rollout import normalise_rows
 
 DEFAULT_TOKEN_BUDGET = 1 << 14  # positions (copies × pos) per re-run of a layer
@@ -61,9 +60,3 @@ def zeroing_distances(
 def value_zeroing_scores(distances: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
     """Rows normalised over the keys each row sees: distances, visible [batch, query, key] → [batch, query, key]."""
     return normalise_rows(distances * visible)
-
-
-MEASURE = Measure(
-    name="value_zeroing", level="layer", label="value zeroing", extract_default=False,
-    meaning="Value zeroing (Mohebbi et al. 2023): how far query i's layer output moves when key j's value vector is zeroed (cosine distance, rows normalised); per layer.",
-)

@@ -108,9 +108,9 @@ def profile_batch(model: str, texts: list[str], max_length: int, repeats: int = 
     def measures() -> None:
         for spec in specs:
             if spec.per_layer is not None:
-                _ = [spec.per_layer(layer_inputs) for layer_inputs in inputs]
+                _ = [spec.function("per_layer")(layer_inputs) for layer_inputs in inputs]
             if spec.across_layers is not None:
-                spec.across_layers([layer_inputs.pattern for layer_inputs in inputs])
+                spec.function("across_layers")([layer_inputs.pattern for layer_inputs in inputs])
 
     times["measures"] = median_ms(measures, repeats)
     # the inputs of the later steps, computed once more outside the timers (see median_ms)

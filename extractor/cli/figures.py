@@ -8,12 +8,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-import matplotlib
 import typer
 
 from extractor.cli.common import user_errors
-
-matplotlib.use("Agg")  # the command line is headless: never open a window
 
 
 def _summary(paths: list[Path], folder: Path) -> str:
@@ -38,6 +35,9 @@ def plot(
     Per-head metric heatmaps, the head-similarity clustermap, and for one document: one head's attention
     with token labels, the layer × head grid, and attention vs value_norm.
     """
+    import matplotlib
+
+    matplotlib.use("Agg")  # the command line is headless: never open a window
     from extractor.corpus.lock import FolderLock
     from extractor.corpus.run_folder import read_manifest, reading
     from extractor.presentation.plots import write_default_plots

@@ -9,7 +9,7 @@ import typer
 
 from extractor.cli.common import user_errors
 from extractor.errors import UserError
-from extractor.presentation.report import DEFAULT_MAX_BYTES, DEFAULT_MAX_DOCS
+from extractor.presentation.limits import DEFAULT_MAX_BYTES, DEFAULT_MAX_DOCS
 
 
 @user_errors

@@ -13,7 +13,7 @@ from typing import Protocol, TypeVar
 import pandas as pd
 import torch
 
-DEFAULT_ATOL = 1e-5
+from extractor.core.tolerance import DEFAULT_ATOL
 
 
 class Mergeable(Protocol):

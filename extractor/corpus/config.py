@@ -14,16 +14,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from extractor.attribution.measures import MEASURES, RUN_MEASURES
-from extractor.core.verify import DEFAULT_ATOL
+from extractor.core.tolerance import DEFAULT_ATOL, default_atol
 from extractor.corpus.engines import ENGINES
 from extractor.errors import UserError, quoted, shortened
-
-BF16_ATOL = 2e-2  # verification tolerance for dtype bfloat16 (float32 uses DEFAULT_ATOL, 1e-5)
-
-
-def default_atol(dtype: str) -> float:
-    """The verification tolerance that fits `dtype` when the user gives none."""
-    return BF16_ATOL if dtype == "bfloat16" else DEFAULT_ATOL
 
 
 class RunConfig(BaseModel):

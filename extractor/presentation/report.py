@@ -47,11 +47,10 @@ from extractor.attribution.measures import HEAD_MEASURES, LAYER_MEASURES, REGIST
 from extractor.corpus.faults import checkpoint
 from extractor.corpus.run_folder import association_files, read_manifest
 from extractor.errors import UserError
+from extractor.presentation.limits import DEFAULT_MAX_BYTES, DEFAULT_MAX_DOCS
 
 log = logging.getLogger("extractor.presentation.report")
 
-DEFAULT_MAX_DOCS = 50
-DEFAULT_MAX_BYTES = 5_000_000
 DECIMALS = 4
 SCALE = 10**DECIMALS  # values are stored as round(value × SCALE)
 ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
