@@ -80,6 +80,10 @@ def test_head_stats_batch_equals_per_document(analysis: tuple[BatchAnalysis, boo
     assert batched.n_rows == per_doc.n_rows == sum(result.batch.lengths)
     for name, value in per_doc.values().items():
         torch.testing.assert_close(batched.values()[name], value, rtol=1e-6, atol=1e-9, equal_nan=True, msg=name)
+    for name, (mean, sd) in per_doc.per_document().items():  # the per-document spread, too
+        batched_mean, batched_sd = batched.per_document()[name]
+        torch.testing.assert_close(batched_mean, mean, rtol=1e-6, atol=1e-9, equal_nan=True, msg=name)
+        torch.testing.assert_close(batched_sd, sd, rtol=1e-5, atol=1e-8, equal_nan=True, msg=name)
 
 
 def test_similarity_batch_equals_per_document(analysis: tuple[BatchAnalysis, bool]) -> None:

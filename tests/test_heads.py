@@ -271,7 +271,8 @@ def test_table_columns_and_types() -> None:
     for doc in corpus(False):
         stats.update(doc)
     table = stats.table()
-    assert list(table.columns) == ["layer", "head", "n_rows", *METRICS]
+    spread = [f"{m}_{kind}" for m in METRICS for kind in ("doc_mean", "doc_sd")]
+    assert list(table.columns) == ["layer", "head", "n_rows", *METRICS, *spread]
     assert str(table["layer"].dtype) == "int16" and str(table["head"].dtype) == "int16"
     assert str(table["n_rows"].dtype) == "int64"
     assert all(str(table[m].dtype) == "float64" for m in METRICS)
@@ -311,3 +312,27 @@ def test_tiny_gpt2_has_induction_scores_and_no_next_token(tiny_loaded) -> None:
     assert table["induction_score"].between(0, 1).all()
     assert (table["next_token"] == 0).all()  # a causal model never looks ahead
     assert table["cls"].isna().all()
+
+
+def test_per_document_mean_and_sd_equal_each_documents_own_metrics() -> None:
+    """`<metric>_doc_mean`/`_doc_sd` are the mean and sample sd over documents of each document's own value
+    (Clark et al.'s convention), computed here from one HeadStats per document."""
+    docs = corpus(False)
+    stats = HeadStats(2, 3, False, "[CLS]", "[SEP]")
+    own = []
+    for doc in docs:
+        stats.update(doc)
+        single = HeadStats(2, 3, False, "[CLS]", "[SEP]")
+        single.update(doc)
+        own.append(single.table())
+    table = stats.table()
+    for metric in ("entropy", "previous_token", "cls", "duplicate_token_score"):
+        values = np.stack([frame[metric].to_numpy() for frame in own])  # [document, layer·head]
+        counted = ~np.isnan(values)
+        with np.errstate(invalid="ignore"):
+            expected_mean = np.nanmean(values, axis=0)
+            expected_sd = np.nanstd(values, axis=0, ddof=1)
+        expected_sd[counted.sum(axis=0) < 2] = np.nan
+        np.testing.assert_allclose(table[f"{metric}_doc_mean"], expected_mean, rtol=1e-10, equal_nan=True)
+        np.testing.assert_allclose(table[f"{metric}_doc_sd"], expected_sd, rtol=1e-8, atol=1e-12, equal_nan=True)
+    assert not np.allclose(table["entropy"], table["entropy_doc_mean"])  # pooled rows weigh long documents more

@@ -115,13 +115,15 @@ def induction_pattern(labels: list[str]) -> torch.Tensor:
 
 # --- sums over a padded batch ------------------------------------------------------------------------------
 
-Sums = dict[str, tuple[torch.Tensor, torch.Tensor]]  # metric → (total [head], weight [head])
+Sums = dict[str, tuple[torch.Tensor, torch.Tensor]]  # metric → (total [batch, head], weight [batch, head])
 
 
 def rows_sum(values: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """values [batch, head, query], rows [batch, query] bool → (Σ over kept rows, kept row count), each [head]."""
-    total = values.masked_fill(~rows[:, None, :], 0.0).sum(dim=(0, 2), dtype=torch.float64)
-    return total, torch.full_like(total, float(rows.sum()))
+    """values [batch, head, query], rows [batch, query] bool → (Σ over kept rows, kept row count), each
+    [batch, head]: per document, so that both the pooled mean and the spread over documents follow."""
+    total = values.masked_fill(~rows[:, None, :], 0.0).sum(dim=2, dtype=torch.float64)  # [batch, head]
+    count = rows.sum(dim=1, dtype=torch.float64)[:, None].expand_as(total)  # [batch, head]
+    return total, count
 
 
 def mass_on(pattern: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
@@ -149,10 +151,11 @@ class ReferenceCells:
         return cls((b_index, query, key), rows.to(device))
 
     def score_sums(self, attention: torch.Tensor, row_sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(Σ A⊙P, Σ A) [head] over the rows where P has any 1; attention [batch, head, query, key],
+        """(Σ A⊙P, Σ A) [batch, head] over the rows where P has any 1; attention [batch, head, query, key],
         row_sums [batch, head, query] (Σ_j A_ij). P is sparse, so Σ A⊙P gathers only its cells."""
         b_index, query, key = self.cells
-        hits = attention[b_index, :, query, key].sum(dim=0, dtype=torch.float64)  # [head]
+        hits = torch.zeros(attention.shape[:2], dtype=torch.float64, device=attention.device)  # [batch, head]
+        hits.index_add_(0, b_index, attention[b_index, :, query, key].double())
         return hits, rows_sum(row_sums, self.rows)[0]
 
 
@@ -216,7 +219,7 @@ def on_flagged_keys(values: torch.Tensor, layout: BatchLayout) -> torch.Tensor:
 
 
 def head_sums(attention: torch.Tensor, layout: BatchLayout, value_norm: torch.Tensor | None = None) -> Sums:
-    """Every metric's (total, weight) [head] over a padded batch.
+    """Every metric's (total, weight) [batch, head] over a padded batch.
 
     attention, value_norm: [batch, head, query, key], padded to the longest document; `layout` describes the
     batch (real positions, key flags, reference patterns). Padded rows and keys never count.
@@ -271,7 +274,7 @@ def doc_head_sums(
     layout = BatchLayout.build([n], [labels], [specials], causal, cls_token, sep_token, attention.device)
     sums = head_sums(attention.reshape(1, n_layers * n_heads, n, n), layout,
                      None if value_norm is None else value_norm.reshape(1, n_layers * n_heads, n, n))
-    return {k: (total.view(n_layers, n_heads), weight.view(n_layers, n_heads)) for k, (total, weight) in sums.items()}
+    return {k: (total[0].view(n_layers, n_heads), weight[0].view(n_layers, n_heads)) for k, (total, weight) in sums.items()}
 
 
 def _check_layers_heads(found: tuple[int, int], n_layers: int, n_heads: int) -> None:
@@ -315,6 +318,21 @@ class HeadStats:
         # metric → [layer, head] running sums of values and of their weights (rows, or Σ A for detectors)
         self.totals = {m: torch.zeros(n_layers, n_heads, dtype=torch.float64) for m in METRICS}
         self.weights = {m: torch.zeros(n_layers, n_heads, dtype=torch.float64) for m in METRICS}
+        # metric → [layer, head]: over documents, Σ of each document's own mean, Σ of its square, and how many
+        # documents had a row for it (the per-document view: mean of means, and its spread)
+        self.doc_sums = {m: torch.zeros(n_layers, n_heads, dtype=torch.float64) for m in METRICS}
+        self.doc_squares = {m: torch.zeros(n_layers, n_heads, dtype=torch.float64) for m in METRICS}
+        self.doc_counts = {m: torch.zeros(n_layers, n_heads, dtype=torch.float64) for m in METRICS}
+
+    def _add(self, name: str, total: torch.Tensor, weight: torch.Tensor, layer: int | slice = slice(None)) -> None:
+        """total, weight: [document, head] (one layer) or [document, layer, head] (every layer)."""
+        self.totals[name][layer] += total.sum(dim=0).cpu()
+        self.weights[name][layer] += weight.sum(dim=0).cpu()
+        counted = weight > 0
+        mean = torch.where(counted, total / weight.clamp_min(1e-300), 0.0)
+        self.doc_sums[name][layer] += mean.sum(dim=0).cpu()
+        self.doc_squares[name][layer] += (mean * mean).sum(dim=0).cpu()
+        self.doc_counts[name][layer] += counted.sum(dim=0).cpu()
 
     def update(self, doc: DocAttention) -> None:
         """Add one document (token or word level): `attention` [layer, head, query, key] (+ value_norm)."""
@@ -331,8 +349,7 @@ class HeadStats:
             else doc.head_measures["value_norm"].float(),
         )
         for name, (total, weight) in sums.items():
-            self.totals[name] += total
-            self.weights[name] += weight
+            self._add(name, total[None], weight[None])
         self.n_rows += attention.shape[-1]
 
     def update_batch(self, analysis: BatchAnalysis) -> None:
@@ -347,8 +364,7 @@ class HeadStats:
         for layer, pattern in enumerate(attention):
             sums = head_sums(pattern.float(), layout, None if value_norm is None else value_norm[layer].float())
             for name, (total, weight) in sums.items():
-                self.totals[name][layer] += total.cpu()
-                self.weights[name][layer] += weight.cpu()
+                self._add(name, total, weight, layer)
         self.n_rows += sum(d.n_tokens for d in docs)
 
     def merge(self, other: HeadStats) -> None:
@@ -356,8 +372,10 @@ class HeadStats:
         if (other.n_layers, other.n_heads, other.causal) != (self.n_layers, self.n_heads, self.causal):
             raise ValueError("cannot merge head stats of different models")
         for name in METRICS:
-            self.totals[name] += other.totals[name]
-            self.weights[name] += other.weights[name]
+            for mine, theirs in ((self.totals, other.totals), (self.weights, other.weights),
+                                 (self.doc_sums, other.doc_sums), (self.doc_squares, other.doc_squares),
+                                 (self.doc_counts, other.doc_counts)):
+                mine[name] += theirs[name]
         self.n_rows += other.n_rows
 
     def values(self) -> dict[str, torch.Tensor]:
@@ -366,8 +384,21 @@ class HeadStats:
             m: torch.where(self.weights[m] > 0, self.totals[m] / self.weights[m], math.nan) for m in METRICS
         }
 
+    def per_document(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """metric → (mean over documents of each document's own value, its standard deviation over documents),
+        each [layer, head] float64; NaN where no document counted (the sd needs two)."""
+        result = {}
+        for m in METRICS:
+            count = self.doc_counts[m]
+            mean = torch.where(count > 0, self.doc_sums[m] / count.clamp_min(1), math.nan)
+            variance = (self.doc_squares[m] - count * mean * mean) / (count - 1).clamp_min(1)
+            result[m] = (mean, torch.where(count > 1, variance.clamp_min(0).sqrt(), math.nan))
+        return result
+
     def table(self) -> pd.DataFrame:
-        """One row per (layer, head): layer, head (int16), n_rows (int64), a float64 column per metric."""
+        """One row per (layer, head): layer, head (int16), n_rows (int64), a float64 column per metric (rows
+        pooled over the corpus), then per metric `<metric>_doc_mean` and `<metric>_doc_sd`: the mean and the
+        standard deviation over documents of each document's own value."""
         layer, head = torch.meshgrid(torch.arange(self.n_layers), torch.arange(self.n_heads), indexing="ij")
         frame = pd.DataFrame(
             {
@@ -378,4 +409,7 @@ class HeadStats:
         )
         for name, value in self.values().items():
             frame[name] = value.flatten().numpy().astype("float64")
+        for name, (mean, sd) in self.per_document().items():
+            frame[f"{name}_doc_mean"] = mean.flatten().numpy().astype("float64")
+            frame[f"{name}_doc_sd"] = sd.flatten().numpy().astype("float64")
         return frame
