@@ -48,11 +48,21 @@ def test_difference_is_b_minus_a_per_head() -> None:
     a, b = hand_heads([0.25, 1.0]), hand_heads([0.75, 0.5])
     b.loc[1, "induction_score"] = np.nan
     difference = heads_difference(a, b)
-    assert list(difference.columns) == ["layer", "head", "n_rows_a", "n_rows_b", *METRICS]
+    values = [f"{m}_{run}" for m in METRICS for run in ("a", "b")]
+    assert list(difference.columns) == ["layer", "head", "n_rows_a", "n_rows_b", *METRICS, *values]
     assert difference["entropy"].tolist() == [0.5, -0.5]
+    assert difference["entropy_a"].tolist() == [0.25, 1.0] and difference["entropy_b"].tolist() == [0.75, 0.5]
     assert np.isnan(difference.loc[1, "induction_score"]) and difference.loc[0, "induction_score"] == 0.5
     assert difference["n_rows_a"].tolist() == [5, 6]
-    assert largest_changes(difference, count=1)[0].startswith("L0H")
+    lines = largest_changes(difference, count=1)
+    entropy = [line for line in lines if line.startswith("entropy: ")]
+    assert entropy == ["entropy: L0H0 0.250 → 0.750 (+0.500)"] or entropy == ["entropy: L0H1 1.000 → 0.500 (-0.500)"]
+    assert all(line.split(":")[0] in METRICS for line in lines)  # ranked within each metric, one line each
+
+
+def test_largest_changes_says_when_nothing_changed() -> None:
+    heads = hand_heads([0.25, 1.0])
+    assert largest_changes(heads_difference(heads, heads)) == ["no per-head metric changed between the two runs"]
 
 
 def test_difference_matches_heads_even_when_rows_are_in_another_order() -> None:
@@ -64,7 +74,7 @@ def test_compare_two_different_models(runs: dict[str, Path]) -> None:
     result = CliRunner().invoke(app, ["compare", str(runs["bert"]), str(runs["gpt2"])])
     assert result.exit_code == 0, result.output
     folder = runs["gpt2"] / "compare_vs_bert"
-    assert f"to {folder}" in result.output and "largest changes (B − A):" in result.output
+    assert f"to {folder}" in result.output and "largest changes per metric (A → B, B − A):" in result.output
     difference = pq.read_table(folder / "heads_diff.parquet").to_pandas()
     a = pq.read_table(runs["bert"] / "heads.parquet").to_pandas()
     b = pq.read_table(runs["gpt2"] / "heads.parquet").to_pandas()

@@ -71,8 +71,6 @@ def compare(
     with FolderLock(output if output is not None else run_b):
         difference, paths = compare_runs(run_a, run_b, output)
     typer.echo(_summary(paths, folder))
-    changes = largest_changes(difference)
-    if changes:
-        typer.echo("largest changes (B − A):")
-        for line in changes:
-            typer.echo(f"  {line}")
+    typer.echo("largest changes per metric (A → B, B − A):")
+    for line in largest_changes(difference):
+        typer.echo(f"  {line}")

@@ -26,7 +26,8 @@ def check_same_shape(shape_a: tuple[int, int], shape_b: tuple[int, int], name_a:
 
 
 def heads_difference(heads_a: pd.DataFrame, heads_b: pd.DataFrame) -> pd.DataFrame:
-    """Per (layer, head): every metric as B − A (NaN where either is NaN), plus n_rows_a and n_rows_b.
+    """Per (layer, head): every metric as B − A (NaN where either is NaN), plus n_rows_a and n_rows_b, then
+    each metric's A and B values (`<metric>_a`, `<metric>_b`).
 
     Both tables are heads.parquet frames of the same (layer, head) set.
     """
@@ -42,22 +43,26 @@ def heads_difference(heads_a: pd.DataFrame, heads_b: pd.DataFrame) -> pd.DataFra
     frame = (b[metrics] - a[metrics]).astype("float64")
     frame.insert(0, "n_rows_b", b["n_rows"].astype("int64"))
     frame.insert(0, "n_rows_a", a["n_rows"].astype("int64"))
+    for metric in metrics:
+        frame[f"{metric}_a"] = a[metric].astype("float64")
+        frame[f"{metric}_b"] = b[metric].astype("float64")
     frame = frame.reset_index()
     return frame.astype({"layer": "int16", "head": "int16"})
 
 
-def largest_changes(difference: pd.DataFrame, count: int = 5) -> list[str]:
-    """Lines naming the heads whose metric changed most (by |B − A|), for the CLI summary."""
-    long = difference.melt(
-        id_vars=["layer", "head"],
-        value_vars=[m for m in METRICS if m in difference.columns],
-        var_name="metric",
-        value_name="change",
-    ).dropna()
-    if long.empty:
-        return []
-    top = long.reindex(long["change"].abs().sort_values(ascending=False).index).head(count)
-    return [
-        f"{head_label(int(r.layer), int(r.head))} {r.metric}: {r.change:+.3f}"
-        for r in top.itertuples(index=False)
-    ]
+def largest_changes(difference: pd.DataFrame, count: int = 3) -> list[str]:
+    """The CLI summary: per metric (metrics have different units, so heads are ranked within each), the heads
+    whose value changed most, as `metric: LxHy A → B (B − A)`; one line saying so when nothing changed."""
+    lines = []
+    for metric in [m for m in METRICS if m in difference.columns]:
+        change = difference[metric].dropna()
+        change = change[change.abs() > 1e-12]
+        if change.empty:
+            continue
+        top = difference.loc[change.abs().sort_values(ascending=False).index[:count]]
+        heads = ", ".join(
+            f"{head_label(int(r['layer']), int(r['head']))} {r[f'{metric}_a']:.3f} → {r[f'{metric}_b']:.3f} "
+            f"({r[metric]:+.3f})" for _, r in top.iterrows()
+        )
+        lines.append(f"{metric}: {heads}")
+    return lines or ["no per-head metric changed between the two runs"]
