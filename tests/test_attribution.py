@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 
+import numpy as np
+import pandas as pd
 import pytest
 import scipy.stats
 import torch
@@ -287,3 +289,30 @@ def test_agreement_table_of_a_measure_with_itself_is_one(minilm: LoadedModel) ->
     same = table[(table.measure_a == "attention") & (table.measure_b == "copy")]
     assert (same.spearman - 1).abs().max() < 1e-9
     assert (same.n_rows == sum(d.n_tokens for d in batch.docs)).all()
+
+
+def test_a_run_with_agreement_writes_the_same_table_as_the_api(tiny_model_dir, tiny_loaded, tmp_path) -> None:
+    """`agreement: true` accumulates the rank agreement batch by batch over a run's parts; it equals
+    `agreement_table` over the same texts in one go, and `extractor query` reads it."""
+    from typer.testing import CliRunner
+
+    from extractor.attribution.agreement import agreement_table
+    from extractor.cli import app
+
+    texts = ["I love pets, especially cats.", "The animal didn't cross the street because it was too tired.",
+             "Cats sleep.", "The street was empty because it rained all day."]
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("".join(f"{t}\n" for t in texts))
+    out = tmp_path / "out"
+    measures = "attention,value_norm,rollout,value_zeroing"
+    result = CliRunner().invoke(app, ["run", "--model", str(tiny_model_dir("bert")), "-i", str(corpus), "-o", str(out),
+                                      "--measures", measures, "--agreement", "--batch-size", "2", "--quiet",
+                                      "--no-plots", "--no-report"])
+    assert result.exit_code == 0, result.output
+    stored = pd.read_parquet(out / "agreement.parquet").sort_values(["layer", "measure_a", "measure_b"])
+    direct = agreement_table(tiny_loaded("bert"), texts, measures.split(",")).sort_values(["layer", "measure_a", "measure_b"])
+    assert len(stored) == 2 * 6  # 2 layers × 6 pairs of 4 measures
+    np.testing.assert_array_equal(stored["n_rows"].to_numpy(), direct["n_rows"].to_numpy())
+    np.testing.assert_allclose(stored["spearman"].to_numpy(), direct["spearman"].to_numpy(), rtol=1e-12)
+    query = CliRunner().invoke(app, ["query", str(out), "SELECT count(*) AS n FROM agreement", "--format", "csv"])
+    assert query.exit_code == 0 and query.output.split() == ["n", "12"]

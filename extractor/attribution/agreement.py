@@ -18,7 +18,7 @@ from itertools import combinations
 import pandas as pd
 import torch
 
-from extractor.attribution.analysis import analyse_batch
+from extractor.attribution.analysis import BatchAnalysis, analyse_batch
 from extractor.attribution.layer_pass import visibility
 from extractor.attribution.measures import HEAD_MEASURES
 from extractor.core.encode import encode
@@ -93,6 +93,32 @@ def agreement_frame(sums: dict[tuple[int, str, str], tuple[float, int]]) -> pd.D
     return pd.DataFrame.from_records(records, columns=["layer", "measure_a", "measure_b", "spearman", "n_rows"])
 
 
+class MeasureAgreement:
+    """Running agreement sums over a corpus: `update_batch` per analysed batch, `merge` parts, `table` at the end."""
+
+    def __init__(self, causal: bool) -> None:
+        self.causal = causal
+        self.sums: dict[tuple[int, str, str], tuple[float, int]] = {}
+
+    def update_batch(self, analysis: BatchAnalysis) -> None:
+        """Add a batch's rows (token level, straight from its padded per-layer tensors); needs two measures."""
+        if len(analysis.per_layer) < 2:
+            return
+        visible = visibility(analysis.batch.attention_mask, self.causal)
+        self._add(agreement_sums(analysis.per_layer, visible))
+
+    def _add(self, sums: dict[tuple[int, str, str], tuple[float, int]]) -> None:
+        for key, (total, count) in sums.items():
+            before = self.sums.get(key, (0.0, 0))
+            self.sums[key] = (before[0] + total, before[1] + count)
+
+    def merge(self, other: MeasureAgreement) -> None:
+        self._add(other.sums)
+
+    def table(self) -> pd.DataFrame:
+        return agreement_frame(self.sums)
+
+
 def agreement_table(
     loaded: LoadedModel,
     texts: Sequence[str],
@@ -101,13 +127,9 @@ def agreement_table(
     max_length: int | None = None,
 ) -> pd.DataFrame:
     """Per layer and pair of `measures`, the mean per-row Spearman ρ over the documents `texts` (token level)."""
-    totals: dict[tuple[int, str, str], tuple[float, int]] = {}
+    agreement = MeasureAgreement(loaded.adapter.causal)
     for start in range(0, len(texts), batch_size):
         batch = encode(loaded.tokenizer, list(texts[start : start + batch_size]), max_length, loaded.device,
                        loaded.model.config)
-        analysis = analyse_batch(loaded, batch, measures, verify=False)
-        visible = visibility(batch.attention_mask, loaded.adapter.causal)
-        for key, (total, count) in agreement_sums(analysis.per_layer, visible).items():
-            before = totals.get(key, (0.0, 0))
-            totals[key] = (before[0] + total, before[1] + count)
-    return agreement_frame(totals)
+        agreement.update_batch(analyse_batch(loaded, batch, measures, verify=False))
+    return agreement.table()

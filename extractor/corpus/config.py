@@ -46,6 +46,7 @@ class RunConfig(BaseModel):
     level: Literal["token", "word"] = Field("token", description="Positions of the tables: tokens, or words (mean over query pieces, sum over key pieces).")
     measures: list[str] = Field(default_factory=lambda: list(RUN_MEASURES), description="Association measures to store.")
     similarity_rows: int | None = Field(4, ge=1, description="Query rows per document sampled for head similarity; null = every row.")
+    agreement: bool = Field(False, description="Write agreement.parquet: per layer, the rank agreement (Spearman per query row) of every pair of measures, value_zeroing being the intervention. Costs about n³ per document, layer and pair.")
     limit: int | None = Field(None, ge=1, description="Read at most this many input records.")
     verify: str = Field("on", description="on | off | every:N (verify every Nth batch against Hugging Face).")
     atol: float = Field(DEFAULT_ATOL, gt=0.0, description="Verification tolerance (max abs error); bfloat16 defaults to 2e-2.")

@@ -15,6 +15,7 @@ from typing import Any, NoReturn
 import numpy as np
 import pyarrow as pa
 
+from extractor.attribution.agreement import MeasureAgreement
 from extractor.attribution.analysis import BatchAnalysis, analyse_batch
 from extractor.attribution.measures import HEAD_MEASURES
 from extractor.core.encode import TokenizedDoc, collate, model_max_length, tokenize, truncate, windows
@@ -46,13 +47,21 @@ class Document:
         return self.units[0] if self.units[0].truncated else self.full
 
 
+# Each corpus-wide accumulator of a part's state, and the file its merged `table()` becomes at the end of a run.
+STATISTICS_FILES = {"heads": "heads.parquet", "similarity": "head_similarity.parquet", "agreement": "agreement.parquet"}
+
+
 def corpus_statistics(loaded: LoadedModel, config: RunConfig) -> dict[str, Any]:
-    """Fresh per-part accumulators of corpus-wide per-head statistics (merged at the end)."""
+    """Fresh per-part accumulators of corpus-wide statistics (merged at the end): per-head metrics, head
+    similarity, and (with `agreement: true`) the measures' rank agreement."""
     adapter, tok = loaded.adapter, loaded.tokenizer
-    return {
+    stats: dict[str, Any] = {
         "heads": HeadStats(adapter.n_layers, adapter.n_heads, adapter.causal, tok.cls_token, tok.sep_token),
         "similarity": HeadSimilarity(adapter.n_layers, adapter.n_heads, max_rows_per_doc=config.similarity_rows),
     }
+    if config.agreement:
+        stats["agreement"] = MeasureAgreement(adapter.causal)
+    return stats
 
 
 def prepare_documents(records: list[SourceRecord], loaded: LoadedModel, config: RunConfig) -> list[Document]:

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 
 from extractor.core.verify import fold
 from extractor.corpus.config import RunConfig
-from extractor.corpus.extraction import raise_empty, record_fingerprint
+from extractor.corpus.extraction import STATISTICS_FILES, raise_empty, record_fingerprint
 from extractor.corpus.faults import checkpoint
 from extractor.corpus.readers import read_documents
 from extractor.corpus.run_folder import association_files
@@ -25,7 +25,7 @@ from extractor.errors import UserError
 RESULT_SETTINGS = ("model", "input", "input_format", "text_field", "text_column", "batch_size", "token_budget",
                    "attention_budget",
                    "buffer_size", "bucketing", "max_length", "long_documents", "window_stride", "storage", "top_k",
-                   "threshold", "level", "measures", "similarity_rows", "limit", "verify", "atol", "dtype")
+                   "threshold", "level", "measures", "similarity_rows", "agreement", "limit", "verify", "atol", "dtype")
 
 
 def check_resumable(previous: dict[str, Any], config: RunConfig) -> None:
@@ -108,9 +108,9 @@ def finish(folder: OutputFolder, manifest: dict[str, Any], started: float, load_
     verification = merged.get("verification")
     if verification is not None:
         folder.write_table("verification.parquet", verification.table())
-    if merged.get("heads") is not None:
-        folder.write_table("heads.parquet", merged["heads"].table())
-        folder.write_table("head_similarity.parquet", merged["similarity"].table())
+    for key, name in STATISTICS_FILES.items():
+        if merged.get(key) is not None:
+            folder.write_table(name, merged[key].table())
     status = documents.column("status").to_pylist()
     association_rows = sum(
         pq.ParquetFile(f).metadata.num_rows for f in association_files(folder.path)

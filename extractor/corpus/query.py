@@ -22,6 +22,7 @@ VIEWS = {
     "verification": "verification.parquet",
     "heads": "heads.parquet",
     "head_similarity": "head_similarity.parquet",
+    "agreement": "agreement.parquet",
 }
 
 

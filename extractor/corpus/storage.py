@@ -43,7 +43,7 @@ from extractor.errors import UserError
 
 # Everything a run writes at the top of its folder: `--overwrite` deletes these and nothing else.
 RUN_FILES = ("manifest.json", "documents.parquet", "tokens.parquet", "words.parquet", "verification.parquet",
-             "heads.parquet", "head_similarity.parquet", "report.html", "associations", "_parts", "plots")
+             "heads.parquet", "head_similarity.parquet", "agreement.parquet", "report.html", "associations", "_parts", "plots")
 
 DOCUMENT_SCHEMA = pa.schema(
     [
