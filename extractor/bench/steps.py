@@ -54,8 +54,8 @@ def profile_batch(model: str, texts: list[str], max_length: int, repeats: int = 
     from extractor.core.models import load_model
     from extractor.corpus.batching import plan_batches
     from extractor.corpus.config import RunConfig
+    from extractor.corpus.extraction import DENSE_ATTENTION_BUDGET, corpus_statistics, prepare_documents
     from extractor.corpus.readers import SourceRecord
-    from extractor.corpus.run import DENSE_ATTENTION_BUDGET, corpus_statistics, prepare_documents
     from extractor.corpus.storage import write_associations
     from extractor.corpus.tables import batch_association_table
 
