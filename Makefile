@@ -36,6 +36,7 @@ bench: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check extractor tests
+	$(BIN)/mypy extractor
 
 clean:
 	rm -rf $(VENV) outputs/*/

@@ -18,6 +18,7 @@ from extractor.attribution.measures import ATTRIBUTION_MEASURES
 from extractor.attribution.replay import LayerRecording, ZeroedValueLayer, record_layers
 from extractor.attribution.rollout import chain
 from extractor.attribution.value_zeroing import value_zeroing_scores, zeroing_distances
+from extractor.core.adapters import ADAPTERS
 from extractor.core.adapters.base import AttentionWeights, ModelAdapter
 from extractor.core.recompute import value_vectors_out, visible_keys
 from extractor.errors import UserError
@@ -30,11 +31,12 @@ def check_supported(adapter: ModelAdapter, measures: Sequence[str]) -> None:
     """A `UserError` naming the method, the family and why, for a measure the family's layout does not define."""
     for name in POST_NORM_MEASURES:
         if name in measures and adapter.norm_placement != "post":
+            post_norm = ", ".join(t for a in ADAPTERS if a.norm_placement == "post" for t in a.model_types)
             raise UserError(
                 f"measure '{name}' is not available for {adapter.family} models: it decomposes the residual sum "
-                f"through the LayerNorm that follows it (post-LayerNorm encoders: BERT, RoBERTa, ELECTRA, "
-                f"DistilBERT), and {adapter.family} normalises before each sublayer instead; use 'value_zeroing', "
-                f"which only re-runs the layer"
+                f"through the LayerNorm that follows it (post-LayerNorm encoders: {post_norm}), and "
+                f"{adapter.family} normalises before each sublayer instead; use 'value_zeroing', which only "
+                f"re-runs the layer"
             )
 
 

@@ -22,7 +22,8 @@ def _value_type(field: FieldInfo) -> type:
     annotation = field.annotation
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     base = args[0] if typing.get_origin(annotation) in (typing.Union, __import__("types").UnionType) else annotation
-    return base if base in (bool, int, float) else str
+    kinds: tuple[type, ...] = (bool, int, float)
+    return next((kind for kind in kinds if kind == base), str)
 
 
 def _help(name: str, field: FieldInfo) -> str:

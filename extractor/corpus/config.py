@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import ErrorDetails
 
 from extractor.attribution.measures import MEASURES, RUN_MEASURES
 from extractor.core.tolerance import DEFAULT_ATOL, default_atol
@@ -113,7 +114,7 @@ class RunConfig(BaseModel):
 MAX_YAML_VALUES = 10_000  # a run config holds ~35 keys: far more values once aliases are expanded is a YAML bomb
 
 
-def _describe(error: dict[str, Any]) -> str:
+def _describe(error: ErrorDetails) -> str:
     field = ".".join(str(p) for p in error["loc"])
     if error["type"] == "extra_forbidden":
         return f"unknown key {quoted(field)}; allowed keys: {', '.join(RunConfig.model_fields)}"

@@ -254,6 +254,8 @@ def read_parquet(path: str, source: str, text_column: str) -> Iterator[SourceRec
     if text_column not in names:
         raise UserError(f"{source}: no column '{text_column}' (columns: {shortened(', '.join(names))}); set text_column")
     doc_id = 0
+    text: str | None
+    reason: str | None
     for batch in parquet.iter_batches(columns=[text_column], batch_size=4096):
         for value in batch.column(0).to_pylist():
             if value is None:

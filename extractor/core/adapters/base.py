@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,38 @@ def split_linear(weight: torch.Tensor, bias: torch.Tensor | None, n_heads: int) 
     return W, b.reshape(n_heads, d_head).contiguous()
 
 
+def module_list(module: nn.Module, path: str) -> nn.ModuleList:
+    """The `nn.ModuleList` at dotted `path` under `module` (`model.encoder.layer` → `module_list(model, "encoder.layer")`).
+
+    nn.Module types every attribute it looks up as `Tensor | Module`; these helpers read one, check its kind,
+    and give it a precise type, so adapters read layouts without casts of their own.
+    """
+    found = module.get_submodule(path)
+    assert isinstance(found, nn.ModuleList), f"{path} is a {type(found).__name__}, not an nn.ModuleList"
+    return found
+
+
+def linear(module: nn.Module, path: str) -> nn.Linear:
+    """The `nn.Linear` at dotted `path` under `module`."""
+    found = module.get_submodule(path)
+    assert isinstance(found, nn.Linear), f"{path} is a {type(found).__name__}, not an nn.Linear"
+    return found
+
+
+def layer_norm(module: nn.Module, path: str) -> nn.LayerNorm:
+    """The `nn.LayerNorm` at dotted `path` under `module`."""
+    found = module.get_submodule(path)
+    assert isinstance(found, nn.LayerNorm), f"{path} is a {type(found).__name__}, not an nn.LayerNorm"
+    return found
+
+
+def number(module: nn.Module, name: str) -> float:
+    """A plain number a module keeps as an attribute (`scaling`, `rotary_ndims`, `variance_epsilon`)."""
+    value = getattr(module, name)
+    assert isinstance(value, int | float), f"{type(module).__name__}.{name} is a {type(value).__name__}, not a number"
+    return float(value)
+
+
 def split_output_linear(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Split an `nn.Linear` output projection n_heads·d_head → d_model ([out, in]) into W_O: [head, d_head, d_model]."""
     d_model, in_features = weight.shape
@@ -81,10 +114,16 @@ class ModelAdapter(ABC):
     # Where each residual block's LayerNorm sits: "post" (LN(x + sublayer(x)): BERT, DistilBERT) or "pre"
     # (x + sublayer(LN(x)): GPT-2). The attribution measures that decompose through LayerNorms read it.
     norm_placement: str = "post"
+    # Characters this family's tokenizers put in token text to mark where a word starts or continues
+    # (WordPiece "##ing", byte-level BPE "Ġthe", SentencePiece "▁the"); labels strip them.
+    subword_markers: tuple[str, ...] = ()
+    # The tokenizer's special token (its attribute name) that pads batches when the tokenizer has no pad token;
+    # None: this family's tokenizers always have one. Any token works: padded keys are masked, padded rows dropped.
+    pad_token_fallback: str | None = None
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: PreTrainedModel) -> None:
         self.model = model
-        self.config = model.config
+        self.config: PretrainedConfig = model.config
         self._weight_cache: dict[int, tuple[tuple[tuple[int, int], ...], AttentionWeights]] = {}
 
     @property
@@ -94,6 +133,11 @@ class ModelAdapter(ABC):
     @property
     def n_heads(self) -> int:
         return int(self.config.num_attention_heads)
+
+    @classmethod
+    def position_offset(cls, config: PretrainedConfig) -> int:
+        """How many position ids come before the first token's: the model takes max_position_embeddings − offset tokens."""
+        return 0
 
     @property
     @abstractmethod

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
-from extractor.core.adapters.base import AttentionWeights, ModelAdapter
+from extractor.core.adapters.base import AttentionWeights, ModelAdapter, layer_norm, module_list
 
 
 def _split_conv1d_in_out(weight: torch.Tensor, bias: torch.Tensor, n_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -21,36 +22,47 @@ def _split_conv1d_in_out(weight: torch.Tensor, bias: torch.Tensor, n_heads: int)
     return W, bias.reshape(n_heads, d_head).contiguous()
 
 
+def _conv1d(module: nn.Module, path: str) -> Conv1D:
+    found = module.get_submodule(path)
+    assert isinstance(found, Conv1D), f"{path} is a {type(found).__name__}, not a Conv1D"
+    return found
+
+
 class GPT2Adapter(ModelAdapter):
     model_types = ("gpt2",)
     family = "gpt2"
     norm_placement = "pre"
+    subword_markers = ("Ġ",)  # byte-level BPE: "Ġ" stands for the space before a word
+    pad_token_fallback = "eos_token"  # GPT-2's tokenizer has no pad token
 
     @property
     def causal(self) -> bool:
         return True
 
+    def _blocks(self) -> nn.ModuleList:
+        return module_list(self.model, "h")
+
     def attention_modules(self) -> list[nn.Module]:
-        return [block.attn for block in self.model.h]
+        return [block.get_submodule("attn") for block in self._blocks()]
 
     def output_projections(self) -> list[nn.Module]:
-        return [block.attn.c_proj for block in self.model.h]
+        return [_conv1d(block, "attn.c_proj") for block in self._blocks()]
 
     def layer_modules(self) -> list[nn.Module]:
-        return list(self.model.h)
+        return list(self._blocks())
 
     def sublayer_norms(self) -> list[tuple[nn.LayerNorm, nn.LayerNorm]]:
-        return [(block.ln_1, block.ln_2) for block in self.model.h]
+        return [(layer_norm(block, "ln_1"), layer_norm(block, "ln_2")) for block in self._blocks()]
 
     def value_output(self, layer: int) -> tuple[nn.Module, slice | torch.Tensor]:
         d_model = int(self.config.hidden_size)
-        return self.model.h[layer].attn.c_attn, slice(2 * d_model, 3 * d_model)  # c_attn's output is [q | k | v]
+        return _conv1d(self._blocks()[layer], "attn.c_attn"), slice(2 * d_model, 3 * d_model)  # output [q | k | v]
 
     def read_layer_weights(self, layer: int) -> AttentionWeights:
-        attn = self.model.h[layer].attn
+        fused, projection = (_conv1d(self._blocks()[layer], f"attn.{name}") for name in ("c_attn", "c_proj"))
         n_heads, d_model = self.n_heads, int(self.config.hidden_size)
-        weight = attn.c_attn.weight.detach()  # [d_model, 3·d_model], Conv1D: [in, out]
-        bias = attn.c_attn.bias.detach()  # [3·d_model]
+        weight = fused.weight.detach()  # [d_model, 3·d_model], Conv1D: [in, out]
+        bias = fused.bias.detach()  # [3·d_model]
         (W_Q, b_Q), (W_K, b_K), (W_V, b_V) = (
             _split_conv1d_in_out(weight[:, i * d_model : (i + 1) * d_model], bias[i * d_model : (i + 1) * d_model], n_heads)
             for i in range(3)
@@ -61,8 +73,8 @@ class GPT2Adapter(ModelAdapter):
             scale /= float(layer + 1)
         return AttentionWeights(
             W_Q=W_Q, W_K=W_K, W_V=W_V, b_Q=b_Q, b_K=b_K, b_V=b_V,
-            W_O=attn.c_proj.weight.detach().reshape(n_heads, d_head, d_model).contiguous(),  # [in, out] already
-            b_O=attn.c_proj.bias.detach(),
+            W_O=projection.weight.detach().reshape(n_heads, d_head, d_model).contiguous(),  # [in, out] already
+            b_O=projection.bias.detach(),
             scale=scale,
             causal=True,
         )

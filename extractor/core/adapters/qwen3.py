@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from extractor.core.adapters.base import number
 from extractor.core.adapters.rotary import RotaryAdapter
 
 
@@ -13,6 +14,7 @@ class Qwen3Adapter(RotaryAdapter):
     family = "qwen3"
 
     def head_norms(self, attention: nn.Module) -> tuple[torch.Tensor, torch.Tensor, float] | None:
-        q_norm, k_norm = attention.q_norm, attention.k_norm
-        assert q_norm.variance_epsilon == k_norm.variance_epsilon, "q_norm and k_norm share one eps in Qwen3"
-        return q_norm.weight.detach(), k_norm.weight.detach(), float(q_norm.variance_epsilon)
+        q_norm, k_norm = attention.get_submodule("q_norm"), attention.get_submodule("k_norm")
+        eps = number(q_norm, "variance_epsilon")
+        assert eps == number(k_norm, "variance_epsilon"), "q_norm and k_norm share one eps in Qwen3"
+        return q_norm.get_parameter("weight").detach(), k_norm.get_parameter("weight").detach(), eps
