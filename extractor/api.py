@@ -117,9 +117,13 @@ class ExtractionResult:
             raise ArgumentError("doc= names no document; pass an index, a list of them, or None for all")
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
             raise ArgumentError(f"top_k={quoted(top_k)} must be a whole number ≥ 1, or None for every key")
-        shown = [(i, self.texts[i], self._doc(i)) for i in ids]
-        page = notebook.interactive_page(shown, self.provenance, self.causal, top_k or self.top_k, self.report,
-                                         self.heads(ids), max_mb=max_mb)
+        shown = [(i, self.texts[i], doc) for i, doc in ((i, self._doc(i)) for i in ids)]
+        try:
+            page = notebook.interactive_page(shown, self.provenance, self.causal, top_k or self.top_k, self.report,
+                                             self.heads(ids), max_mb=max_mb)
+        except UserError as exc:
+            exc.args = (as_python_arguments(str(exc), ExtractionResult.show),)
+            raise
         return notebook.html_view(notebook.inline_frame(page, height))
 
     def tokens(self) -> pd.DataFrame:
@@ -241,10 +245,11 @@ def _measures_argument(measures: str | Sequence[str]) -> tuple[str, ...]:
     return validate_measures(names)
 
 
-def as_python_arguments(message: str) -> str:
-    """A loader's error line with the command-line options that are `extract` arguments written as Python
-    arguments (`use --model minilm` → `use model="minilm"`); other text (`pip install --no-deps`) stays."""
-    arguments = {name.replace("_", "-") for name in inspect.signature(extract).parameters}
+def as_python_arguments(message: str, function: Callable[..., Any]) -> str:
+    """An error line from below the API with the command-line options that are arguments of `function` written
+    as Python arguments (`use --model minilm` → `use model="minilm"`); other text (`pip install --no-deps`)
+    stays."""
+    arguments = {name.replace("_", "-") for name in inspect.signature(function).parameters}
 
     def rewrite(match: re.Match[str]) -> str:
         flag, value = match.group(1), match.group(2)
@@ -275,7 +280,7 @@ def _loaded_model(model: Any, tokenizer: Any, device: str | None, atol: float) -
                                     "tokenizer=AutoTokenizer.from_pretrained(...)")
             return wrap_model(model, tokenizer, device=device, tolerance=atol)
     except UserError as exc:
-        exc.args = (as_python_arguments(str(exc)),)
+        exc.args = (as_python_arguments(str(exc), extract),)
         raise
     raise ArgumentError(f"model={quoted(model)} is not a model: pass a name (\"minilm\"), a folder, a LoadedModel, "
                         "or a Hugging Face model with tokenizer=")

@@ -268,7 +268,7 @@ def wrap_model(
     config = getattr(model, "config", None)
     if not isinstance(model, torch.nn.Module) or config is None:
         raise ModelLoadError(f"model {type(model).__name__} is not a Hugging Face model (it has no .config)")
-    name = getattr(config, "name_or_path", "") or f"{type(model).__name__} (in memory)"
+    name = f"{getattr(config, 'name_or_path', '') or type(model).__name__} (in memory)"
     if config.model_type not in SUPPORTED_MODEL_TYPES:
         raise ModelLoadError(
             f"unsupported architecture '{config.model_type}' in model '{name}'; "
@@ -287,8 +287,8 @@ def wrap_model(
                 f"model '{name}' uses {config._attn_implementation} attention and cannot switch to eager "
                 f"({first_line(exc)}); load it with attn_implementation='eager'"
             ) from exc
+    model = (model.to(device) if device is not None else model).eval()
     base = getattr(model, "base_model", model)
-    base = (base.to(device) if device is not None else base).eval()
     adapter = adapter_for(base)
     placed = next(base.parameters())
     dtype = next((name for name, value in DTYPES.items() if value == placed.dtype), str(placed.dtype))
