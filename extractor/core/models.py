@@ -236,19 +236,20 @@ def model_provenance(
     spec: str, model: torch.nn.Module, adapter: ModelAdapter, dtype: str, device: str, tolerance: float
 ) -> dict[str, Any]:
     """What a run records about the model besides its files: name, class, shape, config, library versions."""
+    config: Any = model.config
     return {
         "model": spec,
-        "model_type": model.config.model_type,
+        "model_type": config.model_type,
         "model_class": type(model).__name__,
         "family": adapter.family,
         "n_layers": adapter.n_layers,
         "n_heads": adapter.n_heads,
         "causal": adapter.causal,
-        "config": model.config.to_dict(),
+        "config": config.to_dict(),
         "transformers_version": transformers.__version__,
         "torch_version": torch.__version__,
         "extractor_version": __version__,
-        "attn_implementation": model.config._attn_implementation,
+        "attn_implementation": config._attn_implementation,
         "dtype": dtype,
         "device": device,
         "tolerance": tolerance,
@@ -281,7 +282,7 @@ def wrap_model(
     prepare_tokenizer(tokenizer, name)
     if config._attn_implementation != "eager":
         try:
-            model.set_attn_implementation("eager")
+            getattr(model, "set_attn_implementation")("eager")  # noqa: B009 - absent on non-HF modules
         except (AttributeError, ValueError) as exc:
             raise ModelLoadError(
                 f"model '{name}' uses {config._attn_implementation} attention and cannot switch to eager "
