@@ -135,6 +135,7 @@ def analyse_batch(
     patterns: list[torch.Tensor] = []
     for layer, weights in enumerate(all_weights):
         x = capture.hidden_in[layer]  # [batch, pos, d_model]
+        v: torch.Tensor | None  # [batch, head, key, d_head]
         if report is not None:
             rec = recompute_attention(x, weights, masks[layer], capture.position_embeddings[layer])
             report.add(layer, *layer_errors(capture.attentions[layer], rec.pattern, capture.z[layer], rec.z, batch.attention_mask))

