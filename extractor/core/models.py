@@ -308,7 +308,7 @@ def wrap_model(
                 f"({first_line(exc)}); load it with attn_implementation='eager'"
             ) from exc
     if device is not None:
-        model.to(torch.device(device))
+        torch.nn.Module.to(model, torch.device(device))  # the typed Module.to: transformers wraps its own
     model.eval()
     base = base_model(model)
     adapter = adapter_for(base)
