@@ -660,3 +660,19 @@ def test_a_forward_that_no_longer_matches_its_weights_fails_the_run(
     verification = table(tmp_path / "out", "verification")
     assert verification.loc[verification["layer"] == 0, "passed"].all()
     assert not verification.loc[verification["layer"] == 1, "passed"].any()
+
+
+def test_a_document_longer_than_the_model_was_trained_for_is_warned_about(tmp_path: Path) -> None:
+    """MiniLM's position embeddings reach 512 but it was trained on 256 tokens (sentence_bert_config.json): a
+    longer document runs, with one warning line that says so and how to avoid it."""
+    long_text = " ".join([LONG] * 9)  # ~300 tokens
+    corpus = write_lines(tmp_path / "c.txt", [SAMPLE[0], long_text])
+    result = invoke(["run", "--model", "minilm", "-i", str(corpus), "-o", str(tmp_path / "out"), *NO_EXTRAS])
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1, result.stderr
+    assert "longer than the 256 tokens model 'minilm' was trained on" in warnings[0]
+    assert "set max_length: 256" in warnings[0]
+    short = invoke(["run", "--model", "minilm", "-i", str(corpus), "-o", str(tmp_path / "short"), "--max-length",
+                    "256", *NO_EXTRAS])
+    assert short.exit_code == 0 and "warning:" not in short.stderr

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import os
 import pickle
 import socket
@@ -222,9 +223,31 @@ def load_model(spec: str = "minilm", device: str = "cpu", dtype: str = "float32"
         "resolved_path": str(folder) if folder else None,
         "weights_file": weights.name if weights else None,
         "weights_sha256": sha256_of(str(weights)) if weights else None,
+        "trained_max_length": trained_max_length(folder) if folder else None,
         **(gguf_provenance(folder) if folder else {}),
     }
     return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter, provenance=provenance)
+
+
+def trained_max_length(folder: Path) -> int | None:
+    """The input length a model was trained for when its folder says so (sentence-transformers'
+    `sentence_bert_config.json`: `max_seq_length`), which can be shorter than its position embeddings."""
+    file = folder / "sentence_bert_config.json"
+    try:
+        value = json.loads(file.read_text(encoding="utf-8")).get("max_seq_length")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
+def length_warning(loaded: LoadedModel, n_tokens: int) -> str | None:
+    """A one-line warning when a document of `n_tokens` is longer than the model was trained for, else None."""
+    trained = loaded.provenance.get("trained_max_length")
+    if not trained or n_tokens <= trained:
+        return None
+    return (f"a document of {n_tokens} tokens is longer than the {trained} tokens model "
+            f"'{loaded.provenance.get('model')}' was trained on (sentence_bert_config.json): positions past "
+            f"{trained} were never trained and their attention can show artifacts; set max_length: {trained}")
 
 
 def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, spec: str, adapter: ModelAdapter) -> None:

@@ -7,7 +7,7 @@ read records → tokenize a buffer → truncate/window → bucket by length → 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import chain, islice
 from typing import Any, NoReturn
@@ -19,7 +19,7 @@ from extractor.attribution.agreement import MeasureAgreement
 from extractor.attribution.analysis import BatchAnalysis, analyse_batch
 from extractor.attribution.measures import HEAD_MEASURES
 from extractor.core.encode import TokenizedDoc, collate, model_max_length, tokenize, truncate, windows
-from extractor.core.models import LoadedModel
+from extractor.core.models import LoadedModel, length_warning
 from extractor.core.verify import VerificationReport, fold
 from extractor.corpus.batching import chunks, plan_batches
 from extractor.corpus.config import RunConfig
@@ -98,9 +98,13 @@ def document_row(record: SourceRecord, document: Document | None) -> dict[str, A
 class Extraction:
     """One run of the local engine over an iterator of records (also what each Ray worker runs)."""
 
-    def __init__(self, config: RunConfig, loaded: LoadedModel) -> None:
+    def __init__(self, config: RunConfig, loaded: LoadedModel, warn: Callable[[str], None] | None = None) -> None:
+        """`warn`: where one-line warnings go (each said once per run), e.g. a document longer than the model
+        was trained for."""
         self.config = config
         self.loaded = loaded
+        self.warn = warn
+        self.warned_length = False
         self.causal = loaded.adapter.causal
         self.batch_counter = 0
         self.value_type = pa.float16() if config.storage == "dense" else pa.float32()
@@ -128,6 +132,7 @@ class Extraction:
         def drain(buffer: list[SourceRecord]) -> Iterator[Part]:
             nonlocal part_id, skipped
             documents = prepare_documents(buffer, self.loaded, self.config)
+            self.check_lengths(documents)
             plan = plan_batches([[u.n_tokens for u in d.units] for d in documents], self.config.token_budget,
                                 self.config.batch_size, self.config.bucketing, self.attention_budget)
             for group in plan:
@@ -154,6 +159,14 @@ class Extraction:
         if skipped:
             yield Part(part_id, [document_row(r, None) for r in skipped], state={},
                        fingerprints=[record_fingerprint(r) for r in skipped])
+
+    def check_lengths(self, documents: list[Document]) -> None:
+        if self.warn is None or self.warned_length or not documents:
+            return
+        warning = length_warning(self.loaded, max(u.n_tokens for d in documents for u in d.units))
+        if warning is not None:
+            self.warn(warning)
+            self.warned_length = True
 
     def process(self, documents: list[Document], part_id: int, skipped: list[SourceRecord]) -> Part:
         """Analyse one batch of documents (all their units) into a Part."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -29,7 +30,7 @@ def run(
     done = folder.committed_doc_ids()
     total = expected_records(config)
     progress = Progress(None if total is None else max(total - len(done), 0), quiet)
-    extraction = Extraction(config, loaded)
+    extraction = Extraction(config, loaded, warn=None if quiet else lambda line: print(f"warning: {line}", file=sys.stderr))
     try:
         for part in extraction.parts(records, folder.next_part_id(), done):
             folder.submit(part)
