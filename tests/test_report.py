@@ -123,6 +123,7 @@ def hostile_run(tmp_path_factory: pytest.TempPathFactory, report_run: Path) -> P
     tokens = pq.read_table(folder / "tokens.parquet").to_pandas()
     first = tokens.index[(tokens["doc_id"] == 0) & (tokens["position"].between(1, len(HOSTILE_TOKENS)))]
     tokens.loc[first, "token"] = HOSTILE_TOKENS
+    tokens.loc[first, ["char_start", "char_end"]] = 0  # an empty span: the page shows the token string
     pq.write_table(
         pa.Table.from_pandas(tokens, schema=TOKEN_SCHEMA, preserve_index=False), folder / "tokens.parquet"
     )
@@ -214,16 +215,18 @@ def test_dense_word_page_values_equal_parquet(dense_word_run: Path) -> None:
     )
 
 
-def test_documents_text_and_tokens(report_run: Path) -> None:
+def test_documents_text_and_tokens(report_run: Path, sample_texts: list[str]) -> None:
     meta, docs = page_data(report_run / "report.html")
     tokens = pq.read_table(report_run / "tokens.parquet").to_pandas()
+    inputs = [*sample_texts[:8], MALICIOUS]  # doc_id = input line
     for doc in docs:
+        text = inputs[doc["id"]]
+        assert doc["text"] == text  # the original text, capitals and all (MiniLM lower-cases its tokens)
         expected = tokens[tokens["doc_id"] == doc["id"]].sort_values("position")
-        assert doc["tokens"] == expected["token"].tolist()
+        spans = zip(expected["token"], expected["char_start"], expected["char_end"], strict=True)
+        assert doc["tokens"] == [text[a:b] if b > a else token for token, a, b in spans]
         assert doc["special"] == [i for i, s in enumerate(expected["is_special"]) if s]
-    texts = SAMPLE_CORPUS.read_text(encoding="utf-8").splitlines()
-    assert docs[1]["text"] == texts[1].lower()  # rebuilt from the (uncased) tokens and their offsets
-    assert docs[-1]["text"] == MALICIOUS
+    assert docs[1]["text"] != docs[1]["text"].lower()
 
 
 def test_data_cannot_close_its_script_element(hostile_run: Path) -> None:

@@ -78,12 +78,13 @@ def record_fingerprint(record: SourceRecord) -> str:
 def document_row(record: SourceRecord, document: Document | None) -> dict[str, Any]:
     if document is None:
         return {"doc_id": record.doc_id, "source": record.source, "line": record.line, "n_tokens": 0,
-                "n_windows": 0, "status": "skipped", "reason": record.reason}
+                "n_windows": 0, "status": "skipped", "reason": record.reason, "text": None}
     truncated = document.units[0].truncated
     n_tokens = document.units[0].n_tokens if truncated else document.full.n_tokens
     return {"doc_id": record.doc_id, "source": record.source, "line": record.line, "n_tokens": n_tokens,
             "n_windows": len(document.units), "status": "truncated" if truncated else "ok",
-            "reason": f"truncated from {document.full.n_tokens} tokens" if truncated else None}
+            "reason": f"truncated from {document.full.n_tokens} tokens" if truncated else None,
+            "text": record.text}
 
 
 class Extraction:
