@@ -30,6 +30,7 @@ from extractor.attribution.measures import MEASURES
 from extractor.cli import app
 from extractor.core.models import LoadedModel
 from extractor.corpus.config import RunConfig
+from extractor.corpus.run_folder import open_run
 from extractor.corpus.tables import TOKEN_SCHEMA
 from extractor.errors import UserError
 from extractor.presentation.report import (
@@ -307,6 +308,97 @@ def test_cli_report(report_run: Path, tmp_path: Path) -> None:
     missing = CliRunner().invoke(app, ["report", str(tmp_path / "nowhere")])
     assert missing.exit_code == 2
     assert "no manifest.json" in missing.output
+
+
+# -- long documents split into windows, and the user's own text ----------------------------------------------
+LONG = (
+    "The animal didn't cross the street because it was too tired, and the city councilmen refused the "
+    "demonstrators a permit because they feared violence."
+)
+WINDOW_MEASURES = ("attention", "value_norm", "rollout")
+UNICODE_TEXT = "Café owners in Zürich love 🤗 emojis."
+
+
+def _cli_run(folder: Path, model: str, lines: list[str], *flags: str) -> Path:
+    corpus = folder / "corpus.txt"
+    corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out = folder / "out"
+    result = CliRunner().invoke(app, ["run", "--model", model, "-i", str(corpus), "-o", str(out), *flags,
+                                      "--set", "plots=false", "--set", "report=true", "--quiet"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    return out
+
+
+@pytest.fixture(scope="session")
+def windowed_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Any) -> Path:
+    """The tiny BERT over a long sentence cut into 16-token windows that share 4 tokens, top-k 3."""
+    flags = ["--max-length", "16", "--storage", "topk", "--top-k", "3", "--measures", ",".join(WINDOW_MEASURES),
+             "--set", "long_documents=window", "--set", "window_stride=4"]
+    return _cli_run(tmp_path_factory.mktemp("report-window"), str(tiny_model_dir("bert")), [LONG, "Short one."],
+                    *flags)
+
+
+def window_averages(run: Path) -> tuple[dict[tuple[Any, ...], float], dict[tuple[Any, ...], float]]:
+    """Brute force from the raw rows: (cell, measure) → mean over the windows that stored it, and
+    (doc, layer, head, query) → mean kept mass over the windows that stored the row."""
+    raw = ds.dataset(run / "associations").to_table().to_pandas()
+    values: dict[tuple[Any, ...], list[float]] = {}
+    kept: dict[tuple[Any, ...], dict[int, float]] = {}
+    for row in raw.itertuples(index=False):
+        cell = (int(row.doc_id), int(row.layer), int(row.head), int(row.query_pos), int(row.key_pos))
+        for measure in WINDOW_MEASURES:
+            value = float(getattr(row, measure))
+            if not np.isnan(value):
+                values.setdefault((*cell, measure), []).append(value)
+        kept.setdefault(cell[:4], {})[int(row.window)] = float(row.kept_mass)
+    repeated = [v for v in values.values() if len(v) > 1 and max(v) - min(v) > 10 * TOLERANCE]
+    assert repeated, "no cell differs between windows: the test could not tell the policies apart"
+    return ({key: sum(v) / len(v) for key, v in values.items()},
+            {key: sum(w.values()) / len(w) for key, w in kept.items()})
+
+
+def test_overlapping_windows_are_averaged_alike_in_report_and_plots(windowed_run: Path) -> None:
+    expected, expected_kept = window_averages(windowed_run)
+    meta, docs = page_data(windowed_run / "report.html")
+    page = embedded_rows(docs)
+    shown: dict[tuple[Any, ...], float] = {}
+    for measure in WINDOW_MEASURES:
+        for row in page.dropna(subset=[measure]).itertuples(index=False):
+            cell = (int(row.doc_id), int(row.layer), int(row.head), int(row.query_pos), int(row.key_pos))
+            shown[(*cell, measure)] = float(getattr(row, measure))
+    assert shown.keys() == expected.keys()
+    for key, value in expected.items():
+        assert abs(shown[key] - value) <= TOLERANCE, (key, shown[key], value)
+    for doc in docs:  # each non-empty query row's kept mass ("m")
+        for layer, heads in enumerate(doc["h"]):
+            for head, group in enumerate(heads):
+                counts = decode_ints(group["n"])
+                masses = decode_ints(group["m"]) / meta["scale"]
+                for query, mass in zip(np.flatnonzero(counts), masses, strict=True):
+                    assert abs(mass - expected_kept[(doc["id"], layer, head, int(query))]) <= TOLERANCE
+
+    run = open_run(windowed_run)
+    n_layers, n_heads = run.shape
+    for doc in docs:
+        for measure in ("attention", "value_norm"):
+            matrices, labels = run.doc_matrices(doc["id"], measure)
+            brute = np.zeros((n_layers, n_heads, len(labels), len(labels)), dtype=np.float64)
+            for (doc_id, layer, head, query, key, name), value in expected.items():
+                if doc_id == doc["id"] and name == measure and head >= 0:
+                    brute[layer, head, query, key] = value
+            np.testing.assert_allclose(matrices, brute, rtol=1e-6, atol=1e-7)
+
+
+def test_the_users_text_is_kept(tmp_path: Path) -> None:
+    out = _cli_run(tmp_path, "minilm", [UNICODE_TEXT])
+    documents = pq.read_table(out / "documents.parquet").to_pandas()
+    assert documents["text"].tolist() == [UNICODE_TEXT]
+    _, docs = page_data(out / "report.html")
+    assert docs[0]["text"] == UNICODE_TEXT  # not "cafe owners in zurich love [UNK] emojis."
+    tokens = pq.read_table(out / "tokens.parquet").to_pandas().sort_values("position")
+    assert "[UNK]" in tokens["token"].tolist() and "cafe" in tokens["token"].tolist()
+    assert {"Café", "Zürich", "🤗"} <= set(docs[0]["tokens"])  # each token shows the text it spans
+    assert open_run(out).labels(0) == docs[0]["tokens"]  # the figures label positions the same way
 
 
 # -- in a real browser -------------------------------------------------------------------------------------
