@@ -401,6 +401,20 @@ def test_the_users_text_is_kept(tmp_path: Path) -> None:
     assert open_run(out).labels(0) == docs[0]["tokens"]  # the figures label positions the same way
 
 
+def test_runs_written_before_documents_kept_their_text(report_run: Path, tmp_path: Path) -> None:
+    folder = _copy(report_run, tmp_path / "old")
+    pq.write_table(pq.read_table(folder / "documents.parquet").drop(["text"]), folder / "documents.parquet")
+    _, docs = page_data(write_report(folder))
+    tokens = pq.read_table(folder / "tokens.parquet").to_pandas()
+    for doc in docs:  # labels fall back to the token strings; the text places the tokens at their spans
+        rows = tokens[tokens["doc_id"] == doc["id"]].sort_values("position")
+        assert doc["tokens"] == [t.strip() or "␣" for t in rows["token"]]
+        content = rows[~rows["is_special"]]
+        gaps = content["char_start"].to_numpy()[1:] > content["char_end"].to_numpy()[:-1]
+        pieces = content["token"].tolist()
+        assert doc["text"] == pieces[0] + "".join((" " if gap else "") + p for gap, p in zip(gaps, pieces[1:], strict=True))
+
+
 # -- in a real browser -------------------------------------------------------------------------------------
 @dataclass
 class Page:

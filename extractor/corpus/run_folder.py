@@ -308,12 +308,20 @@ class RunFolder:
         return int(tokens["doc_id"].min())
 
     # -- text and labels ------------------------------------------------------------------------------------
-    def texts(self, doc_ids: Sequence[int]) -> dict[int, str]:
-        """doc_id → the document's original text (documents.parquet `text`); runs written before documents
-        kept their text get it rebuilt from their tokens (`text_from_tokens`)."""
+    def stored_texts(self, doc_ids: Sequence[int]) -> dict[int, str] | None:
+        """doc_id → the document's original text (documents.parquet `text`); None for runs written before
+        documents kept their text."""
         documents = self.table("documents", doc_ids, columns=["doc_id", "text"]) if self.has("documents") else None
-        if documents is not None and "text" in documents:
-            return {int(d): t for d, t in zip(documents["doc_id"], documents["text"], strict=True) if t is not None}
+        if documents is None or "text" not in documents:
+            return None
+        return {int(d): t for d, t in zip(documents["doc_id"], documents["text"], strict=True) if t is not None}
+
+    def texts(self, doc_ids: Sequence[int]) -> dict[int, str]:
+        """doc_id → the document's original text; runs written before documents kept their text get it
+        rebuilt from their tokens (`text_from_tokens`)."""
+        stored = self.stored_texts(doc_ids)
+        if stored is not None:
+            return stored
         tokens = self.tokens(doc_ids).sort_values(["doc_id", "position"])
         return {int(d): text_from_tokens(rows) for d, rows in tokens.groupby("doc_id", sort=False)}
 
@@ -326,7 +334,7 @@ class RunFolder:
                 units, position, token = self.words(wanted), "word_index", "word"
             else:
                 units, position, token = self.tokens(wanted), "position", "token"
-            texts = self.texts(wanted)
+            texts = self.stored_texts(wanted) or {}  # spans index the original text only
             for doc_id, rows in units.groupby("doc_id", sort=False):
                 rows = rows.drop_duplicates(position).sort_values(position)
                 text = texts.get(int(doc_id))

@@ -11,10 +11,12 @@ embedded documents, and the page says so; verification errors are always offered
 
 Size bound. The page considers the first `max_docs` documents (default 50) in order — status ok by doc_id,
 then truncated ones — and embeds each unless it would push the whole file past `max_bytes` (default 5 MB);
-the page says how many it left out. Per embedded document: its tokens (or words at level word), and every
-stored association row of every (layer, head) — attention and value_norm — and of every layer (head = -1) —
-rollout and layer_value_norm — with values rounded to 4 decimals. Top-k storage keeps only the k strongest
-keys per query row, so only those exist on the page too. configs/default.yaml's run (60 sentences, top-k 8,
+the page says how many it left out. Per embedded document: its original text, its positions' labels (tokens,
+or words at level word, as `extractor.corpus.run_folder.position_label` shows them), and every stored
+association row of every (layer, head) — attention and value_norm — and of every layer (head = -1) —
+rollout and layer_value_norm — with values rounded to 4 decimals (cells of overlapping windows averaged, as
+the figures do: `run_folder.merge_windows`). Top-k storage keeps only the k strongest keys per query row, so
+only those exist on the page too. configs/default.yaml's run (60 sentences, top-k 8,
 every measure) gives 50 documents in about 4.1 MB.
 
 Compact form. A matrix group (one document, one layer, one head or the layer) is
