@@ -70,7 +70,9 @@ def build_run_folder(
     pq.write_table(
         pa.Table.from_pandas(similarity.table(), preserve_index=False), folder / "head_similarity.parquet"
     )
-    documents = pa.table({"doc_id": pa.array(range(len(texts)), pa.int64()), "status": ["ok"] * len(texts)})
+    documents = pa.table(
+        {"doc_id": pa.array(range(len(texts)), pa.int64()), "status": ["ok"] * len(texts), "text": texts}
+    )
     pq.write_table(documents, folder / "documents.parquet")
     pq.write_table(pa.Table.from_pandas(result.tokens(), preserve_index=False), folder / "tokens.parquet")
     if level == "word":

@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner, Result
 
 from extractor.cli import app
-from extractor.corpus.query import connect, run_query
+from extractor.corpus.run_folder import open_run
 from extractor.errors import UserError
 
 SAMPLE = (
@@ -58,7 +58,7 @@ def run_dir(tiny_model_dir: Callable[..., Path], tmp_path_factory: pytest.TempPa
 
 
 def test_views_read_the_run_tables(run_dir: Path) -> None:
-    con = connect(run_dir)
+    con = open_run(run_dir).connect()
     try:
         views = {
             row[0]
@@ -79,8 +79,7 @@ def test_views_read_the_run_tables(run_dir: Path) -> None:
 
 
 def test_sql_joins_associations_to_tokens(run_dir: Path) -> None:
-    frame = run_query(
-        run_dir,
+    frame = open_run(run_dir).fetch(
         """
         SELECT a.doc_id, a.layer, a.head, q.token AS query, k.token AS key, a.attention
         FROM associations a
@@ -89,14 +88,29 @@ def test_sql_joins_associations_to_tokens(run_dir: Path) -> None:
         WHERE a.layer = 1 AND a.head = 2
         """,
     )
-    n_tokens = run_query(run_dir, "SELECT sum(n_tokens) AS n FROM documents WHERE status = 'ok'")["n"].item()
+    n_tokens = open_run(run_dir).fetch("SELECT sum(n_tokens) AS n FROM documents WHERE status = 'ok'")["n"].item()
     assert len(frame) == 3 * n_tokens  # top-3 keys per query token, every query joined to its tokens
     assert set(frame["layer"]) == {1} and set(frame["head"]) == {2}
     assert frame["attention"].between(0, 1).all()
-    statuses = run_query(
-        run_dir, "SELECT status, count(*) AS n FROM documents GROUP BY status ORDER BY status"
+    statuses = open_run(run_dir).fetch(
+        "SELECT status, count(*) AS n FROM documents GROUP BY status ORDER BY status"
     )
     assert statuses.to_dict("list") == {"status": ["ok", "skipped"], "n": [4, 1]}
+
+
+def test_notebook_relations(run_dir: Path) -> None:
+    with open_run(run_dir) as run:
+        documents = run.relation("documents").df()
+        pd.testing.assert_frame_equal(documents, pq.read_table(run_dir / "documents.parquet").to_pandas(),
+                                      check_dtype=False)
+        per_head = run.sql("SELECT layer, head, count(*) AS n FROM associations GROUP BY ALL ORDER BY ALL").df()
+        stored = ds.dataset(run_dir / "associations").to_table().to_pandas()
+        expected = stored.groupby(["layer", "head"]).size().reset_index(name="n")
+        assert per_head.to_dict("list") == expected.to_dict("list")
+        with pytest.raises(UserError, match="has no table 'nope'; it has: associations, documents"):
+            run.relation("nope")
+        with pytest.raises(UserError, match="query failed"):
+            run.sql("SELECT * FROM read_csv('/etc/passwd')")
 
 
 def test_cli_formats(run_dir: Path) -> None:
@@ -138,7 +152,7 @@ def test_not_a_run_folder(tmp_path: Path) -> None:
         == f"error: '{tmp_path}' is not a run output folder (no manifest.json); run `extractor run` first"
     )
     with pytest.raises(UserError):
-        run_query(tmp_path / "missing", "SELECT 1")
+        open_run(tmp_path / "missing").fetch("SELECT 1")
 
 
 def test_unknown_format(run_dir: Path) -> None:

@@ -30,6 +30,7 @@ from extractor.attribution.measures import MEASURES
 from extractor.cli import app
 from extractor.core.models import LoadedModel
 from extractor.corpus.config import RunConfig
+from extractor.corpus.run_folder import open_run
 from extractor.corpus.tables import TOKEN_SCHEMA
 from extractor.errors import UserError
 from extractor.presentation.report import (
@@ -123,6 +124,7 @@ def hostile_run(tmp_path_factory: pytest.TempPathFactory, report_run: Path) -> P
     tokens = pq.read_table(folder / "tokens.parquet").to_pandas()
     first = tokens.index[(tokens["doc_id"] == 0) & (tokens["position"].between(1, len(HOSTILE_TOKENS)))]
     tokens.loc[first, "token"] = HOSTILE_TOKENS
+    tokens.loc[first, ["char_start", "char_end"]] = 0  # an empty span: the page shows the token string
     pq.write_table(
         pa.Table.from_pandas(tokens, schema=TOKEN_SCHEMA, preserve_index=False), folder / "tokens.parquet"
     )
@@ -214,16 +216,18 @@ def test_dense_word_page_values_equal_parquet(dense_word_run: Path) -> None:
     )
 
 
-def test_documents_text_and_tokens(report_run: Path) -> None:
+def test_documents_text_and_tokens(report_run: Path, sample_texts: list[str]) -> None:
     meta, docs = page_data(report_run / "report.html")
     tokens = pq.read_table(report_run / "tokens.parquet").to_pandas()
+    inputs = [*sample_texts[:8], MALICIOUS]  # doc_id = input line
     for doc in docs:
+        text = inputs[doc["id"]]
+        assert doc["text"] == text  # the original text, capitals and all (MiniLM lower-cases its tokens)
         expected = tokens[tokens["doc_id"] == doc["id"]].sort_values("position")
-        assert doc["tokens"] == expected["token"].tolist()
+        spans = zip(expected["token"], expected["char_start"], expected["char_end"], strict=True)
+        assert doc["tokens"] == [text[a:b] if b > a else token for token, a, b in spans]
         assert doc["special"] == [i for i, s in enumerate(expected["is_special"]) if s]
-    texts = SAMPLE_CORPUS.read_text(encoding="utf-8").splitlines()
-    assert docs[1]["text"] == texts[1].lower()  # rebuilt from the (uncased) tokens and their offsets
-    assert docs[-1]["text"] == MALICIOUS
+    assert docs[1]["text"] != docs[1]["text"].lower()
 
 
 def test_data_cannot_close_its_script_element(hostile_run: Path) -> None:
@@ -304,6 +308,111 @@ def test_cli_report(report_run: Path, tmp_path: Path) -> None:
     missing = CliRunner().invoke(app, ["report", str(tmp_path / "nowhere")])
     assert missing.exit_code == 2
     assert "no manifest.json" in missing.output
+
+
+# -- long documents split into windows, and the user's own text ----------------------------------------------
+LONG = (
+    "The animal didn't cross the street because it was too tired, and the city councilmen refused the "
+    "demonstrators a permit because they feared violence."
+)
+WINDOW_MEASURES = ("attention", "value_norm", "rollout")
+UNICODE_TEXT = "Café owners in Zürich love 🤗 emojis."
+
+
+def _cli_run(folder: Path, model: str, lines: list[str], *flags: str) -> Path:
+    corpus = folder / "corpus.txt"
+    corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out = folder / "out"
+    result = CliRunner().invoke(app, ["run", "--model", model, "-i", str(corpus), "-o", str(out), *flags,
+                                      "--set", "plots=false", "--set", "report=true", "--quiet"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    return out
+
+
+@pytest.fixture(scope="session")
+def windowed_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Any) -> Path:
+    """The tiny BERT over a long sentence cut into 16-token windows that share 4 tokens, top-k 3."""
+    flags = ["--max-length", "16", "--storage", "topk", "--top-k", "3", "--measures", ",".join(WINDOW_MEASURES),
+             "--set", "long_documents=window", "--set", "window_stride=4"]
+    return _cli_run(tmp_path_factory.mktemp("report-window"), str(tiny_model_dir("bert")), [LONG, "Short one."],
+                    *flags)
+
+
+def window_averages(run: Path) -> tuple[dict[tuple[Any, ...], float], dict[tuple[Any, ...], float]]:
+    """Brute force from the raw rows: (cell, measure) → mean over the windows that stored it, and
+    (doc, layer, head, query) → mean kept mass over the windows that stored the row."""
+    raw = ds.dataset(run / "associations").to_table().to_pandas()
+    values: dict[tuple[Any, ...], list[float]] = {}
+    kept: dict[tuple[Any, ...], dict[int, float]] = {}
+    for row in raw.itertuples(index=False):
+        cell = (int(row.doc_id), int(row.layer), int(row.head), int(row.query_pos), int(row.key_pos))
+        for measure in WINDOW_MEASURES:
+            value = float(getattr(row, measure))
+            if not np.isnan(value):
+                values.setdefault((*cell, measure), []).append(value)
+        kept.setdefault(cell[:4], {})[int(row.window)] = float(row.kept_mass)
+    repeated = [v for v in values.values() if len(v) > 1 and max(v) - min(v) > 10 * TOLERANCE]
+    assert repeated, "no cell differs between windows: the test could not tell the policies apart"
+    return ({key: sum(v) / len(v) for key, v in values.items()},
+            {key: sum(w.values()) / len(w) for key, w in kept.items()})
+
+
+def test_overlapping_windows_are_averaged_alike_in_report_and_plots(windowed_run: Path) -> None:
+    expected, expected_kept = window_averages(windowed_run)
+    meta, docs = page_data(windowed_run / "report.html")
+    page = embedded_rows(docs)
+    shown: dict[tuple[Any, ...], float] = {}
+    for measure in WINDOW_MEASURES:
+        for row in page.dropna(subset=[measure]).itertuples(index=False):
+            cell = (int(row.doc_id), int(row.layer), int(row.head), int(row.query_pos), int(row.key_pos))
+            shown[(*cell, measure)] = float(getattr(row, measure))
+    assert shown.keys() == expected.keys()
+    for key, value in expected.items():
+        assert abs(shown[key] - value) <= TOLERANCE, (key, shown[key], value)
+    for doc in docs:  # each non-empty query row's kept mass ("m")
+        for layer, heads in enumerate(doc["h"]):
+            for head, group in enumerate(heads):
+                counts = decode_ints(group["n"])
+                masses = decode_ints(group["m"]) / meta["scale"]
+                for query, mass in zip(np.flatnonzero(counts), masses, strict=True):
+                    assert abs(mass - expected_kept[(doc["id"], layer, head, int(query))]) <= TOLERANCE
+
+    run = open_run(windowed_run)
+    n_layers, n_heads = run.shape
+    for doc in docs:
+        for measure in ("attention", "value_norm"):
+            matrices, labels = run.doc_matrices(doc["id"], measure)
+            brute = np.zeros((n_layers, n_heads, len(labels), len(labels)), dtype=np.float64)
+            for (doc_id, layer, head, query, key, name), value in expected.items():
+                if doc_id == doc["id"] and name == measure and head >= 0:
+                    brute[layer, head, query, key] = value
+            np.testing.assert_allclose(matrices, brute, rtol=1e-6, atol=1e-7)
+
+
+def test_the_users_text_is_kept(tmp_path: Path) -> None:
+    out = _cli_run(tmp_path, "minilm", [UNICODE_TEXT])
+    documents = pq.read_table(out / "documents.parquet").to_pandas()
+    assert documents["text"].tolist() == [UNICODE_TEXT]
+    _, docs = page_data(out / "report.html")
+    assert docs[0]["text"] == UNICODE_TEXT  # not "cafe owners in zurich love [UNK] emojis."
+    tokens = pq.read_table(out / "tokens.parquet").to_pandas().sort_values("position")
+    assert "[UNK]" in tokens["token"].tolist() and "cafe" in tokens["token"].tolist()
+    assert {"Café", "Zürich", "🤗"} <= set(docs[0]["tokens"])  # each token shows the text it spans
+    assert open_run(out).labels(0) == docs[0]["tokens"]  # the figures label positions the same way
+
+
+def test_runs_written_before_documents_kept_their_text(report_run: Path, tmp_path: Path) -> None:
+    folder = _copy(report_run, tmp_path / "old")
+    pq.write_table(pq.read_table(folder / "documents.parquet").drop(["text"]), folder / "documents.parquet")
+    _, docs = page_data(write_report(folder))
+    tokens = pq.read_table(folder / "tokens.parquet").to_pandas()
+    for doc in docs:  # labels fall back to the token strings; the text places the tokens at their spans
+        rows = tokens[tokens["doc_id"] == doc["id"]].sort_values("position")
+        assert doc["tokens"] == [t.strip() or "␣" for t in rows["token"]]
+        content = rows[~rows["is_special"]]
+        gaps = content["char_start"].to_numpy()[1:] > content["char_end"].to_numpy()[:-1]
+        pieces = content["token"].tolist()
+        assert doc["text"] == pieces[0] + "".join((" " if gap else "") + p for gap, p in zip(gaps, pieces[1:], strict=True))
 
 
 # -- in a real browser -------------------------------------------------------------------------------------

@@ -21,14 +21,13 @@ def query(
     max_rows: Annotated[int, typer.Option(help="Rows shown in table format.")] = 50,
 ) -> None:
     """Query a run's Parquet outputs with DuckDB SQL (read-only: queries cannot read or write other files)."""
-    from extractor.corpus.query import run_query
-    from extractor.corpus.run_folder import reading
+    from extractor.corpus.run_folder import open_run, reading
 
     if format not in QUERY_FORMATS:
         *others, last = QUERY_FORMATS
         raise UserError(f"--format '{format}' is not supported; choose {', '.join(others)} or {last}")
     with reading(output_dir):
-        frame = run_query(output_dir, sql)
+        frame = open_run(output_dir).fetch(sql)
     if format == "csv":
         typer.echo(frame.to_csv(index=False), nl=False)
     elif format == "json":

@@ -24,6 +24,7 @@ from extractor.core.verify import VerificationReport, fold
 from extractor.corpus.batching import chunks, plan_batches
 from extractor.corpus.config import RunConfig
 from extractor.corpus.readers import SourceRecord, count_records
+from extractor.corpus.run_folder import TABLES
 from extractor.corpus.storage import Part
 from extractor.corpus.tables import association_table, batch_association_table, tokens_table, words_table
 from extractor.errors import UserError
@@ -48,7 +49,7 @@ class Document:
 
 
 # Each corpus-wide accumulator of a part's state, and the file its merged `table()` becomes at the end of a run.
-STATISTICS_FILES = {"heads": "heads.parquet", "similarity": "head_similarity.parquet", "agreement": "agreement.parquet"}
+STATISTICS_FILES = {"heads": TABLES["heads"], "similarity": TABLES["head_similarity"], "agreement": TABLES["agreement"]}
 
 
 def corpus_statistics(loaded: LoadedModel, config: RunConfig) -> dict[str, Any]:
@@ -87,12 +88,13 @@ def record_fingerprint(record: SourceRecord) -> str:
 def document_row(record: SourceRecord, document: Document | None) -> dict[str, Any]:
     if document is None:
         return {"doc_id": record.doc_id, "source": record.source, "line": record.line, "n_tokens": 0,
-                "n_windows": 0, "status": "skipped", "reason": record.reason}
+                "n_windows": 0, "status": "skipped", "reason": record.reason, "text": None}
     truncated = document.units[0].truncated
     n_tokens = document.units[0].n_tokens if truncated else document.full.n_tokens
     return {"doc_id": record.doc_id, "source": record.source, "line": record.line, "n_tokens": n_tokens,
             "n_windows": len(document.units), "status": "truncated" if truncated else "ok",
-            "reason": f"truncated from {document.full.n_tokens} tokens" if truncated else None}
+            "reason": f"truncated from {document.full.n_tokens} tokens" if truncated else None,
+            "text": record.text}
 
 
 class Extraction:

@@ -17,7 +17,7 @@ from extractor.corpus.config import RunConfig
 from extractor.corpus.extraction import STATISTICS_FILES, raise_empty, record_fingerprint
 from extractor.corpus.faults import checkpoint
 from extractor.corpus.readers import read_documents
-from extractor.corpus.run_folder import association_files
+from extractor.corpus.run_folder import TABLES, association_files
 from extractor.corpus.storage import OutputFolder
 from extractor.errors import UserError
 
@@ -116,7 +116,7 @@ def finish(folder: OutputFolder, manifest: dict[str, Any], started: float, load_
                 merged[key] = fold(merged.get(key), value)
     verification = merged.get("verification")
     if verification is not None:
-        folder.write_table("verification.parquet", verification.table())
+        folder.write_table(TABLES["verification"], verification.table())
     for key, name in STATISTICS_FILES.items():
         if merged.get(key) is not None:
             folder.write_table(name, merged[key].table())

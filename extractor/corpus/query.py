@@ -1,39 +1,29 @@
-"""`extractor query`: DuckDB over a run's Parquet files, with one view per table.
+"""Read-only DuckDB over Parquet files: what `extractor query` and `RunFolder.sql` run on.
 
 Queries cannot touch the file system: the views read the Parquet files through pyarrow, and DuckDB itself
 may only spill into its own temporary directory, so `COPY ... TO`, `ATTACH` or `read_csv('/etc/...')` fail.
+Which files a run folder holds is `extractor.corpus.run_folder`'s knowledge (`RunFolder.views`).
 """
 
 from __future__ import annotations
 
 import tempfile
 import uuid
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
-from extractor.corpus.run_folder import association_files, damaged_files, read_manifest
 from extractor.errors import UserError, first_line
 
-VIEWS = {
-    "documents": "documents.parquet",
-    "tokens": "tokens.parquet",
-    "words": "words.parquet",
-    "verification": "verification.parquet",
-    "heads": "heads.parquet",
-    "head_similarity": "head_similarity.parquet",
-    "agreement": "agreement.parquet",
-}
 
-
-def connect(output_dir: str | Path):  # noqa: ANN201 - duckdb connection
-    """A DuckDB connection with views `associations`, `tokens`, `words`, `documents`, `verification`, `heads`,
-    `head_similarity`, locked so that SQL reads and writes no file (see the module docstring)."""
+def read_only_connection(views: Mapping[str, Sequence[Path]]) -> Any:  # duckdb.DuckDBPyConnection
+    """A DuckDB connection with one view per entry (name → its Parquet files), locked so that SQL reads and
+    writes no file (see the module docstring)."""
     import duckdb
     import pyarrow.dataset as ds
 
-    folder = Path(output_dir)
-    read_manifest(folder)  # a clear error when this is not a run's output folder
     # DuckDB creates this folder only if a query spills to disk, and removes it when the connection closes.
     spill = Path(tempfile.gettempdir()) / f"extractor-query-{uuid.uuid4().hex}"
     con = duckdb.connect(config={"temp_directory": str(spill)})
@@ -41,19 +31,16 @@ def connect(output_dir: str | Path):  # noqa: ANN201 - duckdb connection
     con.execute(f"SET allowed_directories = ['{quoted}']")
     con.execute("SET enable_external_access = false")
     con.execute("SET lock_configuration = true")  # SQL cannot turn the settings above back
-    parts = association_files(folder)
-    if parts:
-        con.register("associations", ds.dataset([p.as_posix() for p in parts], format="parquet"))
-    for view, name in VIEWS.items():
-        if (folder / name).is_file():
-            con.register(view, ds.dataset((folder / name).as_posix(), format="parquet"))
+    for view, files in views.items():
+        con.register(view, ds.dataset([Path(f).as_posix() for f in files], format="parquet"))
     return con
 
 
-def run_query(output_dir: str | Path, sql: str) -> pd.DataFrame:
+def fetch(con: Any, sql: str, damaged: Callable[[], bool]) -> pd.DataFrame:
+    """Run `sql` on `con` → its rows (no rows for a statement that returns none). Mistakes are one-line
+    UserErrors; a failure while some file is `damaged()` is raised as it is (`run_folder.reading` names it)."""
     import duckdb
 
-    con = connect(output_dir)
     try:
         if not con.extract_statements(sql):
             raise UserError("the query is empty; give SQL such as 'SELECT * FROM documents LIMIT 5'")
@@ -62,8 +49,6 @@ def run_query(output_dir: str | Path, sql: str) -> pd.DataFrame:
     except duckdb.PermissionException as exc:
         raise UserError(f"query failed: {first_line(exc)} (queries read the run's tables only)") from None
     except duckdb.Error as exc:
-        if damaged_files(output_dir):
-            raise  # `outputs.reading` names the damaged file
+        if damaged():
+            raise
         raise UserError(f"query failed: {first_line(exc)}") from None
-    finally:
-        con.close()

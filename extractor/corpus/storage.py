@@ -2,7 +2,8 @@
 
     OUTPUT/
       manifest.json            config, provenance, counts, status, timings
-      documents.parquet        one row per input line or row (doc_id, source, line, n_tokens, status, reason)
+      documents.parquet        one row per input line or row (doc_id, source, line, n_tokens, status, reason,
+                               text: the record's original text)
       tokens.parquet           one row per token
       words.parquet            one row per word (level: word)
       associations/part-*.parquet   pair tables; each part sorted by (layer, head, doc_id, query_pos) with
@@ -39,11 +40,8 @@ import pyarrow.parquet as pq
 
 from extractor.corpus.faults import checkpoint
 from extractor.corpus.lock import FolderLock
+from extractor.corpus.run_folder import RUN_FILES
 from extractor.errors import UserError
-
-# Everything a run writes at the top of its folder: `--overwrite` deletes these and nothing else.
-RUN_FILES = ("manifest.json", "documents.parquet", "tokens.parquet", "words.parquet", "verification.parquet",
-             "heads.parquet", "head_similarity.parquet", "agreement.parquet", "report.html", "associations", "_parts", "plots")
 
 DOCUMENT_SCHEMA = pa.schema(
     [
@@ -54,6 +52,7 @@ DOCUMENT_SCHEMA = pa.schema(
         pa.field("n_windows", pa.int16()),
         pa.field("status", pa.string()),
         pa.field("reason", pa.string()),
+        pa.field("text", pa.string()),  # the record's original text (token char spans index into it)
     ]
 )
 

@@ -8,25 +8,23 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from extractor.corpus import run_folder as outputs
+from extractor.corpus.run_folder import open_run
 from extractor.heads.compare import check_same_shape, heads_difference
 from extractor.presentation.plots import plot_head_metric_heatmaps
 
 
 def default_output(run_a: str | Path, run_b: str | Path) -> Path:
     """RUN_B/compare_vs_<name of A>/."""
-    return Path(run_b) / f"compare_vs_{outputs.run_name(run_a)}"
+    return Path(run_b) / f"compare_vs_{open_run(run_a).name}"
 
 
 def runs_difference(run_a: str | Path, run_b: str | Path) -> tuple[pd.DataFrame, str]:
     """(B − A per head and metric, a title naming both runs and models). A UserError if either folder is not a
     complete run or the runs' (n_layers, n_heads) differ."""
-    manifest_a, manifest_b = outputs.read_manifest(run_a), outputs.read_manifest(run_b)
-    name_a, name_b = outputs.run_name(run_a, manifest_a), outputs.run_name(run_b, manifest_b)
-    check_same_shape(outputs.heads_shape(run_a), outputs.heads_shape(run_b), name_a, name_b)
-    difference = heads_difference(outputs.read_heads(run_a), outputs.read_heads(run_b))
-    model_a, model_b = outputs.model_name(manifest_a), outputs.model_name(manifest_b)
-    return difference, f"{name_b} ({model_b}) − {name_a} ({model_a})"
+    a, b = open_run(run_a), open_run(run_b)
+    check_same_shape(a.shape, b.shape, a.name, b.name)
+    difference = heads_difference(a.heads(), b.heads())
+    return difference, f"{b.name} ({b.model}) − {a.name} ({a.model})"
 
 
 def compare_runs(

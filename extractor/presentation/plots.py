@@ -25,8 +25,8 @@ import seaborn as sns
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from extractor.corpus import run_folder as outputs
 from extractor.corpus.faults import checkpoint
+from extractor.corpus.run_folder import RunFolder, open_run
 from extractor.errors import UserError
 from extractor.heads.metrics import METRICS
 from extractor.heads.similarity import cluster_heads
@@ -368,32 +368,32 @@ def choose_head(heads: pd.DataFrame, layer: int | None = None, head: int | None 
 
 
 def choose_document_view(
-    run_dir: Path, heads: pd.DataFrame, doc_id: int | None, layer: int | None, head: int | None
+    run_dir: Path | RunFolder, heads: pd.DataFrame, doc_id: int | None, layer: int | None, head: int | None
 ) -> tuple[int, int, int] | None:
     """(doc, layer, head) to draw, checked before anything is drawn; None when the run stored nothing to draw
     per document and nothing was asked for (storage: summary)."""
+    run = open_run(run_dir)
     asked = doc_id is not None or layer is not None or head is not None
-    if not asked and not outputs.has_associations(run_dir):
+    if not asked and not run.has_associations():
         return None
-    if "attention" not in outputs.stored_measures(
-        run_dir
-    ):  # a UserError naming the storage if none were stored
+    if "attention" not in run.stored_measures():  # a UserError naming the storage if none were stored
         if not asked:
             return None
-        raise UserError(f"run '{run_dir}' did not store attention; rerun with measures including attention")
-    doc = outputs.first_ok_doc(run_dir) if doc_id is None else doc_id
-    outputs.doc_labels(run_dir, doc)  # a UserError listing the doc ids if `doc` is not in the run
+        raise UserError(f"run '{run.path}' did not store attention; rerun with measures including attention")
+    doc = run.first_ok_doc() if doc_id is None else doc_id
+    run.labels(doc)  # a UserError listing the doc ids if `doc` is not in the run
     return (doc, *choose_head(heads, layer, head))
 
 
-def plot_document(run_dir: Path, doc: int, layer: int, head: int, out_dir: Path, model: str) -> list[Path]:
+def plot_document(run_dir: Path | RunFolder, doc: int, layer: int, head: int, out_dir: Path, model: str) -> list[Path]:
     """One document's figures: one head's attention, the layer × head grid, attention vs value_norm."""
     # What the cells are: only the top-k keys per row (others read as 0), and between words at word level.
-    qualifier = " (top-k cells only)" if outputs.is_top_k(run_dir) else ""
-    if outputs.run_level(outputs.read_manifest(run_dir)) == "word":
+    run = open_run(run_dir)
+    qualifier = " (top-k cells only)" if run.is_top_k() else ""
+    if run.level == "word":
         qualifier += " between words"
     where = f"doc {doc}, layer {layer} head {head}"
-    attention, labels = outputs.doc_matrix(run_dir, doc, layer, head, "attention")
+    attention, labels = run.doc_matrix(doc, layer, head, "attention")
     paths = plot_doc_head(
         attention,
         labels,
@@ -401,7 +401,7 @@ def plot_document(run_dir: Path, doc: int, layer: int, head: int, out_dir: Path,
         f"{model}: attention{qualifier}, {where}",
         stem=f"doc{doc}_L{layer}H{head}",
     )
-    grid, labels = outputs.doc_matrices(run_dir, doc, "attention")
+    grid, labels = run.doc_matrices(doc, "attention")
     paths += plot_doc_grid(
         grid,
         labels,
@@ -409,8 +409,8 @@ def plot_document(run_dir: Path, doc: int, layer: int, head: int, out_dir: Path,
         f"{model}: attention{qualifier}, doc {doc}, every layer × head",
         stem=f"doc{doc}_grid",
     )
-    if "value_norm" in outputs.stored_measures(run_dir):
-        value_norm, _ = outputs.doc_matrix(run_dir, doc, layer, head, "value_norm")
+    if "value_norm" in run.stored_measures():
+        value_norm, _ = run.doc_matrix(doc, layer, head, "value_norm")
         paths += plot_attention_vs_value_norm(
             attention,
             value_norm,
@@ -439,25 +439,25 @@ def write_default_plots(
     that document's figures, added to RUN/plots/.
     """
     run_dir = Path(run_dir)
-    manifest = outputs.read_manifest(run_dir)
-    heads = outputs.read_heads(run_dir)
-    view = choose_document_view(run_dir, heads, doc_id, layer, head)
-    model = outputs.model_name(manifest)
+    run = open_run(run_dir)
+    heads = run.heads()
+    view = choose_document_view(run, heads, doc_id, layer, head)
+    model = run.model
     final = run_dir / "plots"
     if doc_id is not None or layer is not None or head is not None:
         assert view is not None, "choose_document_view returns a view when one is asked for"
-        return plot_document(run_dir, *view, out_dir=final, model=model)
+        return plot_document(run, *view, out_dir=final, model=model)
     partial = run_dir / f"plots.partial-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
     paths = plot_head_metric_heatmaps(heads, partial, f"{model}: per-head metric over the corpus")
     checkpoint("figures")
-    if (run_dir / "head_similarity.parquet").is_file():
-        similarity = outputs.read_similarity(run_dir)
+    if run.has("head_similarity"):
+        similarity = run.head_similarity()
         paths += plot_similarity_clustermap(
             similarity, partial, f"{model}: head similarity (mean JS divergence of rows)"
         )
     if view is not None:
-        paths += plot_document(run_dir, *view, out_dir=partial, model=model)
+        paths += plot_document(run, *view, out_dir=partial, model=model)
     previous = run_dir / f"plots.previous-{os.getpid()}"
     if final.exists():
         final.rename(previous)

@@ -11,10 +11,12 @@ embedded documents, and the page says so; verification errors are always offered
 
 Size bound. The page considers the first `max_docs` documents (default 50) in order — status ok by doc_id,
 then truncated ones — and embeds each unless it would push the whole file past `max_bytes` (default 5 MB);
-the page says how many it left out. Per embedded document: its tokens (or words at level word), and every
-stored association row of every (layer, head) — attention and value_norm — and of every layer (head = -1) —
-rollout and layer_value_norm — with values rounded to 4 decimals. Top-k storage keeps only the k strongest
-keys per query row, so only those exist on the page too. configs/default.yaml's run (60 sentences, top-k 8,
+the page says how many it left out. Per embedded document: its original text, its positions' labels (tokens,
+or words at level word, as `extractor.corpus.run_folder.position_label` shows them), and every stored
+association row of every (layer, head) — attention and value_norm — and of every layer (head = -1) —
+rollout and layer_value_norm — with values rounded to 4 decimals (cells of overlapping windows averaged, as
+the figures do: `run_folder.merge_windows`). Top-k storage keeps only the k strongest keys per query row, so
+only those exist on the page too. configs/default.yaml's run (60 sentences, top-k 8,
 every measure) gives 50 documents in about 4.1 MB.
 
 Compact form. A matrix group (one document, one layer, one head or the layer) is
@@ -40,12 +42,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow.dataset as ds
-import pyarrow.parquet as pq
 
 from extractor.attribution.measures import HEAD_MEASURES, LAYER_MEASURES, REGISTRY
 from extractor.corpus.faults import checkpoint
-from extractor.corpus.run_folder import association_files, read_manifest
+from extractor.corpus.run_folder import open_run
 from extractor.errors import UserError
 from extractor.presentation.limits import DEFAULT_MAX_BYTES, DEFAULT_MAX_DOCS
 
@@ -181,78 +181,12 @@ def decode_group(group: dict[str, Any]) -> dict[str, np.ndarray]:
 
 
 # -- reading the run ----------------------------------------------------------------------------------------
-def _read_table(folder: Path, name: str) -> pd.DataFrame | None:
-    file = folder / name
-    return pq.read_table(file).to_pandas() if file.is_file() else None
-
-
 def _number(value: Any) -> float | None:
     """A float for JSON, or None for NaN / missing."""
     if value is None:
         return None
     number = float(value)
     return None if np.isnan(number) else number
-
-
-def document_text(tokens: pd.DataFrame) -> str:
-    """The document's text, rebuilt from its tokens and character offsets (special tokens left out)."""
-    pieces: list[str] = []
-    end = None
-    for token, special, start, stop in zip(
-        tokens["token"], tokens["is_special"], tokens["char_start"], tokens["char_end"], strict=True
-    ):
-        if special:
-            continue
-        text = str(token)
-        if text.startswith("##"):
-            text = text[2:]
-        elif text[:1] in ("Ġ", "▁"):
-            text = text[1:]
-        if end is not None and start > end:
-            pieces.append(" ")
-        pieces.append(text)
-        end = stop
-    return "".join(pieces)
-
-
-def _labels(folder: Path, doc_ids: list[int], level: str) -> dict[int, dict[str, Any]]:
-    """Per document: the position labels (tokens, or words at level word), which are special, and the text."""
-    wanted = ds.field("doc_id").isin(doc_ids)
-    tokens = ds.dataset(folder / "tokens.parquet").to_table(filter=wanted).to_pandas()
-    words = None
-    if level == "word" and (folder / "words.parquet").is_file():
-        words = ds.dataset(folder / "words.parquet").to_table(filter=wanted).to_pandas()
-    result: dict[int, dict[str, Any]] = {}
-    for doc_id, doc_tokens in tokens.groupby("doc_id", sort=False):
-        doc_tokens = doc_tokens.sort_values("position")
-        if words is not None:
-            units = words[words["doc_id"] == doc_id].sort_values("word_index")
-            labels, special = units["word"].tolist(), units["is_special"].tolist()
-        else:
-            labels, special = doc_tokens["token"].tolist(), doc_tokens["is_special"].tolist()
-        result[int(doc_id)] = {
-            "labels": [str(x) for x in labels],
-            "special": [i for i, s in enumerate(special) if s],
-            "text": document_text(doc_tokens),
-        }
-    return result
-
-
-def _association_rows(folder: Path, doc_ids: list[int]) -> pd.DataFrame | None:
-    """The stored association rows of `doc_ids` (the columns the page uses), or None without pair tables."""
-    files = association_files(folder)
-    if not files:
-        return None
-    dataset = ds.dataset(files, format="parquet")
-    wanted = ["doc_id", "layer", "head", "query_pos", "key_pos", *MEASURE_INFO, "kept_mass", "window"]
-    columns = [c for c in wanted if c in dataset.schema.names]
-    rows = dataset.to_table(columns=columns, filter=ds.field("doc_id").isin(doc_ids)).to_pandas()
-    if "window" in rows:  # overlapping windows repeat a pair: keep the first window's row
-        rows = rows.sort_values("window", kind="stable").drop_duplicates(
-            ["doc_id", "layer", "head", "query_pos", "key_pos"]
-        )
-        rows = rows.drop(columns="window")
-    return rows
 
 
 class MaxAttention:
@@ -376,23 +310,6 @@ def _verification(table: pd.DataFrame | None, n_layers: int, n_heads: int) -> di
     return out
 
 
-def _shape(manifest: dict[str, Any], *tables: pd.DataFrame | None) -> tuple[int, int]:
-    provenance = manifest.get("provenance") or {}
-    if provenance.get("n_layers") and provenance.get("n_heads"):
-        return int(provenance["n_layers"]), int(provenance["n_heads"])
-    for table in tables:
-        if table is not None and len(table):
-            return int(table["layer"].max()) + 1, int(table["head"].max()) + 1
-    raise UserError("the run's manifest has no model shape (n_layers, n_heads); rerun `extractor run`")
-
-
-def _candidates(documents: pd.DataFrame) -> list[int]:
-    """Documents the page may embed, in order: status ok by doc_id, then truncated ones."""
-    usable = documents[documents["status"].isin(["ok", "truncated"])]
-    usable = usable.assign(_rank=(usable["status"] != "ok").astype(int)).sort_values(["_rank", "doc_id"])
-    return [int(d) for d in usable["doc_id"]]
-
-
 # -- the page -----------------------------------------------------------------------------------------------
 def _template() -> tuple[str, str]:
     """The page template, and a Content-Security-Policy that runs only its own script (by hash)."""
@@ -425,20 +342,21 @@ def build_report(
     folder = Path(output_dir)
     if max_docs < 0:
         raise UserError(f"--max-docs must be ≥ 0 (got {max_docs})")
-    manifest = read_manifest(folder)
-    documents = _read_table(folder, "documents.parquet")
-    if documents is None or not (folder / "tokens.parquet").is_file():
+    run = open_run(folder)
+    manifest = run.manifest
+    if not (run.has("documents") and run.has("tokens")):
         raise UserError(
             f"the run in '{output_dir}' is not finished (no documents.parquet or tokens.parquet); "
             "finish it with `extractor run ... --resume`"
         )
-    heads = _read_table(folder, "heads.parquet")
-    verification = _read_table(folder, "verification.parquet")
-    n_layers, n_heads = _shape(manifest, heads, verification)
-    config = manifest.get("config") or {}
+    documents = run.table("documents", columns=["doc_id", "status"])
+    heads = run.optional("heads")
+    verification = run.optional("verification")
+    n_layers, n_heads = run.shape
+    config = run.config
     provenance = manifest.get("provenance") or {}
-    rows_probe = association_files(folder)
-    stored = set(pq.read_schema(rows_probe[0]).names) if rows_probe else set()
+    pairs_stored = run.has_associations()
+    stored = set(run.stored_measures()) if pairs_stored else set()
     measures = {m: info for m, info in MEASURE_INFO.items() if m in stored}
     metrics = _heads_metrics(heads, n_layers, n_heads)
     max_attention = MaxAttention(n_layers, n_heads) if not metrics and "attention" in measures else None
@@ -477,7 +395,7 @@ def build_report(
         "metric_notes": METRIC_NOTES,
         "default_metric": DEFAULT_METRIC,
         "metric_source": "heads.parquet" if metrics else None,
-        "neighbours": _neighbours(_read_table(folder, "head_similarity.parquet"), n_heads),
+        "neighbours": _neighbours(run.optional("head_similarity"), n_heads),
         "sampling": {
             "max_docs": max_docs,
             "max_bytes": max_bytes,
@@ -485,27 +403,28 @@ def build_report(
             "documents_usable": 0,
             "documents_embedded": 0,
             "left_out_for_size": 0,
-            "pairs_stored": bool(rows_probe),
+            "pairs_stored": pairs_stored,
         },
     }
     template, csp = _template()
     # Bytes left for documents: the page without them, and room for the numbers filled in below.
     budget = max_bytes - len(render_page(meta, "[]", template, csp).encode("utf-8")) - 1024
-    candidates = _candidates(documents)
+    candidates = run.usable_doc_ids()
     meta["sampling"]["documents_usable"] = len(candidates)
     ids = candidates[:max_docs]
-    labels = _labels(folder, ids, level=str(config.get("level") or "token")) if ids else {}
-    rows = _association_rows(folder, ids) if ids else None
+    labels = run.position_labels(ids) if ids else {}
+    texts = run.texts(ids) if ids else {}
+    rows = run.associations(ids, measures=list(MEASURE_INFO)) if ids and pairs_stored else None
     grouped = dict(iter(rows.groupby("doc_id", sort=False))) if rows is not None else {}
     status_of = dict(zip(documents["doc_id"].astype(int), documents["status"], strict=True))
     docs: list[str] = []
     used = 0
     for doc_id in ids:
-        label = labels.get(doc_id, {"labels": [], "special": [], "text": ""})
+        positions, special = labels.get(doc_id, ([], []))
         doc_rows = grouped.get(doc_id)
         doc_max = MaxAttention(n_layers, n_heads) if max_attention is not None else None
         matrices = (
-            encode_document(doc_rows, len(label["labels"]), n_layers, n_heads, doc_max)
+            encode_document(doc_rows, len(positions), n_layers, n_heads, doc_max)
             if doc_rows is not None
             else {"h": None, "l": None}
         )
@@ -513,9 +432,9 @@ def build_report(
             {
                 "id": doc_id,
                 "status": status_of.get(doc_id),
-                "tokens": label["labels"],
-                "special": label["special"],
-                "text": label["text"],
+                "tokens": positions,
+                "special": special,
+                "text": texts.get(doc_id, ""),
                 **matrices,
             }
         )
