@@ -126,10 +126,40 @@ def test_attention_vs_value_norm_side_by_side_on_row_shares() -> None:
 
 def test_clustermap_labels_every_head(bert_run: Path) -> None:
     figure = plots.similarity_clustermap_figure(outputs.read_similarity(bert_run), "tiny: head similarity")
-    heatmap = max(figure.axes, key=heatmap_meshes)
-    labels = {t.get_text() for t in heatmap.get_yticklabels()}
-    assert labels == {f"L{layer}H{head}" for layer in range(2) for head in range(4)}
+    cells = {ax: sum(c.get_array().size for c in ax.collections if type(c).__name__ == "QuadMesh")
+             for ax in figure.axes if heatmap_meshes(ax)}
+    heatmap = max(cells, key=cells.__getitem__)  # the 8 × 8 heatmap, not the 8 × 1 layer strips
+    labels = [t.get_text() for t in heatmap.get_yticklabels()]
+    assert set(labels) == {f"L{layer}H{head}" for layer in range(2) for head in range(4)}
     assert heatmap.collections[0].get_array().size == 64
+    # the layer strip beside the rows: one colour per layer, in the rows' (clustered) order
+    strips = [ax for ax in cells if ax is not heatmap]
+    assert len(strips) == 2 and all(cells[ax] == 8 for ax in strips)  # a row strip and a column strip
+    legend = figure.legends[0]
+    assert [t.get_text() for t in legend.get_texts()] == ["layer 0", "layer 1"]
+
+
+def test_share_metrics_share_one_fixed_colour_scale() -> None:
+    """Shares and scores are drawn on 0..1 whatever their values, so `cls` and `cls_value_norm` compare by
+    colour; entropy keeps its own range."""
+    table = hand_heads_table()
+    for metric in ("cls", "cls_value_norm", "previous_token_score"):
+        mesh = plots.head_metric_figure(table, metric, metric).axes[0].collections[0]
+        assert mesh.get_clim() == (0.0, 1.0), metric
+    entropy = plots.head_metric_figure(table, "entropy", "entropy").axes[0].collections[0]
+    assert entropy.get_clim() == (0.0, 1.2)  # the data's own range
+
+
+def test_default_head_is_the_sharpest_that_is_not_positional() -> None:
+    table = hand_heads_table()
+    for metric in ("previous_token", "self", "first_token", "cls", "sep"):
+        table[metric] = 0.1
+    table["entropy"] = [0.5, 0.2, 0.9, 0.8, 0.3, 0.7]  # L0H1 is the sharpest, L1H1 next
+    table.loc[1, "previous_token"] = 0.95  # ... but L0H1 is a previous-token head
+    assert plots.choose_head(table) == (1, 1)
+    table["first_token"] = 0.9  # every head is positional: fall back to the sharpest overall
+    assert plots.choose_head(table) == (0, 1)
+    assert plots.choose_head(table, layer=1) == (1, 1)
 
 
 def test_minilm_grid_labels_6_layers_and_12_heads(minilm_run: Path) -> None:
@@ -191,9 +221,10 @@ def test_plot_command_writes_the_default_set(bert_run: Path) -> None:
     assert {f"heads_{m}" for m in metrics} <= stems and "heads_induction_score" not in stems
     assert "head_similarity_clustermap" in stems
     heads = outputs.read_heads(bert_run)
+    content = heads[(heads[["previous_token", "self", "first_token", "cls", "sep"]] < 0.5).all(axis=1)]
     layer, head = (
-        heads.sort_values("entropy").iloc[0][["layer", "head"]].astype(int)
-    )  # default: sharpest head
+        (content if len(content) else heads).sort_values("entropy").iloc[0][["layer", "head"]].astype(int)
+    )  # default: the sharpest head that is not a positional one
     assert {f"doc1_L{layer}H{head}", "doc1_grid", f"doc1_L{layer}H{head}_attention_vs_value_norm"} <= stems
     assert len(paths) == 2 * (
         len(metrics) + 1 + 3 + 3
@@ -263,3 +294,20 @@ def test_plot_command_refuses_a_folder_that_is_not_a_run(tmp_path: Path) -> None
     assert result.exit_code == 2
     assert "error:" in result.output and "manifest.json" in result.output
     assert not (tmp_path / "plots").exists()
+
+
+def test_agreement_figure_shows_each_measures_rho_with_value_zeroing() -> None:
+    agreement = pd.DataFrame({
+        "layer": [0, 0, 0, 1, 1, 1],
+        "measure_a": ["attention", "attention", "value_norm"] * 2,
+        "measure_b": ["value_norm", "value_zeroing", "value_zeroing"] * 2,
+        "spearman": [0.7, 0.6, 0.9, 0.8, 0.5, 0.95],
+        "n_rows": [10] * 6,
+    })
+    figure = plots.agreement_figure(agreement, "tiny: agreement")
+    heatmap = figure.axes[0]
+    mesh = heatmap.collections[0]
+    np.testing.assert_allclose(mesh.get_array().reshape(2, 2), [[0.6, 0.5], [0.9, 0.95]])  # rows: attention, value_norm
+    assert [t.get_text() for t in heatmap.get_yticklabels()] == ["attention", "value_norm"]
+    assert mesh.get_clim() == (-1.0, 1.0)
+    assert "value_zeroing" in figure.axes[1].get_ylabel()

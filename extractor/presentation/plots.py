@@ -24,6 +24,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 
 from extractor.corpus.faults import checkpoint
 from extractor.corpus.run_folder import RunFolder, open_run
@@ -107,6 +108,12 @@ def metric_grid(heads: pd.DataFrame, column: str) -> pd.DataFrame:
     return heads.pivot(index="layer", columns="head", values=column).sort_index().sort_index(axis=1)
 
 
+# Metrics without a natural 0..1 range; every other metric (shares of a row, detector scores, normalised
+# entropy) is drawn on a fixed 0..1 scale, so that heatmaps of different metrics and runs (`cls` beside
+# `cls_value_norm`) compare by colour directly.
+UNBOUNDED_METRICS = ("entropy", "mean_distance")
+
+
 def head_metric_figure(heads: pd.DataFrame, metric: str, title: str, diverging: bool = False) -> Figure:
     """A layer × head heatmap of one metric, annotated when small enough to read, with a colour bar."""
     grid = metric_grid(heads, metric)  # [layer, head]
@@ -114,7 +121,12 @@ def head_metric_figure(heads: pd.DataFrame, metric: str, title: str, diverging: 
     figure = new_figure((max(5.0, 0.55 * n_heads + 2.5), max(3.0, 0.45 * n_layers + 1.6)))
     ax = figure.add_subplot()
     label = ("change (B − A) in " if diverging else "") + METRIC_LABELS.get(metric, metric)
-    options: dict = {"cmap": DIVERGING, "center": 0.0} if diverging else {"cmap": SEQUENTIAL}
+    bounded = metric not in UNBOUNDED_METRICS
+    options: dict
+    if diverging:
+        options = {"cmap": DIVERGING, "center": 0.0, **({"vmin": -1.0, "vmax": 1.0} if bounded else {})}
+    else:
+        options = {"cmap": SEQUENTIAL, **({"vmin": 0.0, "vmax": 1.0} if bounded else {})}
     sns.heatmap(
         grid,
         ax=ax,
@@ -163,12 +175,17 @@ def similarity_clustermap_figure(similarity: pd.DataFrame, title: str) -> Figure
     frame = pd.DataFrame(clustering.divergence, index=clustering.labels, columns=clustering.labels)
     linkage = clustering.linkage if n > 2 else None
     side = _side(n, per_label=0.16, low=6.0, high=26.0)
+    layers = [layer_of(label) for label in clustering.labels]
+    palette = sns.color_palette("husl", max(layers) + 1)
+    strip = pd.Series([palette[layer] for layer in layers], index=clustering.labels, name="layer")
     grid = sns.clustermap(
         frame,
         row_linkage=linkage,
         col_linkage=linkage,
         row_cluster=linkage is not None,
         col_cluster=linkage is not None,
+        row_colors=strip,
+        col_colors=strip,
         cmap="mako_r",
         vmin=0.0,
         figsize=(side, side),
@@ -184,8 +201,17 @@ def similarity_clustermap_figure(similarity: pd.DataFrame, title: str) -> Figure
     grid.ax_heatmap.tick_params(labelsize=_tick_size(n, side * 0.8))
     grid.ax_heatmap.set_xlabel("head")
     grid.ax_heatmap.set_ylabel("head")
+    # A legend for the layer strip: which colour is which layer.
+    handles = [Patch(color=palette[layer], label=f"layer {layer}") for layer in range(len(palette))]
+    grid.figure.legend(handles=handles, loc="upper right", fontsize=7, ncols=max(1, len(handles) // 12),
+                       title="layer strip", title_fontsize=7, frameon=False)
     grid.figure.suptitle(title, fontsize=11, y=1.01)
     return grid.figure
+
+
+def layer_of(label: str) -> int:
+    """'L3H7' → 3."""
+    return int(label[1:].split("H")[0])
 
 
 def plot_similarity_clustermap(
@@ -199,6 +225,33 @@ def plot_similarity_clustermap(
         return save_figure(figure, out_dir, stem)
     finally:
         plt.close(figure)
+
+
+# --- which measure to trust -----------------------------------------------------------------------------------
+
+
+def agreement_reference(agreement: pd.DataFrame) -> str:
+    """The measure the others are compared with: value zeroing (the intervention) when present, else the first."""
+    names = list(dict.fromkeys([*agreement["measure_a"], *agreement["measure_b"]]))
+    return "value_zeroing" if "value_zeroing" in names else names[0]
+
+
+def agreement_figure(agreement: pd.DataFrame, title: str) -> Figure:
+    """Per layer, each measure's mean per-row Spearman ρ with the reference measure (agreement.parquet), on a
+    fixed −1..1 scale: a [measure, layer] heatmap, annotated."""
+    reference = agreement_reference(agreement)
+    pairs = agreement[(agreement["measure_a"] == reference) | (agreement["measure_b"] == reference)].copy()
+    pairs["measure"] = pairs["measure_a"].where(pairs["measure_b"] == reference, pairs["measure_b"])
+    grid = pairs.pivot(index="measure", columns="layer", values="spearman")  # [measure, layer]
+    figure = new_figure((max(5.0, 0.6 * grid.shape[1] + 3.0), max(2.5, 0.45 * grid.shape[0] + 1.6)))
+    ax = figure.add_subplot()
+    sns.heatmap(grid, ax=ax, cmap=DIVERGING, center=0.0, vmin=-1.0, vmax=1.0, annot=grid.size <= 400, fmt=".2f",
+                annot_kws={"fontsize": 7}, linewidths=0.3, linecolor="white",
+                cbar_kws={"label": f"mean Spearman ρ per query row with {reference}"})
+    ax.set_xlabel("layer")
+    ax.set_ylabel("measure")
+    ax.set_title(title, fontsize=10)
+    return figure
 
 
 # --- one document -------------------------------------------------------------------------------------------
@@ -349,10 +402,19 @@ def plot_attention_vs_value_norm(
 # --- the default set from a run folder ----------------------------------------------------------------------
 
 
-def choose_head(heads: pd.DataFrame, layer: int | None = None, head: int | None = None) -> tuple[int, int]:
-    """The head to draw: the given one, else the one with the lowest mean row entropy among those matching.
+# A head that puts at least this share of its rows on one fixed position (the previous token, itself, the first
+# token, [CLS] or [SEP]) shows the same picture for every document: the default figures skip it.
+POSITIONAL_SHARE = 0.5
+POSITIONAL_METRICS = ("previous_token", "self", "first_token", "cls", "sep")
 
-    The lowest-entropy head attends most sharply, so its picture shows structure rather than a uniform wash.
+
+def choose_head(heads: pd.DataFrame, layer: int | None = None, head: int | None = None) -> tuple[int, int]:
+    """The head to draw: the given one, else, among those matching, the sharpest content head: the lowest mean
+    row entropy among heads that put less than half of their attention on any one fixed position (previous
+    token, itself, first token, [CLS], [SEP]); if every head does, the lowest entropy overall.
+
+    A sharp head shows structure rather than a uniform wash; a positional head (the sharpest heads usually are)
+    would draw the same diagonal or column for every document.
     """
     n_layers, n_heads = int(heads["layer"].max()) + 1, int(heads["head"].max()) + 1
     for name, value, size in (("layer", layer, n_layers), ("head", head, n_heads)):
@@ -363,7 +425,12 @@ def choose_head(heads: pd.DataFrame, layer: int | None = None, head: int | None 
         candidates = candidates[candidates["layer"] == layer]
     if head is not None:
         candidates = candidates[candidates["head"] == head]
-    best = candidates.sort_values(["entropy", "layer", "head"], na_position="last").iloc[0]
+    positional = pd.Series(False, index=candidates.index)
+    for metric in POSITIONAL_METRICS:
+        if metric in candidates.columns:
+            positional |= candidates[metric].fillna(0.0) >= POSITIONAL_SHARE
+    content = candidates[~positional] if (~positional).any() else candidates
+    best = content.sort_values(["entropy", "layer", "head"], na_position="last").iloc[0]
     return int(best["layer"]), int(best["head"])
 
 
@@ -429,6 +496,7 @@ def write_default_plots(
 
     - a layer × head heatmap per metric of heads.parquet (metrics that are all NaN are skipped);
     - the head-similarity clustermap (if head_similarity.parquet exists);
+    - the measures' agreement with value zeroing per layer (if agreement.parquet exists: `agreement: true`);
     - if associations were stored: for document `doc_id` (default: the first document with status ok) and
       head (`layer`, `head`) (default: the head with the lowest mean row entropy, see `choose_head`):
       its attention heatmap, a layer × head grid of its attention maps, and attention vs value_norm (when
@@ -456,6 +524,10 @@ def write_default_plots(
         paths += plot_similarity_clustermap(
             similarity, partial, f"{model}: head similarity (mean JS divergence of rows)"
         )
+    if run.has("agreement"):
+        agreement = run.table("agreement")
+        title = f"{model}: which measure agrees with {agreement_reference(agreement)} (per layer)"
+        paths += save_figure(agreement_figure(agreement, title), partial, "measure_agreement")
     if view is not None:
         paths += plot_document(run, *view, out_dir=partial, model=model)
     previous = run_dir / f"plots.previous-{os.getpid()}"
