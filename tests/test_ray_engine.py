@@ -19,11 +19,11 @@ import ray
 from click.testing import Result
 from typer.testing import CliRunner
 
+from extractor.api import run_extraction
 from extractor.cli import app
 from extractor.corpus.config import RunConfig
 from extractor.corpus.engines.ray import FAULT_ENV, INSTALL_HINT, split_blocks
 from extractor.corpus.readers import SourceRecord
-from extractor.corpus.run import run_extraction
 from extractor.errors import UserError
 
 SAMPLE_CORPUS = Path(__file__).resolve().parent.parent / "data" / "sample.txt"
