@@ -40,8 +40,8 @@ pytestmark = pytest.mark.slow
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RAY = Path(sys.executable).with_name("ray")  # the venv's `ray` command
 LOOPBACK = "127.0.0.1"
-LIMIT = 32  # documents per run: 8 blocks of 4, so both workers get blocks
-SETTINGS = ["--set", "plots=false", "--set", "report=false", "--set", "buffer_size=4", "--set", "batch_size=4",
+LIMIT = 32  # documents per run: 8 blocks of 4 (two parts each: a paused block is part-way), both workers get blocks
+SETTINGS = ["--set", "plots=false", "--set", "report=false", "--set", "buffer_size=4", "--set", "batch_size=2",
             "--set", "threads=1", "--limit", str(LIMIT), "--quiet"]
 START_SECONDS = 90  # generous: two cores shared with other jobs
 RUN_SECONDS = 240
