@@ -14,6 +14,9 @@ Every case runs in its own subprocess so peak memory (max RSS) is the case's own
 too, runs with the allocator settings `extractor run` uses (`extractor.core.runtime`).
 Then, in the same run, where the time goes: each step of a run timed alone on one batch of the 32-, 128- and
 512-token corpora (`extractor.bench.steps`).
+
+Optional, with --ray [ADDRESS]: the 128-token corpus through `extractor run --engine ray` on 1 and on 2 workers
+(ADDRESS: a running cluster, e.g. auto or HOST:PORT; 'local': a new local instance per run) and the speed-up.
 """
 
 from __future__ import annotations
@@ -118,6 +121,30 @@ def run_case(case: str, model: str, corpus_file: str, max_length: int, batch_siz
             "documents": manifest["counts"]["records"], "bytes": written}
 
 
+def ray_run_seconds(model: str, corpus_file: str, max_length: int, workers: int, address: str) -> float:
+    """Wall time of `extractor run --engine ray --workers N` in a subprocess (the driver, Ray's start included)."""
+    out_dir = Path(tempfile.mkdtemp(prefix=f"bench-ray{workers}-"))
+    args = [sys.executable, "-m", "extractor", "run", "--model", model, "--input", corpus_file, "--output",
+            str(out_dir), "--max-length", str(max_length), "--engine", "ray", "--workers", str(workers),
+            "--no-plots", "--no-report", "--quiet", "--overwrite"]
+    if address != "local":
+        args += ["--address", address]
+    start = time.perf_counter()
+    proc = subprocess.run(args, capture_output=True, text=True, check=False)
+    seconds = time.perf_counter() - start
+    shutil.rmtree(out_dir, ignore_errors=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"ray run on {workers} workers failed:\n{proc.stderr[-2000:]}")
+    return seconds
+
+
+def ray_scaling(model: str, corpus_file: str, max_length: int, address: str) -> str:
+    """The same corpus on 1 and on 2 Ray workers: seconds each and the ratio."""
+    one, two = (ray_run_seconds(model, corpus_file, max_length, workers, address) for workers in (1, 2))
+    return (f"ray engine ({address}), 128-token corpus: 1 worker {one:.1f}s, 2 workers {two:.1f}s, "
+            f"speed-up {one / two:.2f}x (wall time, Ray start and model loads included)")
+
+
 def measure(case: str, model: str, corpus_file: str, max_length: int, batch_size: int, token_budget: int, threads: int | None) -> dict[str, Any]:
     """Run a case in a fresh subprocess; adds its peak RSS."""
     args = [sys.executable, "-m", "extractor.bench.throughput", "--worker", case, "--model", model, "--corpus", corpus_file,
@@ -140,6 +167,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--token-budget", type=int, default=8192)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--steps-only", action="store_true", help="only the per-step profile (where the time goes)")
+    parser.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                        help="also time the ray engine on 1 and 2 workers (ADDRESS: auto, HOST:PORT, or local)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--corpus", help=argparse.SUPPRESS)
     parser.add_argument("--max-length", type=int, default=512, help=argparse.SUPPRESS)
@@ -187,6 +216,7 @@ def main(argv: list[str] | None = None) -> None:
             result.update(corpus=name, case=case)
             rows.append(result)
             print(f"  measured {name:<7} ({case}) {result['seconds']:.2f}s", file=sys.stderr, flush=True)
+    scaling = ray_scaling(args.model, str(corpora["len128"][0]), 128, args.ray) if args.ray else ""
     steps = {}
     for name in ("len32", "len128", "len512"):
         path, max_length, _ = corpora[name]
@@ -199,6 +229,8 @@ def main(argv: list[str] | None = None) -> None:
     if rows:
         print(format_table(rows, args))
         print()
+    if scaling:
+        print(scaling + "\n")
     print("Where the time goes (one batch, each step timed alone, median of 3):\n")
     print(format_steps(steps))
     if args.json:

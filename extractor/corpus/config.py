@@ -57,8 +57,9 @@ class RunConfig(BaseModel):
     plots: bool = Field(True, description="Write the default figures at the end of the run.")
     report: bool = Field(True, description="Write report.html at the end of the run.")
     engine: str = Field("local", description="Where batches run: " + ", ".join(ENGINES) + ".")
-    address: str | None = Field(None, description="ray: 'auto', HOST:PORT or ray://HOST:PORT; default: a local instance.")
+    address: str | None = Field(None, description="ray: 'auto' or HOST:PORT (the head's GCS port); default: $RAY_ADDRESS, else a local instance.")
     workers: int = Field(2, ge=1, description="ray: worker actors.")
+    worker_resources: dict[str, float] = Field(default_factory=dict, description="ray: custom resources each worker needs, NAME=AMOUNT[,NAME=AMOUNT] (a resource of 1 per node: one worker per node).")
 
     @model_validator(mode="before")
     @classmethod
@@ -90,6 +91,37 @@ class RunConfig(BaseModel):
     def _engine(cls, value: str) -> str:
         if value not in ENGINES:
             raise ValueError(f"must be one of: {', '.join(ENGINES)}")
+        return value
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str | None) -> str | None:
+        if value is not None and value.strip().lower().startswith("ray://"):
+            raise ValueError(
+                "Ray Client (ray://) is not supported: the driver must run on a node of the cluster (it locks and "
+                "folds the output folder the workers write); run extractor there with --address auto or HOST:PORT"
+            )
+        return value
+
+    @field_validator("worker_resources", mode="before")
+    @classmethod
+    def _resources(cls, value: Any) -> Any:
+        """`--worker-resources slot=1,gpu_node=0.5` (the CLI hands over text) or a mapping (YAML, --set)."""
+        if not isinstance(value, str):
+            return value
+        resources: dict[str, str] = {}
+        for item in filter(None, (i.strip() for i in value.split(","))):
+            name, sep, amount = item.partition("=")
+            if not sep or not name.strip():
+                raise ValueError("must look like NAME=AMOUNT[,NAME=AMOUNT], e.g. worker_slot=1")
+            resources[name.strip()] = amount.strip()
+        return resources
+
+    @field_validator("worker_resources")
+    @classmethod
+    def _positive_resources(cls, value: dict[str, float]) -> dict[str, float]:
+        if any(amount <= 0 for amount in value.values()):
+            raise ValueError("every amount must be > 0")
         return value
 
     @field_validator("device")

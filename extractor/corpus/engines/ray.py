@@ -44,6 +44,9 @@ log = logging.getLogger("extractor.ray")
 INSTALL_HINT = "the ray engine needs Ray: pip install 'attention-extractor[ray]'"
 ATTEMPTS = 2  # tries per block: the worker retries once after an exception, Ray once after a crash
 FAULT_ENV = "EXTRACTOR_RAY_FAULT"  # test hook, see `Fault`
+START_SECONDS = 600  # most seconds for every worker of the pool to start and load the model
+BLOCK_NODES = "ray_block_nodes"  # manifest provenance: block_id → the Ray node id whose worker ran it
+PAUSE_SECONDS = 300.0  # Fault 'pause' by default: long enough for a test to act, short enough to end on its own
 
 
 def check_available() -> None:
@@ -129,15 +132,22 @@ def split_blocks(
 @dataclass
 class Fault:
     """Test hook, set through `EXTRACTOR_RAY_FAULT` on the driver (a JSON object, or a list of them): the
-    worker on block `block` fails right after committing that block's first part, `times` times in all
-    (counted with marker files in `markers`, so a restarted actor sees earlier failures). `kind`: 'raise' an
-    exception, or 'exit' the process (a crash).
+    worker on block `block` (-1: any block) fails right after committing that block's first part, `times` times
+    in all (counted with marker files in `markers`, so a restarted actor sees earlier failures). `kind`: 'raise'
+    an exception, 'exit' the process (a crash), or 'pause' for `seconds` (meanwhile a test kills its node or
+    starts a second driver). `node_resource`: only on a node that offers this custom resource.
     """
 
     block: int
     times: int
     markers: str
     kind: str = "raise"
+    node_resource: str | None = None
+    seconds: float = PAUSE_SECONDS
+
+    def applies(self, block: Block, node_resources: dict[str, float]) -> bool:
+        return self.block in (-1, block.block_id) and (
+            self.node_resource is None or self.node_resource in node_resources)
 
     @classmethod
     def parse(cls, spec: str | None) -> list[Fault]:
@@ -153,6 +163,9 @@ class Fault:
         (folder / f"failure-{failures}").write_text(str(os.getpid()))
         if self.kind == "exit":
             os._exit(1)
+        if self.kind == "pause":
+            time.sleep(self.seconds)
+            return
         raise RuntimeError(f"injected fault {failures + 1} of {self.times}")
 
 
@@ -164,6 +177,7 @@ class BlockWorker:
         self.config = RunConfig(**config)
         self.faults = Fault.parse(fault)
         self.load_seconds, self.provenance, self.unusable = 0.0, "{}", ""
+        self.node_id = require_ray().get_runtime_context().get_node_id()
         runtime.configure(self.config.threads)
         started = time.time()
         try:
@@ -192,7 +206,7 @@ class BlockWorker:
                 log.warning("%s failed (try %d of %d)", block.describe(), attempt, ATTEMPTS, exc_info=True)
         return {"block_id": [block.block_id], "documents": [documents], "tokens": [tokens], "error": [error],
                 "unusable": [self.unusable], "provenance": [self.provenance],
-                "load_seconds": [self.load_seconds]}
+                "load_seconds": [self.load_seconds], "node_id": [self.node_id]}
 
     def run_block(self, block: Block) -> tuple[int, int]:
         """Commit the parts of `block`; a second run rewrites the same part ids with the same documents."""
@@ -205,12 +219,18 @@ class BlockWorker:
                 documents += len(part.documents)
                 tokens += part.state.get("n_tokens", 0)
                 for fault in self.faults:
-                    if fault.block == block.block_id:
+                    if fault.applies(block, self.node_resources()):
                         self.folder.flush()  # fail with a committed part behind us: "part-way"
                         fault.trip()
         finally:
             self.folder.flush()
         return documents, tokens
+
+
+    def node_resources(self) -> dict[str, float]:
+        """The resources the node running this worker offers (for `Fault.node_resource`)."""
+        nodes = require_ray().nodes()
+        return next((dict(n["Resources"]) for n in nodes if n["NodeID"] == self.node_id), {})
 
 
 def describe(exc: BaseException) -> str:
@@ -239,7 +259,10 @@ def ray_session(ray: ModuleType, address: str | None) -> Iterator[None]:
         yield
         return
     try:
-        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
+        # log_to_driver off, and the driver's own core worker quiet: a lost node or worker is reported once by the
+        # engine, not by Ray's logs (RAY_BACKEND_LOG_LEVEL, read when the core worker starts, can override this)
+        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
     except Exception as exc:  # noqa: BLE001 - ConnectionError, RuntimeError, gRPC errors, depending on the address
         where = f"at '{address}'" if address else "(no address: a local instance)"
         raise UserError(
@@ -258,17 +281,19 @@ def data_settings(ray: ModuleType) -> Iterator[None]:
     reported at the end, with the other blocks done, instead of aborting every block in flight."""
     context = ray.data.DataContext.get_current()
     data_log = logging.getLogger("ray.data")
-    saved = context.enable_progress_bars, context.max_errored_blocks, data_log.level
-    context.enable_progress_bars, context.max_errored_blocks = False, -1
-    data_log.setLevel(logging.ERROR)
+    saved = context.enable_progress_bars, context.max_errored_blocks, context.wait_for_min_actors_s, data_log.level
+    # Every worker has loaded its model before the first block is handed out (blocks spread over all nodes), and
+    # a pool the cluster cannot hold fails with a timeout instead of waiting forever.
+    context.enable_progress_bars, context.max_errored_blocks, context.wait_for_min_actors_s = False, -1, START_SECONDS
+    data_log.setLevel(logging.CRITICAL)  # a failed block or a lost node is reported by the engine, in one line
     try:
         with warnings.catch_warnings():
             # max_restarts, max_task_retries: no named parameter yet (by default Ray retries crashes forever)
             warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
             yield
     finally:
-        context.enable_progress_bars, context.max_errored_blocks = saved[:2]
-        data_log.setLevel(saved[2])
+        context.enable_progress_bars, context.max_errored_blocks, context.wait_for_min_actors_s = saved[:3]
+        data_log.setLevel(saved[3])
 
 
 def block_results(
@@ -286,6 +311,7 @@ def block_results(
         compute=pool,
         num_cpus=config.threads or 1,
         num_gpus=1 if config.device.startswith("cuda") else 0,
+        resources=config.worker_resources or None,
         max_restarts=-1,  # a crashed worker comes back (loading the model again) ...
         max_task_retries=ATTEMPTS - 1,  # ... and its block runs once more
     )
@@ -323,11 +349,18 @@ def run_blocks(
         outcome.load_seconds = max(outcome.load_seconds, float(row["load_seconds"]))
         outcome.provenances.append(json.loads(row["provenance"]))
         if "weights_sha256" not in manifest["provenance"]:
-            manifest["provenance"] = outcome.provenances[-1]
-            folder.write_manifest(manifest)
+            manifest["provenance"] = {**outcome.provenances[-1], **block_nodes(manifest["provenance"])}
+        if not row["error"]:  # which node committed the block (a resumed run keeps the earlier run's entries)
+            manifest["provenance"].setdefault(BLOCK_NODES, {})[str(block.block_id)] = row["node_id"]
+        folder.write_manifest(manifest)
     outcome.failed += [f"{b.describe()}: its worker died {ATTEMPTS} times" for b in blocks.values()
                        if b.block_id not in returned]
     return outcome
+
+
+def block_nodes(provenance: dict[str, Any]) -> dict[str, Any]:
+    """The `BLOCK_NODES` entry of a provenance, if it has one."""
+    return {BLOCK_NODES: provenance[BLOCK_NODES]} if BLOCK_NODES in provenance else {}
 
 
 def same_model(provenances: list[dict[str, Any]]) -> None:
@@ -378,5 +411,6 @@ def run(
         )
     if "weights_sha256" not in manifest["provenance"] and done:
         # Everything was committed before this run and no provenance was recorded: ask the model itself.
-        manifest["provenance"] = load_model(config.model, "cpu", config.dtype, config.atol).provenance
+        model = load_model(config.model, "cpu", config.dtype, config.atol).provenance
+        manifest["provenance"] = {**model, **block_nodes(manifest["provenance"])}
     return finish(folder, manifest, started, outcome.load_seconds)
