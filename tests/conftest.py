@@ -23,6 +23,14 @@ if TYPE_CHECKING:
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_CORPUS = REPO_ROOT / "data" / "sample.txt"
 
+# Network: tests talk to loopback only. A local Ray instance advertises the machine's routable address unless
+# Ray treats this as a single-machine platform; this setting (read when ray is imported) keeps it on 127.0.0.1.
+# The two-node cluster tests run in a private network namespace of their own instead (only `lo` exists there),
+# where `ray start --address` needs clusters enabled: see tests/test_ray_cluster.py.
+PRIVATE_NETWORK = "EXTRACTOR_PRIVATE_NETWORK"
+if os.environ.get(PRIVATE_NETWORK) != "1":
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
 # The two sentences of the user's question and of The Illustrated Transformer, plus a longer one so that a
 # batch of them is padded to clearly different lengths.
 EXAMPLE_SENTENCES = [
@@ -43,6 +51,16 @@ def pytest_configure(config: pytest.Config) -> None:
     """Offline unless hub tests were selected (`-m hub`); set before test modules import huggingface_hub."""
     if not re.search(r"(?<!not )\bhub\b", config.getoption("markexpr") or ""):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `private_network` run only inside the private network namespace that
+    tests/test_ray_cluster.py starts for them; there, only they run."""
+    inside = os.environ.get(PRIVATE_NETWORK) == "1"
+    keep = [item for item in items if (item.get_closest_marker("private_network") is not None) == inside]
+    if len(keep) != len(items):
+        config.hook.pytest_deselected(items=[item for item in items if item not in keep])
+        items[:] = keep
 
 
 @pytest.fixture(autouse=True)

@@ -10,13 +10,8 @@ import torch
 from hand_docs import make_doc, random_patterns
 from scipy.spatial.distance import jensenshannon
 
-from extractor.heads.similarity import (
-    HeadSimilarity,
-    cluster_heads,
-    js_divergence_sums,
-    sampled_rows,
-    similarity_matrix,
-)
+from extractor.heads.clustering import cluster_heads, similarity_matrix
+from extractor.heads.similarity import HeadSimilarity, js_divergence_sums, sampled_rows
 
 
 def heads_doc(*patterns: torch.Tensor) -> torch.Tensor:

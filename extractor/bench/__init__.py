@@ -1,1 +1,2 @@
-"""The benchmark (`python -m extractor.bench`): throughput ratios and a per-step profile, printed side by side."""
+"""The benchmark (`python -m extractor.bench`): throughput ratios side by side and a per-step profile. May import
+the whole package."""

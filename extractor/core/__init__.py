@@ -1,1 +1,2 @@
-"""Model access and the maths (torch only): loading, adapters, capture, the one recomputation, verification, tokens."""
+"""Model access and the maths, torch only: loading, one adapter per family, capture hooks, the one recomputation,
+verification, tokens and words. Imports nothing else of the package (but `errors`, `version`)."""

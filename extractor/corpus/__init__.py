@@ -1,1 +1,3 @@
-"""Corpus runs: config, readers, batching, tables, storage, the run-folder reader, the run and its engines."""
+"""Corpus runs: config, readers, batching, tables, storage, the run folder (`run_folder`: the one reader of a run),
+the run (`run`, `extraction`, `manifest`) and its engines (`engines`: a registry). May import `core`,
+`attribution` and `heads`; never plotting."""

@@ -12,8 +12,7 @@ from __future__ import annotations
 import pandas as pd
 
 from extractor.errors import UserError
-from extractor.heads.metrics import METRICS
-from extractor.heads.similarity import head_label
+from extractor.heads.names import METRICS, head_label
 
 
 def check_same_shape(shape_a: tuple[int, int], shape_b: tuple[int, int], name_a: str, name_b: str) -> None:

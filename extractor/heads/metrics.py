@@ -47,24 +47,7 @@ from extractor.attribution.analysis import BatchAnalysis, DocAttention
 from extractor.attribution.attention import row_entropy
 from extractor.core.encode import strip_subword_markers
 from extractor.core.recompute import visible_keys
-
-ROW_METRICS = (
-    "entropy",
-    "entropy_normalised",
-    "mean_distance",
-    "first_token",
-    "cls",
-    "sep",
-    "self",
-    "previous_token",
-    "next_token",
-    "punctuation",
-    "max_weight",
-    "cls_value_norm",
-    "sep_value_norm",
-)
-DETECTORS = ("previous_token_score", "duplicate_token_score", "induction_score")
-METRICS = ROW_METRICS + DETECTORS
+from extractor.heads.names import DETECTORS, METRICS, ROW_METRICS  # noqa: F401 - the metrics this module computes
 
 # --- token properties --------------------------------------------------------------------------------------
 

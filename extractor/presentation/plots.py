@@ -29,8 +29,8 @@ from matplotlib.patches import Patch
 from extractor.corpus.faults import checkpoint
 from extractor.corpus.run_folder import RunFolder, open_run
 from extractor.errors import UserError
-from extractor.heads.metrics import METRICS
-from extractor.heads.similarity import cluster_heads
+from extractor.heads.clustering import cluster_heads
+from extractor.heads.names import METRICS
 
 FORMATS = ("png", "svg")
 DPI = 150
