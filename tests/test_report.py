@@ -591,3 +591,173 @@ def test_page_without_heads_or_pair_tables(report_run: Path, tmp_path: Path, ope
     assert loaded.page.locator("#view line").count() == 0
     assert loaded.page.inner_text("#doc-text") != ""
     assert_clean(loaded)
+
+
+# -- long documents: capacity, the matrix view, the strongest keys, search, provenance, agreement ------------
+LONG_DOCS = 50
+
+
+@pytest.fixture(scope="session")
+def long_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Any, sample_texts: list[str]) -> Path:
+    """50 documents of about 500 tokens (the sample sentences, shuffled) through a tiny BERT, top-k 8."""
+    rng = np.random.default_rng(0)
+    lines = [" ".join(rng.permutation(sample_texts)[:40]) for _ in range(LONG_DOCS)]
+    model = tiny_model_dir("bert", max_position_embeddings=512)
+    return _cli_run(tmp_path_factory.mktemp("report-long"), str(model), lines, "--storage", "topk", "--top-k", "8",
+                    "--verify", "off")
+
+
+def test_fifty_long_documents_fit_in_the_default_size(long_run: Path) -> None:
+    page, meta = build_report(long_run)
+    tokens = pq.read_table(long_run / "tokens.parquet").to_pandas().groupby("doc_id").size()
+    assert (tokens >= 480).all() and len(tokens) == LONG_DOCS
+    assert meta["sampling"]["documents_embedded"] == LONG_DOCS
+    assert len(page.encode()) <= DEFAULT_MAX_BYTES
+    keep = meta["detail"]["keys_per_row"]
+    docs = json.loads(_script(page, "report-docs"))
+    stored = parquet_rows(long_run, [docs[0]["id"]], layer=1, head=2)
+    strongest = stored.sort_values("attention", ascending=False, kind="stable").groupby("query_pos").head(keep)
+    shown = pd.DataFrame(decode_group(docs[0]["h"][1][2]))
+    assert set(zip(shown["query_pos"], shown["key_pos"], strict=True)) == set(
+        zip(strongest["query_pos"], strongest["key_pos"], strict=True)
+    ), "a long document keeps each row's strongest keys"
+
+
+def on_page(run: Path, doc_id: int, layer: int, head: int) -> pd.DataFrame:
+    """The Parquet rows of one head of one document that the page holds (long documents keep the strongest)."""
+    _, docs = page_data(run / "report.html")
+    doc = next(d for d in docs if d["id"] == doc_id)
+    shown = pd.DataFrame(decode_group(doc["h"][layer][head]))[["query_pos", "key_pos"]]
+    return parquet_rows(run, [doc_id], layer=layer, head=head).merge(shown, on=["query_pos", "key_pos"])
+
+
+def _row_keys(loaded: Page) -> list[tuple[int, float]]:
+    return [(int(k), float(w)) for k, w in loaded.rows("#row-keys tr", "[e.dataset.key, e.lastChild.textContent]")]
+
+
+def _assert_strongest_keys(shown: list[tuple[int, float]], row: pd.Series, step: float) -> None:
+    """`shown` (key, weight) is `row` (key → weight) strongest first, to the page's quantisation."""
+    expected = row.sort_values(ascending=False, kind="stable")
+    assert [k for k, _ in shown] == list(expected.index[: len(shown)]) and len(shown) == min(12, len(row))
+    for (_, weight), value in zip(shown, expected, strict=False):
+        assert abs(weight - value) <= step / 2 + 0.5e-4 + 1e-7
+
+
+def test_matrix_view_draws_the_chosen_head(long_run: Path, open_report: Any) -> None:
+    loaded = open_report(long_run / "report.html")
+    page = loaded.page
+    _, docs = page_data(long_run / "report.html")
+    layer, head, doc_id = 1, 2, docs[0]["id"]
+    assert page.get_attribute('#view-switch button[data-view="matrix"]', "aria-checked") == "true"  # n > 60
+    page.click(f'#grid rect.cell[data-layer="{layer}"][data-head="{head}"]')
+    canvas = page.locator("#matrix")
+    assert (canvas.get_attribute("data-layer"), canvas.get_attribute("data-head")) == (str(layer), str(head))
+    stored = on_page(long_run, doc_id, layer, head)
+    largest = stored["attention"].max()
+    strong = stored.loc[stored["attention"].idxmax()]
+    query, key = int(strong["query_pos"]), int(strong["key_pos"])
+
+    def attribute(name: str) -> float:
+        return float(canvas.get_attribute(f"data-{name}") or "nan")
+
+    page.click("#zoom-in")
+    assert attribute("cell") == pytest.approx(1.5 * 560 / int(canvas.get_attribute("data-n") or 0))
+    page.click("#zoom-reset")
+    box = canvas.bounding_box()
+    assert box is not None
+    at_zoom = 560 / int(canvas.get_attribute("data-n") or 0)
+    page.mouse.move(box["x"] + (key + 0.5) * at_zoom, box["y"] + (query + 0.5) * at_zoom)
+    for _ in range(10):
+        page.mouse.wheel(0, -100)  # zoom in around the pointer
+    page.wait_for_function("+document.getElementById('matrix').dataset.cell > 6")
+    cell, x0, y0 = attribute("cell"), attribute("x0"), attribute("y0")
+    span = 560 / cell
+    assert x0 <= key < x0 + span and y0 <= query < y0 + span, "the strong cell stays in view"
+
+    def pixel(q: int, k: int) -> list[int]:
+        x, y = int((k + 0.5 - x0) * cell), int((q + 0.5 - y0) * cell)
+        script = f"document.getElementById('matrix').getContext('2d').getImageData({x}, {y}, 1, 1).data"
+        return page.evaluate(f"Array.from({script})")
+
+    share = strong["attention"] / largest  # the page colours white → --attention (#1c64f2) by weight / largest
+    expected = [255 + (c - 255) * share for c in (0x1C, 0x64, 0xF2)]
+    assert np.abs(np.array(pixel(query, key)[:3]) - expected).max() <= 3
+    row_keys = set(stored.loc[stored["query_pos"] == query, "key_pos"])
+    empty = next(k for k in range(int(x0) + 1, int(x0 + span) - 1) if k not in row_keys)
+    assert pixel(query, empty)[:3] == [255, 255, 255]  # a key the run did not store stays white
+
+    page.mouse.move(box["x"] + (key + 0.5 - x0) * cell, box["y"] + (query + 0.5 - y0) * cell)
+    assert page.get_attribute("#row-keys", "data-query") == str(query)
+    row = stored[stored["query_pos"] == query].set_index("key_pos")["attention"]
+    meta, _ = page_data(long_run / "report.html")
+    step = largest / 65535 if meta["detail"]["bits"] == 16 else 2 * np.sqrt(largest * row.max()) / 255
+    _assert_strongest_keys(_row_keys(loaded), row, step)
+    assert_clean(loaded)
+
+
+def test_hovered_query_lists_its_strongest_keys(report_run: Path, open_report: Any) -> None:
+    loaded = open_report(report_run / "report.html")
+    page = loaded.page
+    loaded.select_doc(1)
+    page.click('#grid rect.cell[data-layer="4"][data-head="3"]')
+    assert page.get_attribute('#view-switch button[data-view="lines"]', "aria-checked") == "true"  # a short one
+    stored = parquet_rows(report_run, [1], layer=4, head=3)
+    for query in (0, 5, 9):
+        page.hover(f'#view g.tok[data-role="query"][data-pos="{query}"]')
+        row = stored[stored["query_pos"] == query].set_index("key_pos")["attention"]
+        _assert_strongest_keys(_row_keys(loaded), row, stored["attention"].max() / 65535)
+    assert_clean(loaded)
+
+
+def test_search_filters_the_documents(report_run: Path, open_report: Any) -> None:
+    loaded = open_report(report_run / "report.html")
+    page = loaded.page
+    _, docs = page_data(report_run / "report.html")
+    word = "the"
+    page.fill("#doc-search", word)
+    shown = loaded.rows("#doc-picker option", "[e.textContent]")
+    expected = [d["id"] for d in docs if word in d["text"].lower()]
+    assert 0 < len(expected) < len(docs), "the word must split the documents for the test to mean anything"
+    assert [int(t[0].split(" ")[0][1:]) for t in shown] == expected
+    page.fill("#doc-search", "no document holds this")
+    assert page.locator("#doc-picker option").count() == 0
+    page.fill("#doc-search", "")
+    assert page.locator("#doc-picker option").count() == len(docs)
+    assert_clean(loaded)
+
+
+def test_provenance_is_collapsed_and_the_explorer_above_the_fold(report_run: Path, browser: Any) -> None:
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    try:
+        page.goto((report_run / "report.html").resolve().as_uri())
+        page.wait_for_selector("#view-panel[data-doc]")
+        assert page.evaluate("document.getElementById('provenance-details').open") is False
+        for element in ("#grid", "#view-panel", "#doc-search"):
+            box = page.locator(element).bounding_box()
+            assert box is not None and box["y"] < 900 - 100, element
+        page.click("#provenance-summary")
+        assert page.inner_text("#verification-verdict") == "PASSED"
+    finally:
+        page.close()
+
+
+@pytest.fixture(scope="session")
+def agreement_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Any, sample_texts: list[str]) -> Path:
+    return _cli_run(tmp_path_factory.mktemp("report-agreement"), str(tiny_model_dir("bert")), sample_texts[:3],
+                    "--measures", "attention,value_norm,rollout,value_zeroing", "--agreement")
+
+
+def test_agreement_table_shows_the_parquet_values(agreement_run: Path, open_report: Any) -> None:
+    table = pq.read_table(agreement_run / "agreement.parquet").to_pandas()
+    versus = table[(table["measure_a"] == "value_zeroing") | (table["measure_b"] == "value_zeroing")]
+    assert not versus.empty
+    loaded = open_report(agreement_run / "report.html")
+    cells = loaded.rows("#agreement td.rho", "[+e.dataset.layer, e.dataset.pair, e.textContent]")
+    shown = {(layer, pair): text for layer, pair, text in cells}
+    assert len(shown) == len(versus)
+    for row in versus.itertuples(index=False):
+        other = row.measure_b if row.measure_a == "value_zeroing" else row.measure_a
+        text = shown[(int(row.layer), f"value_zeroing · {other}")]
+        assert text == ("–" if np.isnan(row.spearman) else f"{row.spearman:.3f}")
+    assert "Spearman" in loaded.page.inner_text("#agreement-note")
+    assert_clean(loaded)

@@ -2,9 +2,12 @@
 
     write_report(OUTPUT) → OUTPUT/report.html
 
-The page (template: report_template.html, vanilla JS + inline SVG, no library, no network) shows the run's
-provenance and verification summary, a layer × head grid coloured by a metric of heads.parquet, the chosen
-head's metrics, and for a chosen document a token-to-token view of attention, value_norm or rollout.
+The page (template: report_template.html, vanilla JS + inline SVG and <canvas>, no library, no network) shows
+the run's provenance and verification summary (folded in a <details>), a layer × head grid coloured by a
+metric of heads.parquet, the chosen head's metrics, and for a chosen document (found by a search over the
+documents' text) its attention, value_norm or rollout either as lines between tokens or as a zoomable
+[query, key] heatmap (the default above SHORT_DOCUMENT positions), with the hovered row's strongest keys
+listed; and, when the run wrote agreement.parquet, a layer × measure table of rank agreement.
 
 Without heads.parquet the grid is coloured by the mean of each query row's largest attention weight over the
 embedded documents, and the page says so; verification errors are always offered as colours too.
@@ -12,20 +15,23 @@ embedded documents, and the page says so; verification errors are always offered
 Size bound. The page considers the first `max_docs` documents (default 50) in order — status ok by doc_id,
 then truncated ones — and embeds each unless it would push the whole file past `max_bytes` (default 5 MB);
 the page says how many it left out. Per embedded document: its original text, its positions' labels (tokens,
-or words at level word, as `extractor.corpus.run_folder.position_label` shows them), and every stored
-association row of every (layer, head) — attention and value_norm — and of every layer (head = -1) —
-rollout and layer_value_norm — with values rounded to 4 decimals (cells of overlapping windows averaged, as
-the figures do: `run_folder.merge_windows`). Top-k storage keeps only the k strongest keys per query row, so
-only those exist on the page too. configs/default.yaml's run (60 sentences, top-k 8,
-every measure) gives 50 documents in about 4.1 MB.
+or words at level word, as `extractor.corpus.run_folder.position_label` shows them), and the stored
+association rows of every (layer, head) — attention and value_norm — and of every layer (head = -1) —
+rollout and layer_value_norm (cells of overlapping windows averaged, as the figures do:
+`run_folder.merge_windows`). Top-k storage keeps only the k strongest keys per query row, so only those exist
+on the page too; a dense run's long documents keep their DENSE_KEYS_PER_ROW strongest.
 
-Compact form. A matrix group (one document, one layer, one head or the layer) is
-`{"n": row lengths per query position, "k": key positions (row by row), "v": {measure: values}, "m": kept mass
-per non-empty row}`; "k" is left out when every row holds keys 0, 1, 2, … (dense storage). Each list is a
-string of non-negative integers (values × 10⁴, rounded): a width digit w, then w base-64 digits per integer
-(`encode_ints`). The JSON sits in <script type="application/json"> elements with '<', '>' and '&' written as
-\\u003c, \\u003e, \\u0026, so no token can close the element; the page renders all text with textContent and
-a Content-Security-Policy lets only its own script (by hash) run and forbids every network request.
+Level of detail. Values are stored as 16-bit fixed point of their group's largest value. When the first few
+documents show that `max_docs` of them would not fit, long documents (more than SHORT_DOCUMENT positions) are
+embedded coarser, one step at a time (`detail_levels`): 8 bits on a square-root scale, then half the keys per
+row, down to 2; the page says which level it used. MiniLM (72 heads) over 50 documents of about 500 tokens:
+13 documents at 8 bits and 2 keys per row (was 1 document at 4 decimals); a smaller `max_docs` buys detail.
+
+Compact form. A matrix group (one document, one layer, one head or the layer) is a small JSON object with
+its bytes zlib-compressed and base64-encoded (`encode_group`); the page inflates them with the browser's own
+DecompressionStream. The JSON sits in <script type="application/json"> elements with '<', '>' and '&' written
+as \\u003c, \\u003e, \\u0026, so no token can close the element; the page renders all text with textContent
+and a Content-Security-Policy lets only its own script (by hash) run and forbids every network request.
 """
 
 from __future__ import annotations
