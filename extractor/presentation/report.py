@@ -22,9 +22,9 @@ rollout and layer_value_norm (cells of overlapping windows averaged, as the figu
 on the page too; a dense run's long documents keep their DENSE_KEYS_PER_ROW strongest.
 
 Level of detail. Values are stored as 16-bit fixed point of their group's largest value. When the first few
-documents show that `max_docs` of them would not fit, long documents (more than SHORT_DOCUMENT positions) are
-embedded coarser, one step at a time (`detail_levels`): 8 bits on a square-root scale, then half the keys per
-row, down to 2; the page says which level it used. MiniLM (72 heads) over 50 documents of about 500 tokens:
+documents show that `max_docs` of them would not fit, the page is embedded coarser, one step at a time
+(`detail_levels`): 8 bits on a square-root scale (every document), then half the keys per row of long documents
+(more than SHORT_DOCUMENT positions), down to 2; the page says which level it used. MiniLM (72 heads) over 50 documents of about 500 tokens:
 13 documents at 8 bits and 2 keys per row (was 1 document at 4 decimals); a smaller `max_docs` buys detail.
 
 Compact form. A matrix group (one document, one layer, one head or the layer) is a small JSON object with
