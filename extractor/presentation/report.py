@@ -2,9 +2,12 @@
 
     write_report(OUTPUT) → OUTPUT/report.html
 
-The page (template: report_template.html, vanilla JS + inline SVG, no library, no network) shows the run's
-provenance and verification summary, a layer × head grid coloured by a metric of heads.parquet, the chosen
-head's metrics, and for a chosen document a token-to-token view of attention, value_norm or rollout.
+The page (template: report_template.html, vanilla JS + inline SVG and <canvas>, no library, no network) shows
+the run's provenance and verification summary (folded in a <details>), a layer × head grid coloured by a
+metric of heads.parquet, the chosen head's metrics, and for a chosen document (found by a search over the
+documents' text) its attention, value_norm or rollout either as lines between tokens or as a zoomable
+[query, key] heatmap (the default above SHORT_DOCUMENT positions), with the hovered row's strongest keys
+listed; and, when the run wrote agreement.parquet, a layer × measure table of rank agreement.
 
 Without heads.parquet the grid is coloured by the mean of each query row's largest attention weight over the
 embedded documents, and the page says so; verification errors are always offered as colours too.
@@ -12,20 +15,23 @@ embedded documents, and the page says so; verification errors are always offered
 Size bound. The page considers the first `max_docs` documents (default 50) in order — status ok by doc_id,
 then truncated ones — and embeds each unless it would push the whole file past `max_bytes` (default 5 MB);
 the page says how many it left out. Per embedded document: its original text, its positions' labels (tokens,
-or words at level word, as `extractor.corpus.run_folder.position_label` shows them), and every stored
-association row of every (layer, head) — attention and value_norm — and of every layer (head = -1) —
-rollout and layer_value_norm — with values rounded to 4 decimals (cells of overlapping windows averaged, as
-the figures do: `run_folder.merge_windows`). Top-k storage keeps only the k strongest keys per query row, so
-only those exist on the page too. configs/default.yaml's run (60 sentences, top-k 8,
-every measure) gives 50 documents in about 4.1 MB.
+or words at level word, as `extractor.corpus.run_folder.position_label` shows them), and the stored
+association rows of every (layer, head) — attention and value_norm — and of every layer (head = -1) —
+rollout and layer_value_norm (cells of overlapping windows averaged, as the figures do:
+`run_folder.merge_windows`). Top-k storage keeps only the k strongest keys per query row, so only those exist
+on the page too; a dense run's long documents keep their DENSE_KEYS_PER_ROW strongest.
 
-Compact form. A matrix group (one document, one layer, one head or the layer) is
-`{"n": row lengths per query position, "k": key positions (row by row), "v": {measure: values}, "m": kept mass
-per non-empty row}`; "k" is left out when every row holds keys 0, 1, 2, … (dense storage). Each list is a
-string of non-negative integers (values × 10⁴, rounded): a width digit w, then w base-64 digits per integer
-(`encode_ints`). The JSON sits in <script type="application/json"> elements with '<', '>' and '&' written as
-\\u003c, \\u003e, \\u0026, so no token can close the element; the page renders all text with textContent and
-a Content-Security-Policy lets only its own script (by hash) run and forbids every network request.
+Level of detail. Values are stored as 16-bit fixed point of their group's largest value. When the first few
+documents show that `max_docs` of them would not fit, the page is embedded coarser, one step at a time
+(`detail_levels`): 8 bits on a square-root scale (every document), then half the keys per row of long documents
+(more than SHORT_DOCUMENT positions), down to 2; the page says which level it used. MiniLM (72 heads) over 50 documents of about 500 tokens:
+13 documents at 8 bits and 2 keys per row (was 1 document at 4 decimals); a smaller `max_docs` buys detail.
+
+Compact form. A matrix group (one document, one layer, one head or the layer) is a small JSON object with
+its bytes zlib-compressed and base64-encoded (`encode_group`); the page inflates them with the browser's own
+DecompressionStream. The JSON sits in <script type="application/json"> elements with '<', '>' and '&' written
+as \\u003c, \\u003e, \\u0026, so no token can close the element; the page renders all text with textContent
+and a Content-Security-Policy lets only its own script (by hash) run and forbids every network request.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ import json
 import logging
 import os
 import re
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -51,10 +58,10 @@ from extractor.presentation.limits import DEFAULT_MAX_BYTES, DEFAULT_MAX_DOCS
 
 log = logging.getLogger("extractor.presentation.report")
 
-DECIMALS = 4
-SCALE = 10**DECIMALS  # values are stored as round(value × SCALE)
-ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
-_DIGITS = np.frombuffer(ALPHABET.encode("ascii"), dtype="S1")
+DECIMALS = 4  # weights shown with this many decimals
+ZLIB_LEVEL = 9
+SHORT_DOCUMENT = 60  # positions: a document this short keeps every stored key per row and is drawn as lines
+DENSE_KEYS_PER_ROW = 8  # keys per row a long document keeps on the page when the run stored every key
 TEMPLATE = Path(__file__).with_name("report_template.html")
 
 # Measures the view can switch between (from the measure registry): level (head rows, or layer rows with
@@ -107,34 +114,28 @@ _JSON_ESCAPES = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026"}
 
 
 # -- compact encoding -------------------------------------------------------------------------------------
-def encode_ints(values: np.ndarray | list[int]) -> str:
-    """Non-negative integers → a width digit w, then w base-64 digits per integer (most significant first)."""
-    array = np.asarray(values, dtype=np.int64).reshape(-1)
-    if array.size and int(array.min()) < 0:
-        raise ValueError("encode_ints takes non-negative integers")
-    top = int(array.max()) if array.size else 0
-    width = 1
-    while top >= 64**width:
-        width += 1
-    assert width <= 9, "one width digit"
-    powers = 64 ** np.arange(width - 1, -1, -1, dtype=np.int64)  # [width]
-    digits = (array[:, None] // powers[None, :]) % 64  # [n, width]
-    return str(width) + _DIGITS[digits].tobytes().decode("ascii")
+def quantise(values: np.ndarray, top: float, bits: int) -> np.ndarray:
+    """Values in [0, top] → unsigned integers: 16 bits linear (value / top · 65535), or 8 bits on a square-root
+    scale (√(value / top) · 255), which keeps small weights distinguishable. values: [rows] → [rows]."""
+    share = np.clip(values.astype(np.float64) / top, 0.0, 1.0) if top > 0 else np.zeros(len(values))
+    if bits == 16:
+        return np.rint(share * 65535).astype("<u2")
+    return np.rint(np.sqrt(share) * 255).astype(np.uint8)
 
 
-def decode_ints(text: str) -> np.ndarray:
-    """Inverse of `encode_ints` (the page's JavaScript does the same)."""
-    width = int(text[0])
-    codes = np.frombuffer(text[1:].encode("ascii"), dtype=np.uint8)
-    lookup = np.full(256, -1, dtype=np.int64)
-    lookup[np.frombuffer(ALPHABET.encode("ascii"), dtype=np.uint8)] = np.arange(64)
-    digits = lookup[codes].reshape(-1, width)
-    return (digits * (64 ** np.arange(width - 1, -1, -1, dtype=np.int64))[None, :]).sum(axis=1)
+def dequantise(codes: np.ndarray, top: float, bits: int) -> np.ndarray:
+    """Inverse of `quantise` (the page's JavaScript does the same): [rows] → [rows] float64."""
+    if bits == 16:
+        return codes.astype(np.float64) / 65535 * top
+    return (codes.astype(np.float64) / 255) ** 2 * top
 
 
-def scaled(values: np.ndarray) -> np.ndarray:
-    """Round to `DECIMALS` decimals, as integers (the page divides by SCALE again)."""
-    return np.rint(values.astype(np.float64) * SCALE).astype(np.int64)
+def _width(top: int) -> int:
+    return 1 if top < 256 else 2
+
+
+def _unsigned(values: np.ndarray, width: int) -> bytes:
+    return values.astype("<u2" if width == 2 else np.uint8).tobytes()
 
 
 def embed_json(value: Any) -> str:
@@ -149,35 +150,81 @@ def encode_group(
     values: dict[str, np.ndarray],
     kept_mass: np.ndarray | None,
     n_positions: int,
+    bits: int = 16,
 ) -> dict[str, Any]:
     """One matrix (document, layer, head or layer) in compact form. Rows must be sorted by (query, key).
 
     query, key: [rows] positions; values: measure → [rows] (a measure with nulls in this group is left out);
-    kept_mass: [rows] (constant per query row) or None.
+    kept_mass: [rows] (constant per query row) or None. The group is {"n": positions, "r": rows, "c": bytes per
+    row length, "kw": bytes per key, "w": bits per value, "v": {measure: largest value}, "m": 1 when kept mass
+    follows, "z": base64 of the zlib-compressed bytes}: row lengths [n], keys [rows], each measure's quantised
+    values [rows] in "v"'s order, then the kept mass of each non-empty row (little-endian).
     """
     counts = np.bincount(query, minlength=n_positions)  # [position]
-    group: dict[str, Any] = {"n": encode_ints(counts)}
-    starts = np.cumsum(counts) - counts  # [position] first row of each query
-    within = np.arange(len(key)) - np.repeat(starts, counts)  # each row's index inside its query row
-    if not np.array_equal(within, key):
-        group["k"] = encode_ints(key)
-    group["v"] = {name: encode_ints(scaled(v)) for name, v in values.items() if not np.isnan(v).any()}
-    if kept_mass is not None and not np.isnan(kept_mass).any():
-        group["m"] = encode_ints(scaled(kept_mass[starts[counts > 0]]))
-    return group
+    count_width, key_width = _width(int(counts.max(initial=0))), _width(n_positions - 1)
+    measures = {name: v for name, v in values.items() if not np.isnan(v).any()}
+    tops = {name: float(v.max(initial=0.0)) for name, v in measures.items()}
+    parts = [_unsigned(counts, count_width), _unsigned(key, key_width)]
+    parts += [quantise(v, tops[name], bits).tobytes() for name, v in measures.items()]
+    has_kept = kept_mass is not None and not np.isnan(kept_mass).any()
+    if has_kept:
+        assert kept_mass is not None
+        starts = np.cumsum(counts) - counts  # [position] first row of each query
+        parts.append(quantise(kept_mass[starts[counts > 0]], 1.0, bits).tobytes())
+    return {
+        "n": int(n_positions),
+        "r": int(len(key)),
+        "c": count_width,
+        "kw": key_width,
+        "w": bits,
+        "v": tops,
+        "m": int(has_kept),
+        "z": base64.b64encode(zlib.compress(b"".join(parts), ZLIB_LEVEL)).decode("ascii"),
+    }
 
 
 def decode_group(group: dict[str, Any]) -> dict[str, np.ndarray]:
-    """Inverse of `encode_group`: query, key and each measure's values (floats with 4 decimals) per row."""
-    counts = decode_ints(group["n"])
-    query = np.repeat(np.arange(len(counts)), counts)
-    if "k" in group:
-        key = decode_ints(group["k"])
-    else:
-        key = np.arange(len(query)) - np.repeat(np.cumsum(counts) - counts, counts)
-    decoded = {"query_pos": query, "key_pos": key}
-    decoded.update({name: decode_ints(text) / SCALE for name, text in group["v"].items()})
+    """Inverse of `encode_group`: query, key and each measure's values per row (dequantised), and "kept_mass"
+    per row when stored."""
+    raw = zlib.decompress(base64.b64decode(group["z"]))
+    n, rows, bits = group["n"], group["r"], group["w"]
+    offset = 0
+
+    def take(count: int, width: int) -> np.ndarray:
+        nonlocal offset
+        array = np.frombuffer(raw, dtype="<u2" if width == 2 else np.uint8, count=count, offset=offset)
+        offset += count * width
+        return array.astype(np.int64)
+
+    counts = take(n, group["c"])
+    decoded = {"query_pos": np.repeat(np.arange(n), counts), "key_pos": take(rows, group["kw"])}
+    for name, top in group["v"].items():
+        decoded[name] = dequantise(take(rows, bits // 8), top, bits)
+    if group["m"]:
+        kept = dequantise(take(int((counts > 0).sum()), bits // 8), 1.0, bits)
+        decoded["kept_mass"] = np.repeat(kept, counts[counts > 0])
+    assert offset == len(raw), "the group's bytes are read to the end"
     return decoded
+
+
+def strongest_keys(rows: pd.DataFrame, keep: int | None, rank_by: str) -> pd.DataFrame:
+    """Each query row's `keep` strongest keys by `rank_by` (None: every key), back in (query, key) order."""
+    if keep is None:
+        return rows
+    rows = rows.sort_values(["query_pos", rank_by], ascending=[True, False], kind="stable")
+    rows = rows[rows.groupby("query_pos", sort=False).cumcount() < keep]
+    return rows.sort_values(["query_pos", "key_pos"])
+
+
+def detail_levels(keys_per_row: int) -> list[tuple[int, int]]:
+    """(bits per value, keys per row) from most to least detailed: what a long document is embedded with when
+    the page cannot hold every document at a finer level."""
+    levels = [(16, keys_per_row), (8, keys_per_row)]
+    keys = keys_per_row // 2
+    while keys >= 2:
+        levels.append((8, keys))
+        keys //= 2
+    return levels
 
 
 # -- reading the run ----------------------------------------------------------------------------------------
@@ -219,8 +266,14 @@ def encode_document(
     n_layers: int,
     n_heads: int,
     max_attention: MaxAttention | None = None,
+    keys_per_row: int | None = None,
+    bits: int = 16,
 ) -> dict[str, Any]:
-    """Every matrix group of one document: "h"[layer][head] and "l"[layer] (None where nothing is stored)."""
+    """Every matrix group of one document: "h"[layer][head] and "l"[layer] (None where nothing is stored).
+
+    keys_per_row: keep only each query row's strongest keys (by attention on head rows, by the first stored
+    layer measure on layer rows); None keeps every stored key. bits: 16 or 8 per value (`quantise`).
+    """
     rows = rows.sort_values(["layer", "head", "query_pos", "key_pos"])
     layer = rows["layer"].to_numpy(np.int64)
     head = rows["head"].to_numpy(np.int64)
@@ -229,27 +282,30 @@ def encode_document(
     n_positions = max(
         n_positions, int(query.max()) + 1 if len(query) else 0, int(key.max()) + 1 if len(key) else 0
     )
-    columns = {m: rows[m].to_numpy(np.float64) for m in MEASURE_INFO if m in rows}
-    kept = rows["kept_mass"].to_numpy(np.float64) if "kept_mass" in rows else None
     head_groups: list[list[Any]] = [[None] * n_heads for _ in range(n_layers)]
     layer_groups: list[Any] = [None] * n_layers
     group_id = layer * (n_heads + 1) + (head + 1)  # [rows]; rows are sorted by it
     bounds = np.flatnonzero(np.r_[True, group_id[1:] != group_id[:-1], True])
     for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
         g_layer, g_head = int(layer[start]), int(head[start])
-        part = slice(start, stop)
+        part = rows.iloc[start:stop]
         measures = HEAD_MEASURES if g_head >= 0 else LAYER_MEASURES
-        values = {m: columns[m][part] for m in measures if m in columns}
-        values = {m: v for m, v in values.items() if not np.isnan(v).all()}
-        if not values:
+        names = [m for m in measures if m in part and not part[m].isna().all()]
+        if not names:
             continue
+        if max_attention is not None and g_head >= 0 and "attention" in names:
+            max_attention.add(g_layer, g_head, query[start:stop], part["attention"].to_numpy(np.float64))
+        part = strongest_keys(part, keys_per_row, names[0])
         group = encode_group(
-            query[part], key[part], values, kept[part] if kept is not None else None, n_positions
+            part["query_pos"].to_numpy(np.int64),
+            part["key_pos"].to_numpy(np.int64),
+            {m: part[m].to_numpy(np.float64) for m in names},
+            part["kept_mass"].to_numpy(np.float64) if "kept_mass" in part else None,
+            n_positions,
+            bits,
         )
         if g_head >= 0:
             head_groups[g_layer][g_head] = group
-            if max_attention is not None and "attention" in values:
-                max_attention.add(g_layer, g_head, query[part], values["attention"])
         else:
             layer_groups[g_layer] = group
     return {"h": head_groups, "l": layer_groups}
@@ -308,6 +364,28 @@ def _verification(table: pd.DataFrame | None, n_layers: int, n_heads: int) -> di
             out["z_max_abs_err"][i] = _number(row.z_max_abs_err)
             out["passed"][i] = bool(row.passed)
     return out
+
+
+def _agreement(table: pd.DataFrame | None) -> dict[str, Any] | None:
+    """agreement.parquet for the page: per layer, ρ of value_zeroing with each other measure when value_zeroing
+    was among the measures, else of every pair: {"columns": ["a · b", ...], "rows": [[layer, ρ or None, ...]],
+    "n_rows": [[layer, n or None, ...]]}."""
+    if table is None or table.empty:
+        return None
+    table = table.assign(pair=[f"{a} · {b}" for a, b in zip(table["measure_a"], table["measure_b"], strict=True)])
+    intervention = (table["measure_a"] == "value_zeroing") | (table["measure_b"] == "value_zeroing")
+    if intervention.any():
+        table = table[intervention]
+        other = np.where(table["measure_a"] == "value_zeroing", table["measure_b"], table["measure_a"])
+        table = table.assign(pair=[f"value_zeroing · {m}" for m in other])
+    columns = list(dict.fromkeys(table["pair"]))
+    rows, counts = [], []
+    for layer, part in table.groupby("layer", sort=True):
+        by_pair = part.set_index("pair")
+        rows.append([int(layer), *(_number(by_pair["spearman"].get(c)) for c in columns)])
+        counts.append([int(layer), *(int(by_pair["n_rows"][c]) if c in by_pair.index else None for c in columns)])
+    return {"columns": columns, "rows": rows, "n_rows": counts,
+            "versus_value_zeroing": bool(intervention.any())}
 
 
 # -- the page -----------------------------------------------------------------------------------------------
@@ -388,8 +466,9 @@ def build_report(
         "verification": _verification(verification, n_layers, n_heads),
         "n_layers": n_layers,
         "n_heads": n_heads,
-        "scale": SCALE,
         "decimals": DECIMALS,
+        "detail": None,
+        "agreement": _agreement(run.optional("agreement")),
         "measures": measures,
         "metrics": metrics,
         "metric_notes": METRIC_NOTES,
@@ -406,6 +485,11 @@ def build_report(
             "pairs_stored": pairs_stored,
         },
     }
+    keys_stored = (
+        int(config.get("top_k") or DENSE_KEYS_PER_ROW) if config.get("storage") == "topk" else DENSE_KEYS_PER_ROW
+    )
+    meta["detail"] = {"bits": 16, "keys_per_row": keys_stored, "keys_stored": keys_stored,
+                      "short_document": SHORT_DOCUMENT}
     template, csp = _template()
     # Bytes left for documents: the page without them, and room for the numbers filled in below.
     budget = max_bytes - len(render_page(meta, "[]", template, csp).encode("utf-8")) - 1024
@@ -417,35 +501,42 @@ def build_report(
     rows = run.associations(ids, measures=list(MEASURE_INFO)) if ids and pairs_stored else None
     grouped = dict(iter(rows.groupby("doc_id", sort=False))) if rows is not None else {}
     status_of = dict(zip(documents["doc_id"].astype(int), documents["status"], strict=True))
-    docs: list[str] = []
-    used = 0
-    for doc_id in ids:
+
+    def encode(doc_id: int, level: tuple[int, int]) -> tuple[str, MaxAttention | None]:
+        """One document's JSON at a level of detail, and its share of the fallback colour."""
         positions, special = labels.get(doc_id, ([], []))
         doc_rows = grouped.get(doc_id)
         doc_max = MaxAttention(n_layers, n_heads) if max_attention is not None else None
+        bits, keys = level
         matrices = (
-            encode_document(doc_rows, len(positions), n_layers, n_heads, doc_max)
+            encode_document(doc_rows, len(positions), n_layers, n_heads, doc_max,
+                            None if len(positions) <= SHORT_DOCUMENT else keys, bits)
             if doc_rows is not None
             else {"h": None, "l": None}
         )
-        text = embed_json(
-            {
-                "id": doc_id,
-                "status": status_of.get(doc_id),
-                "tokens": positions,
-                "special": special,
-                "text": texts.get(doc_id, ""),
-                **matrices,
-            }
-        )
+        document = {"id": doc_id, "status": status_of.get(doc_id), "tokens": positions, "special": special,
+                    "text": texts.get(doc_id, ""), **matrices}
+        return embed_json(document), doc_max
+
+    levels = detail_levels(keys_stored)
+    sample = {doc_id: {} for doc_id in ids[:3]}  # doc → level → encoded: the size estimate per level
+    level = levels[0]
+    for level in levels:
+        sizes = [len(sample[d].setdefault(level, encode(d, level))[0]) + 1 for d in sample]
+        if not sizes or sum(sizes) / len(sizes) * len(ids) <= budget:
+            break
+    meta["detail"] = {"bits": level[0], "keys_per_row": level[1], "keys_stored": keys_stored,
+                      "short_document": SHORT_DOCUMENT}
+    docs: list[str] = []
+    used = 0
+    for doc_id in ids:
+        text, doc_max = sample[doc_id][level] if doc_id in sample else encode(doc_id, level)
         if used + len(text) + 1 > budget:  # +1: the comma
             meta["sampling"]["left_out_for_size"] += 1
             continue
         docs.append(text)
         used += len(text) + 1
-        if (
-            max_attention is not None and doc_max is not None
-        ):  # the fallback colour counts embedded documents only
+        if max_attention is not None and doc_max is not None:  # the fallback colour counts embedded documents
             max_attention.merge(doc_max)
     meta["sampling"]["documents_embedded"] = len(docs)
     if max_attention is not None and docs:
