@@ -16,6 +16,7 @@ from extractor.core.encode import encode, tokenize
 from extractor.core.models import LoadedModel
 from extractor.corpus.config import validate_config
 from extractor.corpus.manifest import check_resumable
+from extractor.corpus.run_folder import RunFolder
 from extractor.corpus.tables import words_table
 from extractor.errors import UserError
 from tests.test_run import NO_EXTRAS, invoke, run_ok, table
@@ -169,6 +170,9 @@ def test_jsonl_pairs_ids_and_labels_reach_the_tables(tmp_path: Path, tiny_model_
     words = table(out, "words")
     second = words[(words["doc_id"] == 0) & (words["segment"] == 1) & ~words["is_special"]]
     assert second["word"].tolist() == RECORDS[0]["hypothesis"].split()
+    # the run folder labels a pair's second-text words from that text
+    labels, _ = RunFolder(out).position_labels([0])[0]
+    assert labels == ["[CLS]", *RECORDS[0]["premise"].split(), "[SEP]", *RECORDS[0]["hypothesis"].split(), "[SEP]"]
     # heads grouped by the user's label in one query
     query = ("SELECT d.label, count(*) AS n FROM documents d JOIN tokens t USING (doc_id) "
              "WHERE t.segment = 1 GROUP BY d.label ORDER BY d.label NULLS LAST")
