@@ -23,7 +23,7 @@ import torch
 
 from extractor.attribution.analysis import DocAttention, analyse_batch, validate_measures
 from extractor.attribution.measures import DEFAULT_MEASURES, MEASURES
-from extractor.core.encode import encode
+from extractor.core.encode import Text, encode
 from extractor.core.models import LoadedModel, load_model, wrap_model
 from extractor.core.verify import DEFAULT_ATOL, VerificationReport, fold
 from extractor.corpus.config import RunConfig
@@ -47,7 +47,7 @@ class ArgumentError(UserError, ValueError):
 class ExtractionResult:
     """Association measures for a handful of texts, held in memory (use `extractor run` for corpora)."""
 
-    texts: list[str]
+    texts: list[Text]  # each a text, or a (text, text_pair) sentence pair
     docs: list[DocAttention]
     report: VerificationReport | None
     causal: bool
@@ -64,7 +64,7 @@ class ExtractionResult:
 
     def _repr_html_(self) -> str:
         """Jupyter's view: model, measures, verification verdict and worst errors, a row per text."""
-        return notebook.summary_html(self.texts, self.docs, self.provenance, self.report)
+        return notebook.summary_html([shown_text(t) for t in self.texts], self.docs, self.provenance, self.report)
 
     def _doc(self, doc: int) -> DocAttention:
         if isinstance(doc, bool) or not isinstance(doc, int) or not 0 <= doc < len(self.docs):
@@ -127,11 +127,13 @@ class ExtractionResult:
         return notebook.html_view(notebook.inline_frame(page, height))
 
     def tokens(self) -> pd.DataFrame:
-        """`doc_id, position, token, word_index, is_special, char_start, char_end` for every real token."""
+        """`doc_id, position, token, word_index, is_special, char_start, char_end, segment` for every real token
+        (segment 1: the pair's second text, which its tokens' char spans index into)."""
         return pa.concat_tables([tokens_table(i, d.doc) for i, d in enumerate(self.docs)]).to_pandas()
 
     def words(self) -> pd.DataFrame:
-        """`doc_id, word_index, word, is_special, n_tokens, char_start, char_end` for every word."""
+        """`doc_id, word_index, word, is_special, n_tokens, char_start, char_end, segment` for every word: what
+        was typed between spaces (`extractor.core.words`)."""
         return pa.concat_tables(
             [words_table(i, d.doc, t) for i, (d, t) in enumerate(zip(self.docs, self.texts, strict=True))]
         ).to_pandas()
@@ -154,7 +156,9 @@ class ExtractionResult:
         frame = frame.merge(labels.rename(columns={"position": "query_pos", "label": "query_token"}), on=["doc_id", "query_pos"])
         frame = frame.merge(labels.rename(columns={"position": "key_pos", "label": "key_token"}), on=["doc_id", "key_pos"])
         if token is not None:
-            frame = frame[frame["query_token"].map(normalise_token) == normalise_token(token)]
+            level = self.docs[0].level if self.docs else "token"
+            wanted = normalise_token(token, level)
+            frame = frame[frame["query_token"].map(lambda label: normalise_token(label, level)) == wanted]
         return frame.reset_index(drop=True)
 
     def _labels(self) -> pd.DataFrame:
@@ -189,8 +193,27 @@ class ExtractionResult:
         return out
 
 
+def shown_text(text: Text) -> str:
+    """A text as one line for people: a sentence pair as `text ‖ text_pair`."""
+    return text if isinstance(text, str) else " ‖ ".join(text)
+
+
+def _texts_argument(texts: Any) -> list[Text]:
+    """`texts=` as a list of texts and (text, text_pair) pairs (a tuple inside the list is a pair; `texts=`
+    itself is a text or a sequence of items); a one-line error naming the item that is wrong."""
+    items = [texts] if isinstance(texts, str) else list(texts)
+    if not items:
+        raise ArgumentError("texts= must hold at least one text, each a string with a non-whitespace character")
+    for item in items:
+        parts = (item,) if isinstance(item, str) else item if isinstance(item, tuple) and len(item) == 2 else None
+        if parts is None or any(not isinstance(p, str) or not p.strip() for p in parts):
+            raise ArgumentError(f"texts= holds {quoted(item)}: each item must be a text, or a (text, text_pair) "
+                                "tuple of two texts, each with a non-whitespace character")
+    return items
+
+
 def extract(
-    texts: str | Sequence[str],
+    texts: str | tuple[str, str] | Sequence[str | tuple[str, str]],
     model: str | LoadedModel | torch.nn.Module = "minilm",
     measures: str | Sequence[str] = DEFAULT_MEASURES,
     level: str = "token",
@@ -204,6 +227,9 @@ def extract(
 ) -> ExtractionResult:
     """Extract every layer's and head's association measures for `texts` (verified against Hugging Face).
 
+    texts: a text, or a list of them; a tuple `(text, text_pair)` is a sentence pair, tokenised as the tokenizer
+    pairs texts (BERT: [CLS] A [SEP] B [SEP], token_type_ids 0 then 1); encoders only: a decoder refuses pairs.
+
     model: a name (`minilm`, `smollm2`, a Hub id, a folder written by save_pretrained, a `.gguf` file), a
     `LoadedModel`, or a Hugging Face model already in memory with its `tokenizer=` (a fine-tuned one, say; it
     is switched to eager attention and eval mode in place). device: `"cpu"` (default for names), `"cuda"`, ...;
@@ -212,9 +238,7 @@ def extract(
     """
     if level not in LEVELS:
         raise ArgumentError(f"level={quoted(level)} is not supported; choose one of: {', '.join(LEVELS)}")
-    texts = [texts] if isinstance(texts, str) else list(texts)
-    if not texts or any(not isinstance(t, str) or not t.strip() for t in texts):
-        raise ArgumentError("texts= must hold at least one text, each a string with a non-whitespace character")
+    texts = _texts_argument(texts)
     measures = _measures_argument(measures)
     for name, value in (("batch_size", batch_size), ("top_k", top_k), ("max_length", max_length)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -222,6 +246,9 @@ def extract(
     if not atol > 0:
         raise ArgumentError(f"atol={quoted(atol)} must be a positive tolerance (default {DEFAULT_ATOL:g})")
     loaded = _loaded_model(model, tokenizer, device, atol)
+    if loaded.adapter.causal and any(isinstance(t, tuple) for t in texts):
+        raise ArgumentError(f"texts= holds a (text, text_pair) pair, but {loaded.provenance.get('model', 'this model')} "
+                            "is a decoder, which reads one text: join the two texts into one string")
     docs: list[DocAttention] = []
     report: VerificationReport | None = None
     for start in range(0, len(texts), batch_size):

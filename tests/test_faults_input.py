@@ -432,7 +432,8 @@ def test_reader_errors_quote_field_lists_short(tmp_path: Path) -> None:
 # --- 9, 10. --set key=null applies; an error names the option that gave the value --------------------------
 
 
-NON_NULL = {"name": "named", "max_length": 16, "similarity_rows": 2, "limit": 5, "threads": 1, "address": "auto"}
+NON_NULL = {"name": "named", "max_length": 16, "similarity_rows": 2, "limit": 5, "threads": 1, "address": "auto",
+            "id_field": "id", "text_pair_field": "pair"}
 
 
 def nullable_keys() -> list[str]:

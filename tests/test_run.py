@@ -330,7 +330,7 @@ def test_word_level_positions_are_words(tiny: str, tmp_path: Path) -> None:
     assert len(heads) == sum(2 * 4 * n**2 for n in n_words)
     sums = heads.groupby(["doc_id", "layer", "head", "query_pos"])["attention"].sum()
     assert ((sums - 1).abs() < 1e-5).all()  # sum over key pieces keeps rows summing to 1
-    assert "Unbelievably" in words["word"].tolist()
+    assert "Unbelievably," in words["word"].tolist()  # a word is what was typed between spaces
     # per-head metrics and head similarity are token-level statistics whatever level the tables are stored at
     run_ok(tiny, corpus, tmp_path / "tokens", "--top-k", "64")
     for name in ("heads", "head_similarity"):

@@ -86,6 +86,7 @@ def test_tokens_and_words_schema(minilm: LoadedModel, minilm_docs: list[DocAtten
         "is_special": pa.bool_(),
         "char_start": pa.int32(),
         "char_end": pa.int32(),
+        "segment": pa.int8(),
     }
     words = words_table(1, minilm_docs[1].doc, sentences[1])
     assert {f.name: f.type for f in words.schema} == {
@@ -96,6 +97,7 @@ def test_tokens_and_words_schema(minilm: LoadedModel, minilm_docs: list[DocAtten
         "n_tokens": pa.int32(),
         "char_start": pa.int32(),
         "char_end": pa.int32(),
+        "segment": pa.int8(),
     }
 
 

@@ -1,7 +1,14 @@
 """Tokenising documents: tokenize once → truncate or split into windows → pad into batches.
 
-A `TokenizedDoc` remembers each token's text, word, special flag, character span and its position in the
-whole document (so windows of a long document keep document-relative positions).
+A `TokenizedDoc` remembers each token's text, word (`extractor.core.words`: what the user typed between
+spaces), special flag, character span and its position in the whole document (so windows of a long document
+keep document-relative positions).
+
+A document is one text, or a sentence pair `(text, text_pair)` tokenised the way the tokenizer pairs texts
+(`tokenizer(text, text_pair)`: BERT's [CLS] A [SEP] B [SEP] with token_type_ids 0…0 1…1). Each token knows its
+segment (0: the text, 1: the pair; a special token takes the segment of the text before it, so BERT's segments
+equal its token_type_ids), and its character span indexes into its own segment's text. A pair that is too long
+is truncated like any document (its end is cut: the pair's text first), or cut into windows.
 """
 
 from __future__ import annotations
@@ -10,9 +17,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
-from transformers import PretrainedConfig, PreTrainedTokenizerBase
+from transformers import BatchEncoding, PretrainedConfig, PreTrainedTokenizerBase
 
 from extractor.core.adapters import SUBWORD_MARKERS, adapter_class
+from extractor.core.words import token_words
+
+Text = str | tuple[str, str]  # one text, or a sentence pair (text, text_pair)
+
+
+def segment_texts(text: Text) -> tuple[str, ...]:
+    """The texts of a document, by segment: (text,) or (text, text_pair)."""
+    return (text,) if isinstance(text, str) else tuple(text)
 
 
 def strip_subword_markers(token: str, markers: Sequence[str] = SUBWORD_MARKERS) -> str:
@@ -33,11 +48,18 @@ class TokenizedDoc:
     tokens: list[str]
     word_index: list[int]  # per token: its word; each special token is a word of its own
     is_special: list[bool]
-    offsets: list[tuple[int, int]]  # per token: [char_start, char_end) in the document's text
+    offsets: list[tuple[int, int]]  # per token: [char_start, char_end) in its segment's text
     positions: list[int]  # per token: its position in the document (windows keep the whole document's)
     word_positions: list[int]  # per word (by word_index): its word position in the document
     truncated: bool = False
     window: int = 0  # window number (0 unless long_documents = window)
+    segments: list[int] | None = None  # per token: 0 = the text, 1 = the pair's text; None: one text
+    token_type_ids: list[int] | None = None  # per token, when the tokenizer makes them (BERT); else None
+
+    @property
+    def token_segments(self) -> list[int]:
+        """Per token: its segment (0 = the text, 1 = the pair)."""
+        return self.segments if self.segments is not None else [0] * self.n_tokens
 
     @property
     def n_tokens(self) -> int:
@@ -50,7 +72,7 @@ class TokenizedDoc:
 
 @dataclass(frozen=True)
 class EncodedBatch:
-    model_inputs: dict[str, torch.Tensor]  # input_ids, attention_mask: [batch, pos]
+    model_inputs: dict[str, torch.Tensor]  # input_ids, attention_mask (, token_type_ids): [batch, pos]
     docs: list[TokenizedDoc]
 
     @property
@@ -75,29 +97,52 @@ def word_indices(word_ids: Sequence[int | None]) -> list[int]:
     return indices
 
 
-def tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[TokenizedDoc]:
-    """Tokenise whole documents (no truncation, no padding)."""
-    enc = tokenizer(texts, add_special_tokens=True, return_offsets_mapping=True, return_special_tokens_mask=True)
-    docs = []
-    for i in range(len(texts)):
-        ids = enc["input_ids"][i]
-        special = [bool(s) for s in enc["special_tokens_mask"][i]]
-        # Some tokenizers give specials a word id; the special-tokens mask wins.
-        word_ids = [None if s else w for w, s in zip(enc.word_ids(i), special, strict=True)]
-        tokens = tokenizer.convert_ids_to_tokens(ids)
-        assert isinstance(tokens, list), "a list of ids converts to a list of tokens"
-        docs.append(
-            TokenizedDoc(
-                input_ids=list(ids),
-                tokens=tokens,
-                word_index=word_indices(word_ids),
-                is_special=special,
-                offsets=[(int(a), int(b)) for a, b in enc["offset_mapping"][i]],
-                positions=list(range(len(ids))),
-                word_positions=list(range(max(word_indices(word_ids), default=-1) + 1)),
-            )
-        )
-    return docs
+def _segments(sequence_ids: Sequence[int | None], special: Sequence[bool]) -> list[int]:
+    """Per token: its text's number; a special token (no sequence id) takes the segment of the token before it."""
+    segments: list[int] = []
+    for sequence, is_special in zip(sequence_ids, special, strict=True):
+        previous = segments[-1] if segments else 0
+        segments.append(previous if sequence is None or is_special else int(sequence))
+    return segments
+
+
+def tokenize(tokenizer: PreTrainedTokenizerBase, texts: Sequence[Text]) -> list[TokenizedDoc]:
+    """Tokenise whole documents (no truncation, no padding): single texts in one call, pairs in another."""
+    docs: dict[int, TokenizedDoc] = {}
+    singles = [i for i, text in enumerate(texts) if isinstance(text, str)]
+    pairs = [i for i, text in enumerate(texts) if not isinstance(text, str)]
+    options = {"add_special_tokens": True, "return_offsets_mapping": True, "return_special_tokens_mask": True}
+    for chosen in (singles, pairs):
+        if not chosen:
+            continue
+        split = [segment_texts(texts[i]) for i in chosen]
+        enc = tokenizer([s[0] for s in split], [s[1] for s in split], **options) if chosen is pairs \
+            else tokenizer([s[0] for s in split], **options)
+        for k, i in enumerate(chosen):
+            docs[i] = _tokenized_doc(tokenizer, enc, k, split[k])
+    return [docs[i] for i in range(len(texts))]
+
+
+def _tokenized_doc(tokenizer: PreTrainedTokenizerBase, enc: BatchEncoding, k: int, texts: tuple[str, ...]) -> TokenizedDoc:
+    """Document `k` of a tokenizer's batch output; `texts`: its text, or its text and text_pair."""
+    ids = enc["input_ids"][k]
+    special = [bool(s) for s in enc["special_tokens_mask"][k]]
+    offsets = [(int(a), int(b)) for a, b in enc["offset_mapping"][k]]
+    segments = _segments(enc.sequence_ids(k), special)
+    word_index = word_indices(token_words(offsets, segments, special, texts))
+    tokens = tokenizer.convert_ids_to_tokens(ids)
+    assert isinstance(tokens, list), "a list of ids converts to a list of tokens"
+    return TokenizedDoc(
+        input_ids=list(ids),
+        tokens=tokens,
+        word_index=word_index,
+        is_special=special,
+        offsets=offsets,
+        positions=list(range(len(ids))),
+        word_positions=list(range(max(word_index, default=-1) + 1)),
+        segments=segments if len(texts) > 1 else None,
+        token_type_ids=list(enc["token_type_ids"][k]) if "token_type_ids" in enc else None,
+    )
 
 
 def _special_edges(doc: TokenizedDoc) -> tuple[int, int]:
@@ -126,6 +171,8 @@ def _take(doc: TokenizedDoc, keep: list[int]) -> TokenizedDoc:
         offsets=[doc.offsets[i] for i in keep],
         positions=[doc.positions[i] for i in keep],
         word_positions=word_positions,
+        segments=None if doc.segments is None else [doc.segments[i] for i in keep],
+        token_type_ids=None if doc.token_type_ids is None else [doc.token_type_ids[i] for i in keep],
     )
 
 
@@ -165,14 +212,22 @@ def windows(doc: TokenizedDoc, max_length: int, stride: int) -> list[TokenizedDo
 
 
 def collate(docs: list[TokenizedDoc], pad_id: int, device: str | torch.device = "cpu") -> EncodedBatch:
-    """Right-pad `docs` into one batch."""
+    """Right-pad `docs` into one batch; token_type_ids go to the model when the tokenizer made them (padded
+    with 0, as the tokenizer pads)."""
     longest = max(doc.n_tokens for doc in docs)
-    input_ids = torch.full((len(docs), longest), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(docs), longest), dtype=torch.long)
+    input_ids = torch.full((len(docs), longest), pad_id, dtype=torch.long)  # [batch, pos]
+    attention_mask = torch.zeros((len(docs), longest), dtype=torch.long)  # [batch, pos]
+    typed = any(doc.token_type_ids is not None for doc in docs)
+    token_type_ids = torch.zeros((len(docs), longest), dtype=torch.long)  # [batch, pos]
     for i, doc in enumerate(docs):
         input_ids[i, : doc.n_tokens] = torch.tensor(doc.input_ids, dtype=torch.long)
         attention_mask[i, : doc.n_tokens] = 1
-    return EncodedBatch({"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}, docs)
+        if doc.token_type_ids is not None:
+            token_type_ids[i, : doc.n_tokens] = torch.tensor(doc.token_type_ids, dtype=torch.long)
+    inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
+    if typed:
+        inputs["token_type_ids"] = token_type_ids.to(device)
+    return EncodedBatch(inputs, docs)
 
 
 def model_max_length(tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig | None = None) -> int:
@@ -189,12 +244,12 @@ def model_max_length(tokenizer: PreTrainedTokenizerBase, config: PretrainedConfi
 
 def encode(
     tokenizer: PreTrainedTokenizerBase,
-    texts: list[str],
+    texts: Sequence[Text],
     max_length: int | None = None,
     device: str | torch.device = "cpu",
     config: PretrainedConfig | None = None,
 ) -> EncodedBatch:
-    """Tokenise, truncate to `max_length` (model limit if None) and pad `texts` into one batch."""
+    """Tokenise, truncate to `max_length` (model limit if None) and pad `texts` (texts or pairs) into one batch."""
     limit = max_length or model_max_length(tokenizer, config)
     docs = [truncate(doc, limit) for doc in tokenize(tokenizer, texts)]
     return collate(docs, tokenizer.pad_token_id, device)

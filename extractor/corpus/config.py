@@ -17,6 +17,8 @@ from pydantic_core import ErrorDetails
 from extractor.attribution.measures import MEASURES, RUN_MEASURES
 from extractor.core.tolerance import DEFAULT_ATOL, default_atol
 from extractor.corpus.engines import ENGINES
+from extractor.corpus.readers import RecordKeys
+from extractor.corpus.storage import DOCUMENT_SCHEMA
 from extractor.errors import UserError, quoted, shortened
 
 
@@ -32,6 +34,9 @@ class RunConfig(BaseModel):
         "auto", description="Input format; auto = from the file's suffix.")
     text_field: str = Field("text", description=".jsonl: the field holding the text.")
     text_column: str = Field("text", description=".csv/.tsv/.parquet: the column holding the text.")
+    text_pair_field: str | None = Field(None, description="Sentence pairs: the field (.jsonl) or column (.csv/.tsv/.parquet) holding each record's second text, tokenised as tokenizer(text, text_pair) (BERT: [CLS] A [SEP] B [SEP]); encoders only.")
+    id_field: str | None = Field(None, description="The field (.jsonl) or column (.csv/.tsv/.parquet) holding each record's own id: documents.parquet source_id (text; null where a record has none).")
+    keep_fields: list[str] = Field(default_factory=list, description="Comma-separated fields (.jsonl) or columns (.csv/.tsv/.parquet) copied into documents.parquet, one text column each (labels to group heads by; null where a record has none).")
     output: str = Field("outputs/run", description="Output folder.")
     batch_size: int = Field(32, ge=1, description="Most documents in one forward pass.")
     token_budget: int = Field(8192, ge=16, description="Most padded tokens (batch × longest) in one forward pass.")
@@ -86,6 +91,21 @@ class RunConfig(BaseModel):
             raise ValueError(f"give at least one of: {', '.join(MEASURES)}")
         return list(dict.fromkeys(value))
 
+    @field_validator("keep_fields", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        """`--keep-fields label,topic` (and `--set keep_fields=label`) give one comma-separated string."""
+        return [name.strip() for name in value.split(",") if name.strip()] if isinstance(value, str) else value
+
+    @field_validator("keep_fields")
+    @classmethod
+    def _kept_names(cls, value: list[str]) -> list[str]:
+        taken = [name for name in value if name in DOCUMENT_SCHEMA.names]
+        if taken:
+            raise ValueError(f"{', '.join(map(repr, taken))} is already a documents.parquet column "
+                             f"({', '.join(DOCUMENT_SCHEMA.names)}); keep other fields (the id goes in id_field)")
+        return list(dict.fromkeys(value))
+
     @field_validator("engine")
     @classmethod
     def _engine(cls, value: str) -> str:
@@ -137,6 +157,11 @@ class RunConfig(BaseModel):
         if self.verify == "off":
             return 0
         return 1 if self.verify == "on" else int(self.verify.split(":")[1])
+
+    @property
+    def record_keys(self) -> RecordKeys:
+        """The input fields or columns read besides the text."""
+        return RecordKeys(self.text_pair_field, self.id_field, tuple(self.keep_fields))
 
     @property
     def run_name(self) -> str:

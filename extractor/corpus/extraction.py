@@ -18,7 +18,7 @@ import pyarrow as pa
 from extractor.attribution.agreement import MeasureAgreement
 from extractor.attribution.analysis import BatchAnalysis, analyse_batch
 from extractor.attribution.measures import HEAD_MEASURES
-from extractor.core.encode import TokenizedDoc, collate, model_max_length, tokenize, truncate, windows
+from extractor.core.encode import Text, TokenizedDoc, collate, model_max_length, tokenize, truncate, windows
 from extractor.core.models import LoadedModel, length_warning
 from extractor.core.verify import VerificationReport, fold
 from extractor.corpus.batching import chunks, plan_batches
@@ -43,6 +43,11 @@ class Document:
     units: list[TokenizedDoc]
 
     @property
+    def text(self) -> Text:
+        """The record's text, or its (text, text_pair) sentence pair."""
+        return record_text(self.record)
+
+    @property
     def stored(self) -> TokenizedDoc:
         """The tokens the tables describe: a truncated document is its truncation (positions renumbered)."""
         return self.units[0] if self.units[0].truncated else self.full
@@ -65,10 +70,24 @@ def corpus_statistics(loaded: LoadedModel, config: RunConfig) -> dict[str, Any]:
     return stats
 
 
+def record_text(record: SourceRecord) -> Text:
+    """What the model reads from a readable record: its text, or its (text, text_pair) sentence pair."""
+    assert record.text is not None, "only readable records are tokenised"
+    return record.text if record.text_pair is None else (record.text, record.text_pair)
+
+
+def check_pairs(loaded: LoadedModel, config: RunConfig) -> None:
+    """Sentence pairs are an encoder's input ([CLS] A [SEP] B [SEP]); a decoder's tokenizer would only glue the
+    two texts together, so a run that asks for pairs on a decoder is refused."""
+    if config.text_pair_field and loaded.adapter.causal:
+        raise UserError(f"text_pair_field: model '{config.model}' is a decoder, which reads one text, not a sentence "
+                        "pair; join the two texts into one field, or use an encoder (minilm)")
+
+
 def prepare_documents(records: list[SourceRecord], loaded: LoadedModel, config: RunConfig) -> list[Document]:
     """Tokenise a buffer of readable records and cut each into the units the model sees."""
     limit = min(config.max_length or 10**9, model_max_length(loaded.tokenizer, loaded.model.config))
-    full_docs = tokenize(loaded.tokenizer, [r.text for r in records])  # type: ignore[misc]
+    full_docs = tokenize(loaded.tokenizer, [record_text(r) for r in records])
     documents = []
     for record, full in zip(records, full_docs, strict=True):
         if config.long_documents == "window":
@@ -82,19 +101,25 @@ def prepare_documents(records: list[SourceRecord], loaded: LoadedModel, config: 
 def record_fingerprint(record: SourceRecord) -> str:
     """A short hash of what a record holds (its text, or why it was skipped): `--resume` compares them."""
     content = record.text if record.text is not None else f"\0skipped: {record.reason}"
+    if record.text_pair is not None:
+        content += f"\0pair: {record.text_pair}"
+    if record.source_id is not None or record.fields:
+        content += f"\0id: {record.source_id}\0fields: {sorted(record.fields.items())}"
     return hashlib.blake2b(content.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
 
 
 def document_row(record: SourceRecord, document: Document | None) -> dict[str, Any]:
+    """A documents.parquet row (storage.document_schema): a skipped record keeps its id and kept fields."""
+    given = {"text_pair": record.text_pair, "source_id": record.source_id, **record.fields}
     if document is None:
         return {"doc_id": record.doc_id, "source": record.source, "line": record.line, "n_tokens": 0,
-                "n_windows": 0, "status": "skipped", "reason": record.reason, "text": None}
+                "n_windows": 0, "status": "skipped", "reason": record.reason, "text": None, **given}
     truncated = document.units[0].truncated
     n_tokens = document.units[0].n_tokens if truncated else document.full.n_tokens
     return {"doc_id": record.doc_id, "source": record.source, "line": record.line, "n_tokens": n_tokens,
             "n_windows": len(document.units), "status": "truncated" if truncated else "ok",
             "reason": f"truncated from {document.full.n_tokens} tokens" if truncated else None,
-            "text": record.text}
+            "text": record.text, **given}
 
 
 class Extraction:
@@ -103,6 +128,7 @@ class Extraction:
     def __init__(self, config: RunConfig, loaded: LoadedModel, warn: Callable[[str], None] | None = None) -> None:
         """`warn`: where one-line warnings go (each said once per run), e.g. a document longer than the model
         was trained for."""
+        check_pairs(loaded, config)
         self.config = config
         self.loaded = loaded
         self.warn = warn
@@ -198,7 +224,7 @@ class Extraction:
         tokens = pa.concat_tables([tokens_table(d.record.doc_id, d.stored) for d in documents])
         words = None
         if config.level == "word":
-            words = pa.concat_tables([words_table(d.record.doc_id, d.stored, d.record.text) for d in documents])  # type: ignore[arg-type]
+            words = pa.concat_tables([words_table(d.record.doc_id, d.stored, d.text) for d in documents])
         associations = pa.concat_tables(per_doc_tables) if per_doc_tables else None
         return Part(part_id, rows, tokens, words, associations,
                     state={"verification": report, **stats, "n_tokens": sum(u.n_tokens for _, u in units)},

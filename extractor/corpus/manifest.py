@@ -22,7 +22,8 @@ from extractor.corpus.storage import OutputFolder
 from extractor.errors import UserError
 
 # Settings that change what a run writes: a resumed run must keep them, or its parts would not fit together.
-RESULT_SETTINGS = ("model", "input", "input_format", "text_field", "text_column", "batch_size", "token_budget",
+RESULT_SETTINGS = ("model", "input", "input_format", "text_field", "text_column", "text_pair_field", "id_field",
+                   "keep_fields", "batch_size", "token_budget",
                    "attention_budget",
                    "buffer_size", "bucketing", "max_length", "long_documents", "window_stride", "storage", "top_k",
                    "threshold", "level", "measures", "similarity_rows", "agreement", "limit", "verify", "atol", "dtype")
@@ -59,7 +60,7 @@ def check_input_unchanged(previous: dict[str, Any], config: RunConfig, folder: O
         return
     committed = folder.committed_fingerprints()
     seen = 0
-    for record in read_documents(config.input, config.input_format, config.text_field, config.text_column):
+    for record in read_documents(config.input, config.input_format, config.text_field, config.text_column, config.record_keys):
         seen += 1
         if record.doc_id in committed and committed[record.doc_id] != record_fingerprint(record):
             raise UserError(

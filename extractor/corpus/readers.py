@@ -5,6 +5,13 @@ Formats: .txt (one document per line), .jsonl (`text_field`), .csv/.tsv (`text_c
 UTF-16/UTF-32 with a BOM; LF or CRLF. Invalid bytes, lone surrogates, documents with no visible character
 (empty, whitespace, control, zero-width or combining characters only) and a CSV quote left open to the end of
 the file are skipped with a reason, never a crash.
+
+What the user gave besides the text rides along (`RecordKeys`; .jsonl fields, .csv/.tsv/.parquet columns):
+the record's own id (`id_field` → documents.parquet `source_id`), label columns (`keep_fields`, one
+documents.parquet column each, as text: JSON text for a non-string JSON or Parquet value) and the second
+text of a sentence pair (`text_pair_field`). A record without its id or a kept field keeps the record with a
+null there; a record without its pair text (or with one that is empty or invalid) is skipped with a reason; a
+.csv/.tsv header or a Parquet file that lacks a named column is a one-line error naming the file and column.
 """
 
 from __future__ import annotations
@@ -15,11 +22,12 @@ import io
 import json
 import sys
 import unicodedata
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
-from typing import BinaryIO, TextIO
+from typing import Any, BinaryIO, TextIO
 
 from extractor.errors import UserError, shortened
 
@@ -37,6 +45,53 @@ class SourceRecord:
     line: int  # 1-based line (txt, jsonl; csv/tsv: the record's first physical line) or row number (parquet)
     text: str | None
     reason: str | None = None
+    text_pair: str | None = None  # the pair's second text (text_pair_field), None for a single text
+    source_id: str | None = None  # the record's own id (id_field), None when not asked or absent
+    fields: dict[str, str | None] = field(default_factory=dict)  # kept field → its value as text (keep_fields)
+
+
+@dataclass(frozen=True)
+class RecordKeys:
+    """The fields (.jsonl) or columns (.csv/.tsv/.parquet) read besides the text."""
+
+    text_pair: str | None = None
+    id: str | None = None
+    keep: tuple[str, ...] = ()
+
+    @property
+    def names(self) -> list[str]:
+        """Every field named, once, in order."""
+        return list(dict.fromkeys([*(k for k in (self.text_pair, self.id) if k), *self.keep]))
+
+
+MISSING = object()  # what a lookup returns for a field or column the record lacks
+
+
+def _as_text(value: Any) -> str | None:
+    """A kept value as text: strings as they are, null/absent as None, anything else as its JSON text."""
+    if value is MISSING or value is None:
+        return None
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
+
+
+def _with_keys(record: SourceRecord, lookup: Callable[[str], Any], keys: RecordKeys) -> SourceRecord:
+    """`record` with its id, kept fields and pair text read through `lookup` (name → value, or MISSING); a
+    readable record whose pair text is missing, not text, empty or invalid is skipped with a reason."""
+    source_id = _as_text(lookup(keys.id)) if keys.id else None
+    kept = {name: _as_text(lookup(name)) for name in keys.keep}
+    text, text_pair, reason = record.text, None, record.reason
+    if keys.text_pair and text is not None:
+        value = lookup(keys.text_pair)
+        if value is MISSING or value is None:
+            reason = f"missing text_pair field '{keys.text_pair}'"
+        elif not isinstance(value, str):
+            reason = f"text_pair field '{keys.text_pair}' is not a string"
+        else:
+            text_pair, why = _check_text(value)
+            reason = None if why is None else f"text_pair field '{keys.text_pair}': {why}"
+        if text_pair is None:
+            text = None
+    return replace(record, text=text, reason=reason, text_pair=text_pair, source_id=source_id, fields=kept)
 
 
 def detect_format(path: str, input_format: str = "auto") -> str:
@@ -144,10 +199,11 @@ def read_txt(path: str, source: str) -> Iterator[SourceRecord]:
         yield SourceRecord(doc_id, source, number, text, reason)
 
 
-def read_jsonl(path: str, source: str, text_field: str) -> Iterator[SourceRecord]:
+def read_jsonl(path: str, source: str, text_field: str, keys: RecordKeys = RecordKeys()) -> Iterator[SourceRecord]:
     seen_field = False
     for doc_id, (number, line, invalid) in enumerate(_read_lines(path)):
         text, reason = None, invalid
+        record: Any = None
         if line is not None and not line.strip():
             reason = "empty"
         elif line is not None:
@@ -171,7 +227,10 @@ def read_jsonl(path: str, source: str, text_field: str) -> Iterator[SourceRecord
                     reason = f"field '{text_field}' is not a string"
                 else:
                     text, reason = _check_text(value)
-        yield SourceRecord(doc_id, source, number, text, reason)
+        found = SourceRecord(doc_id, source, number, text, reason)
+        if isinstance(record, dict):
+            found = _with_keys(found, partial(_json_value, record), keys)
+        yield found
 
 
 class _PhysicalLines:
@@ -193,7 +252,9 @@ class _PhysicalLines:
         return line
 
 
-def read_delimited(path: str, source: str, text_column: str, delimiter: str) -> Iterator[SourceRecord]:
+def read_delimited(
+    path: str, source: str, text_column: str, delimiter: str, keys: RecordKeys = RecordKeys()
+) -> Iterator[SourceRecord]:
     with _open_text(path, newline="") as (stream, encoding):
         lines = _PhysicalLines(stream)
         reader = csv.reader(lines, delimiter=delimiter)
@@ -205,11 +266,13 @@ def read_delimited(path: str, source: str, text_column: str, delimiter: str) -> 
             raise UserError(f"{source} line 1: unreadable header ({exc})") from None
         if lines.past_the_end:
             raise UserError(f"{source} line 1: the header opens a quote that is never closed")
-        if text_column not in header:
-            raise UserError(
-                f"{source} line 1: no column '{text_column}' (columns: {shortened(', '.join(header))}); set text_column"
-            )
+        for name, key in [(text_column, "text_column"), *((n, _key_of(n, keys)) for n in keys.names)]:
+            if name not in header:
+                raise UserError(
+                    f"{source} line 1: no column '{name}' (columns: {shortened(', '.join(header))}); set {key}"
+                )
         column = header.index(text_column)
+        columns = {name: header.index(name) for name in keys.names}
         doc_id = 0
         while True:
             number = reader.line_num + 1  # the record's first physical line (quoted fields may span lines)
@@ -235,11 +298,35 @@ def read_delimited(path: str, source: str, text_column: str, delimiter: str) -> 
                 reason = f"invalid {encoding}"
             else:
                 text, reason = _check_text(row[column])
-            yield SourceRecord(doc_id, source, number, text, reason)
+            found = SourceRecord(doc_id, source, number, text, reason)
+            if row and not lines.past_the_end:
+                found = _with_keys(found, partial(_cell, row, columns), keys)
+            yield found
             doc_id += 1
 
 
-def read_parquet(path: str, source: str, text_column: str) -> Iterator[SourceRecord]:
+def _json_value(record: dict[str, Any], name: str) -> Any:
+    return record.get(name, MISSING)
+
+
+def _column_value(values: dict[str, list[Any]], row: int, name: str) -> Any:
+    return values[name][row]
+
+
+def _cell(row: list[str], columns: dict[str, int], name: str) -> Any:
+    """A .csv/.tsv row's cell in column `name`, MISSING when the row is too short or the cell has invalid bytes."""
+    column = columns[name]
+    if column >= len(row) or _has_surrogate(row[column]):
+        return MISSING
+    return row[column]
+
+
+def _key_of(name: str, keys: RecordKeys) -> str:
+    """The config key that named field `name` (for the fix in an error message)."""
+    return "text_pair_field" if name == keys.text_pair else "id_field" if name == keys.id else "keep_fields"
+
+
+def read_parquet(path: str, source: str, text_column: str, keys: RecordKeys = RecordKeys()) -> Iterator[SourceRecord]:
     import pyarrow.parquet as pq
 
     if path == "-":
@@ -251,34 +338,46 @@ def read_parquet(path: str, source: str, text_column: str) -> Iterator[SourceRec
     except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a bad file
         raise UserError(f"{source}: not a readable Parquet file ({str(exc).splitlines()[0]})") from None
     names = parquet.schema_arrow.names
-    if text_column not in names:
-        raise UserError(f"{source}: no column '{text_column}' (columns: {shortened(', '.join(names))}); set text_column")
+    for name, key in [(text_column, "text_column"), *((n, _key_of(n, keys)) for n in keys.names)]:
+        if name not in names:
+            raise UserError(f"{source}: no column '{name}' (columns: {shortened(', '.join(names))}); set {key}")
     doc_id = 0
     text: str | None
     reason: str | None
-    for batch in parquet.iter_batches(columns=[text_column], batch_size=4096):
-        for value in batch.column(0).to_pylist():
+    wanted = list(dict.fromkeys([text_column, *keys.names]))
+    for batch in parquet.iter_batches(columns=wanted, batch_size=4096):
+        values = {name: batch.column(name).to_pylist() for name in wanted}
+        for row, value in enumerate(values[text_column]):
             if value is None:
                 text, reason = None, "null"
             elif not isinstance(value, str):
                 text, reason = None, f"column '{text_column}' is not text"
             else:
                 text, reason = _check_text(value)
-            yield SourceRecord(doc_id, source, doc_id + 1, text, reason)
+            found = SourceRecord(doc_id, source, doc_id + 1, text, reason)
+            yield _with_keys(found, partial(_column_value, values, row), keys) if keys.names else found
             doc_id += 1
 
 
-def read_documents(path: str, input_format: str = "auto", text_field: str = "text", text_column: str = "text") -> Iterator[SourceRecord]:
-    """Every record of `path`, in order, each with a doc_id; format errors raise `UserError` before any record."""
+def read_documents(
+    path: str, input_format: str = "auto", text_field: str = "text", text_column: str = "text",
+    keys: RecordKeys = RecordKeys(),
+) -> Iterator[SourceRecord]:
+    """Every record of `path`, in order, each with a doc_id; format errors raise `UserError` before any record.
+
+    `keys`: the pair text, id and kept fields to read too (not for .txt input, which has none)."""
     fmt = detect_format(path, input_format)
     source = "<stdin>" if path == "-" else path
     if fmt == "txt":
+        if keys.names:
+            raise UserError(f"input '{source}' is plain text: it has no field '{keys.names[0]}'; give a .jsonl, .csv, "
+                            f".tsv or .parquet input, or unset {_key_of(keys.names[0], keys)}")
         return read_txt(path, source)
     if fmt == "jsonl":
-        return read_jsonl(path, source, text_field)
+        return read_jsonl(path, source, text_field, keys)
     if fmt in ("csv", "tsv"):
-        return read_delimited(path, source, text_column, "," if fmt == "csv" else "\t")
-    return read_parquet(path, source, text_column)
+        return read_delimited(path, source, text_column, "," if fmt == "csv" else "\t", keys)
+    return read_parquet(path, source, text_column, keys)
 
 
 def count_records(path: str, input_format: str = "auto") -> int | None:

@@ -36,7 +36,8 @@ def run_corpus(
     folder is still locked (after a complete run, only those missing)."""
     runtime.configure(config.threads)
     # Open the input first: a missing file, field or column, or no records, fails before anything is written.
-    records = peeked(read_documents(config.input, config.input_format, config.text_field, config.text_column),
+    records = peeked(read_documents(config.input, config.input_format, config.text_field, config.text_column,
+                                    config.record_keys),
                      config)
     engine = engine_for(config.engine)
     engine.check_available()  # e.g. without Ray, say how to install it before anything is written

@@ -317,6 +317,13 @@ class RunFolder:
             return None
         return {int(d): t for d, t in zip(documents["doc_id"], documents["text"], strict=True) if t is not None}
 
+    def _pair_texts(self, doc_ids: Sequence[int]) -> dict[int, str]:
+        """doc_id → a sentence pair's second text (documents.parquet `text_pair`), for the pairs among `doc_ids`."""
+        documents = self.table("documents", doc_ids) if self.has("documents") else None
+        if documents is None or "text_pair" not in documents:
+            return {}
+        return {int(d): t for d, t in zip(documents["doc_id"], documents["text_pair"], strict=True) if isinstance(t, str)}
+
     def texts(self, doc_ids: Sequence[int]) -> dict[int, str]:
         """doc_id → the document's original text; runs written before documents kept their text get it
         rebuilt from their tokens (`text_from_tokens`)."""
@@ -336,14 +343,16 @@ class RunFolder:
             else:
                 units, position, token = self.tokens(wanted), "position", "token"
             texts = self.stored_texts(wanted) or {}  # spans index the original text only
+            pairs = self._pair_texts(wanted)  # a sentence pair's segment-1 spans index its second text
             for doc_id, rows in units.groupby("doc_id", sort=False):
                 rows = rows.drop_duplicates(position).sort_values(position)
-                text = texts.get(int(doc_id))
+                own = (texts.get(int(doc_id)), pairs.get(int(doc_id)))
+                segments = rows["segment"] if "segment" in rows else [0] * len(rows)
                 labels = [""] * (int(rows[position].max()) + 1)
-                for pos, unit, start, end in zip(
-                    rows[position], rows[token], rows["char_start"], rows["char_end"], strict=True
+                for pos, unit, start, end, segment in zip(
+                    rows[position], rows[token], rows["char_start"], rows["char_end"], segments, strict=True
                 ):
-                    labels[int(pos)] = position_label(text, int(start), int(end), str(unit))
+                    labels[int(pos)] = position_label(own[int(segment)], int(start), int(end), str(unit))
                 special = [int(p) for p, s in zip(rows[position], rows["is_special"], strict=True) if s]
                 self._labels[int(doc_id)] = (labels, special)
         return {int(d): self._labels[int(d)] for d in doc_ids if int(d) in self._labels}

@@ -53,8 +53,15 @@ DOCUMENT_SCHEMA = pa.schema(
         pa.field("status", pa.string()),
         pa.field("reason", pa.string()),
         pa.field("text", pa.string()),  # the record's original text (token char spans index into it)
+        pa.field("text_pair", pa.string()),  # a sentence pair's second text (spans of segment-1 tokens index into it)
+        pa.field("source_id", pa.string()),  # the record's own id (id_field), as text
     ]
 )
+
+
+def document_schema(kept_fields: list[str]) -> pa.Schema:
+    """documents.parquet's columns: DOCUMENT_SCHEMA, then one text column per kept input field (keep_fields)."""
+    return pa.schema([*DOCUMENT_SCHEMA, *(pa.field(name, pa.string()) for name in kept_fields)])
 
 
 @dataclass
@@ -289,7 +296,8 @@ class OutputFolder:
         if part.associations is not None and part.associations.num_rows:
             files.append(f"associations/part-{name}.parquet")
             write_associations(part.associations, self.path / files[-1], part.associations_ordered)
-        documents = pa.Table.from_pylist(part.documents, schema=DOCUMENT_SCHEMA)
+        kept = [name for name in part.documents[0] if name not in DOCUMENT_SCHEMA.names] if part.documents else []
+        documents = pa.Table.from_pylist(part.documents, schema=document_schema(kept))
         files.append(f"_parts/{name}.documents.parquet")
         _write_table(documents, self.path / files[-1])
         for label, table in (("tokens", part.tokens), ("words", part.words)):

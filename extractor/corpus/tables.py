@@ -16,7 +16,7 @@ import torch
 
 from extractor.attribution.analysis import BatchAnalysis, DocAttention
 from extractor.attribution.measures import HEAD_MEASURES, LAYER_MEASURES
-from extractor.core.encode import TokenizedDoc
+from extractor.core.encode import Text, TokenizedDoc, segment_texts
 from extractor.core.recompute import visible_keys
 from extractor.corpus.kernels import topk_rows
 
@@ -36,6 +36,7 @@ TOKEN_SCHEMA = pa.schema(
         pa.field("is_special", pa.bool_()),
         pa.field("char_start", pa.int32()),
         pa.field("char_end", pa.int32()),
+        pa.field("segment", pa.int8()),  # 0: the text; 1: the pair's text (char spans index into that text)
     ]
 )
 WORD_SCHEMA = pa.schema(
@@ -47,6 +48,7 @@ WORD_SCHEMA = pa.schema(
         pa.field("n_tokens", pa.int32()),
         pa.field("char_start", pa.int32()),
         pa.field("char_end", pa.int32()),
+        pa.field("segment", pa.int8()),  # 0: the text; 1: the pair's text (char spans index into that text)
     ]
 )
 
@@ -250,7 +252,7 @@ def association_table(
 
 
 def tokens_table(doc_id: int, doc: TokenizedDoc) -> pa.Table:
-    """One row per real token: its text, word, whether it is special, and its character span."""
+    """One row per real token: its text, word, whether it is special, its character span and its segment."""
     n = doc.n_tokens
     return pa.table(
         [
@@ -261,35 +263,41 @@ def tokens_table(doc_id: int, doc: TokenizedDoc) -> pa.Table:
             pa.array(doc.is_special, pa.bool_()),
             pa.array([a for a, _ in doc.offsets], pa.int32()),
             pa.array([b for _, b in doc.offsets], pa.int32()),
+            pa.array(doc.token_segments, pa.int8()),
         ],
         schema=TOKEN_SCHEMA,
     )
 
 
-def word_spans(doc: TokenizedDoc, text: str) -> list[tuple[str, bool, int, int, int]]:
-    """Per word: (surface text, is_special, n_tokens, char_start, char_end). Specials keep their token text."""
+def word_spans(doc: TokenizedDoc, text: Text) -> list[tuple[str, bool, int, int, int, int]]:
+    """Per word: (surface text, is_special, n_tokens, char_start, char_end, segment). Specials keep their token
+    text; spans index into the word's own segment's text (`text`: the document's text, or its pair)."""
+    texts = segment_texts(text)
     spans: dict[int, list] = {}
-    for token, word, special, (start, end) in zip(doc.tokens, doc.word_index, doc.is_special, doc.offsets, strict=True):
+    for token, word, special, (start, end), segment in zip(
+        doc.tokens, doc.word_index, doc.is_special, doc.offsets, doc.token_segments, strict=True
+    ):
         if word not in spans:
-            spans[word] = [token, special, 0, start, end]
+            spans[word] = [token, special, 0, start, end, segment]
         entry = spans[word]
         entry[2] += 1
         if not special:
             entry[3] = min(entry[3], start) if entry[2] > 1 else start
             entry[4] = max(entry[4], end)
     result = []
-    for _, (label, special, count, start, end) in sorted(spans.items()):
+    for _, (label, special, count, start, end, segment) in sorted(spans.items()):
+        own = texts[segment]
         if not special:  # byte-level BPE offsets (GPT-2, RoBERTa) include the space before a word
-            while start < end and text[start].isspace():
+            while start < end and own[start].isspace():
                 start += 1
-            while end > start and text[end - 1].isspace():
+            while end > start and own[end - 1].isspace():
                 end -= 1
-        result.append((label if special else text[start:end], special, count, start, end))
+        result.append((label if special else own[start:end], special, count, start, end, segment))
     return result
 
 
-def words_table(doc_id: int, doc: TokenizedDoc, text: str) -> pa.Table:
-    """One row per word (the positions of word-level associations)."""
+def words_table(doc_id: int, doc: TokenizedDoc, text: Text) -> pa.Table:
+    """One row per word (the positions of word-level associations); `text`: the text, or (text, text_pair)."""
     spans = word_spans(doc, text)
     return pa.table(
         [
@@ -300,6 +308,7 @@ def words_table(doc_id: int, doc: TokenizedDoc, text: str) -> pa.Table:
             pa.array([s[2] for s in spans], pa.int32()),
             pa.array([s[3] for s in spans], pa.int32()),
             pa.array([s[4] for s in spans], pa.int32()),
+            pa.array([s[5] for s in spans], pa.int8()),
         ],
         schema=WORD_SCHEMA,
     )

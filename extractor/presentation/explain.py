@@ -6,6 +6,8 @@ how token i spreads its attention over every token j; Z is the mixture of value 
 
 from __future__ import annotations
 
+import unicodedata
+
 from extractor.attribution.analysis import DocAttention
 from extractor.attribution.attention import row_entropy
 from extractor.attribution.measures import LAYER_MEASURES, REGISTRY
@@ -13,22 +15,33 @@ from extractor.core.encode import strip_subword_markers
 from extractor.errors import UserError, shortened
 
 
-def normalise_token(token: str) -> str:
-    """Token text without subword markers (BERT `##`, GPT-2 `Ġ`), lower-cased."""
-    return strip_subword_markers(token).strip().lower()
+def normalise_token(token: str, level: str = "token") -> str:
+    """Token text without subword markers (BERT `##`, GPT-2 `Ġ`), lower-cased; at level word also without
+    punctuation at either end (so 'cats' finds the word 'cats.', and '"didn't"' finds didn't), unless the word
+    is punctuation only ('...' finds '...')."""
+    text = strip_subword_markers(token).strip().lower()
+    if level != "word":
+        return text
+    start, end = 0, len(text)
+    while start < end and unicodedata.category(text[start]).startswith("P"):
+        start += 1
+    while end > start and unicodedata.category(text[end - 1]).startswith("P"):
+        end -= 1
+    return text[start:end] or text
 
 
 def find_token(doc: DocAttention, token: str, occurrence: int = 1) -> int:
-    """Position of the `occurrence`-th token (1-based) whose text is `token`; a clear error listing the tokens if absent."""
+    """Position of the `occurrence`-th token (or word, at level word: what was typed between spaces, matched
+    without punctuation at its ends) whose text is `token`; a clear error listing the tokens if absent."""
     if occurrence < 1:
         raise UserError(f"--occurrence counts from 1; got {occurrence}")
-    wanted = normalise_token(token)
+    wanted = normalise_token(token, doc.level)
     labels = doc.labels()
-    matches = [i for i, t in enumerate(labels) if normalise_token(t) == wanted]
+    matches = [i for i, t in enumerate(labels) if normalise_token(t, doc.level) == wanted]
     if len(matches) < occurrence:
         raise UserError(
-            f"token '{shortened(token)}' is not in the text (occurrence {occurrence}); "
-            f"its tokens are: {shortened(' '.join(labels))}"
+            f"{'word' if doc.level == 'word' else 'token'} '{shortened(token)}' is not in the text (occurrence "
+            f"{occurrence}); its {doc.level}s are: {shortened(' '.join(labels))}"
         )
     return matches[occurrence - 1]
 

@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from extractor.attribution.analysis import DocAttention
+from extractor.core.encode import Text
 from extractor.core.verify import VerificationReport
 from extractor.corpus.manifest import verification_summary
 from extractor.corpus.storage import write_associations
@@ -114,7 +115,7 @@ def summary_html(
 
 def write_run_folder(
     folder: Path,
-    shown: Sequence[tuple[int, str, DocAttention]],
+    shown: Sequence[tuple[int, Text, DocAttention]],
     provenance: dict[str, Any],
     causal: bool,
     top_k: int | None,
@@ -162,7 +163,7 @@ def write_run_folder(
 
 
 def interactive_page(
-    shown: Sequence[tuple[int, str, DocAttention]],
+    shown: Sequence[tuple[int, Text, DocAttention]],
     provenance: dict[str, Any],
     causal: bool,
     top_k: int | None,
