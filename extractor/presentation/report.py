@@ -519,7 +519,7 @@ def build_report(
         return embed_json(document), doc_max
 
     levels = detail_levels(keys_stored)
-    sample = {doc_id: {} for doc_id in ids[:3]}  # doc → level → encoded: the size estimate per level
+    sample: dict[int, dict[Any, Any]] = {doc_id: {} for doc_id in ids[:3]}  # doc → level → encoded: size estimate per level
     level = levels[0]
     for level in levels:
         sizes = [len(sample[d].setdefault(level, encode(d, level))[0]) + 1 for d in sample]
