@@ -165,3 +165,34 @@ def test_not_a_run_folder(tmp_path: Path) -> None:
 def test_unknown_format(run_dir: Path) -> None:
     line = one_line_error(["query", str(run_dir), "SELECT 1", "--format", "xml"])
     assert line == "error: --format 'xml' is not supported; choose table, csv, json or jsonl"
+
+
+def test_query_streams_and_counts_rows(run_dir: Path) -> None:
+    """The result arrives batch by batch (8 rows a batch here) and prints the same rows as one fetch; the table
+    format keeps its first --max-rows rows and says on stderr how many rows there were."""
+    run = open_run(run_dir)
+    sql = "SELECT doc_id, layer, head, query_pos, key_pos FROM associations ORDER BY ALL"
+    batches = list(run.stream(sql, rows=8))
+    assert len(batches) > 2 and all(b.num_rows <= 8 for b in batches)
+    streamed = pd.concat([b.to_pandas() for b in batches], ignore_index=True)
+    pd.testing.assert_frame_equal(streamed, run.fetch(sql))
+    as_jsonl = invoke(["query", str(run_dir), sql, "--format", "jsonl"])
+    assert len(as_jsonl.stdout.splitlines()) == len(streamed)
+    as_json = invoke(["query", str(run_dir), sql, "--format", "json"])
+    assert len(json.loads(as_json.stdout)) == len(streamed)
+    table = invoke(["query", str(run_dir), sql, "--max-rows", "3"])
+    assert table.exit_code == 0 and len(table.stdout.strip().splitlines()) == 1 + 3
+    assert table.stderr.strip() == f"({len(streamed):,} rows, first 3 shown: raise --max-rows)"
+
+
+def test_a_summary_run_explains_why_it_has_no_associations(tmp_path: Path, tiny_model_dir) -> None:
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("Cats sleep.\nDogs bark.\n")
+    out = tmp_path / "summary"
+    result = invoke(["run", "--model", str(tiny_model_dir("bert")), "-i", str(corpus), "-o", str(out),
+                     "--storage", "summary", "--quiet", "--no-plots", "--no-report"])
+    assert result.exit_code == 0, result.output
+    line = one_line_error(["query", str(out), "SELECT count(*) FROM associations"])
+    assert "stored no associations (storage: summary)" in line and "heads" in line
+    line = one_line_error(["query", str(out), "SELECT * FROM agreement"])
+    assert "has no agreement.parquet (set agreement: true)" in line

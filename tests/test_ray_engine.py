@@ -133,6 +133,7 @@ def test_ray_run_equals_local_run(ray_instance: str, local_run: Path, tmp_path: 
     command = [sys.executable, "-m", "extractor", *args]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
+    assert result.stderr.strip() == "", result.stderr  # --quiet: no Ray log line either (native ones included)
     assert ray.cluster_resources().get("CPU") == 2, "the run must leave the cluster it joined running"
 
     def layout(output: Path) -> set[str]:  # part files are numbered differently

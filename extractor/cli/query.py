@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Iterator
+from typing import Annotated, Any
 
 import typer
 
@@ -27,12 +28,38 @@ def query(
         *others, last = QUERY_FORMATS
         raise UserError(f"--format '{format}' is not supported; choose {', '.join(others)} or {last}")
     with reading(output_dir):
-        frame = open_run(output_dir).fetch(sql)
-    if format == "csv":
-        typer.echo(frame.to_csv(index=False), nl=False)
-    elif format == "json":
-        typer.echo(frame.to_json(orient="records"))
-    elif format == "jsonl":
-        typer.echo(frame.to_json(orient="records", lines=True), nl=False)
-    else:
-        typer.echo(frame.to_string(index=False, max_rows=max_rows) if len(frame) else "(no rows)")
+        shown = print_rows(open_run(output_dir).stream(sql), format, max_rows)
+    if format == "table":  # a person reads it: say how many rows there were (on stderr: stdout stays the table)
+        typer.echo(f"({shown[1]:,} row{'s' if shown[1] != 1 else ''}"
+                   + (f", first {shown[0]:,} shown: raise --max-rows" if shown[0] < shown[1] else "") + ")", err=True)
+
+
+def print_rows(batches: Iterator[Any], format: str, max_rows: int) -> tuple[int, int]:
+    """Print the result as it streams in (batch by batch; the table format keeps only its first `max_rows`
+    rows); returns (rows shown, rows in the result)."""
+    import pandas as pd
+
+    total, kept = 0, []
+    first = True
+    if format == "json":
+        typer.echo("[", nl=False)
+    for batch in batches:
+        frame = batch.to_pandas()
+        if format == "csv":
+            typer.echo(frame.to_csv(index=False, header=first), nl=False)
+        elif format == "json":
+            body = frame.to_json(orient="records")[1:-1]
+            typer.echo(("" if first or not body else ",") + body, nl=False)
+        elif format == "jsonl" and len(frame):
+            typer.echo(frame.to_json(orient="records", lines=True), nl=False)
+        elif format == "table" and total < max_rows:
+            kept.append(frame.head(max_rows - total))
+        first = first and not len(frame)
+        total += len(frame)
+    if format == "json":
+        typer.echo("]")
+    if format == "table":
+        table = pd.concat(kept) if kept else pd.DataFrame()
+        typer.echo(table.to_string(index=False) if len(table) else "(no rows)")
+        return len(table), total
+    return total, total

@@ -7,13 +7,16 @@ Which files a run folder holds is `extractor.corpus.run_folder`'s knowledge (`Ru
 
 from __future__ import annotations
 
+import re
 import tempfile
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow as pa
 
 from extractor.errors import UserError, first_line
 
@@ -36,18 +39,46 @@ def read_only_connection(views: Mapping[str, Sequence[Path]]) -> Any:  # duckdb.
     return con
 
 
-def fetch(con: Any, sql: str, damaged: Callable[[], bool]) -> pd.DataFrame:
-    """Run `sql` on `con` → its rows (no rows for a statement that returns none). Mistakes are one-line
-    UserErrors; a failure while some file is `damaged()` is raised as it is (`run_folder.reading` names it)."""
+def fetch(con: Any, sql: str, damaged: Callable[[], bool], missing: Callable[[str], str | None] = lambda _: None,
+          ) -> pd.DataFrame:
+    """Run `sql` on `con` → its rows (no rows for a statement that returns none); errors as `mapped_errors`."""
+    with mapped_errors(damaged, missing):
+        relation = run_sql(con, sql)
+        return relation.df() if relation is not None else pd.DataFrame()
+
+
+def stream(con: Any, sql: str, damaged: Callable[[], bool], missing: Callable[[str], str | None] = lambda _: None,
+           rows: int = 1 << 16) -> Iterator[pa.RecordBatch]:
+    """Run `sql` on `con` and yield its rows `rows` at a time (nothing for a statement that returns none), so a
+    large result never sits in memory whole; errors (also those met while reading) as `mapped_errors`."""
+    with mapped_errors(damaged, missing):
+        relation = run_sql(con, sql)
+        if relation is None:
+            return
+        yield from relation.to_arrow_reader(rows)
+
+
+def run_sql(con: Any, sql: str) -> Any:
+    """A DuckDB relation for a query (read lazily), None for a statement that returns no rows."""
+    if not con.extract_statements(sql):
+        raise UserError("the query is empty; give SQL such as 'SELECT * FROM documents LIMIT 5'")
+    return con.sql(sql)
+
+
+@contextmanager
+def mapped_errors(damaged: Callable[[], bool], missing: Callable[[str], str | None]) -> Iterator[None]:
+    """DuckDB's errors as one-line UserErrors (`missing(view)` explains a view the run lacks); a failure while
+    some file is `damaged()` is raised as it is (`run_folder.reading` names the file)."""
     import duckdb
 
     try:
-        if not con.extract_statements(sql):
-            raise UserError("the query is empty; give SQL such as 'SELECT * FROM documents LIMIT 5'")
-        result = con.execute(sql)
-        return result.fetchdf() if result.description is not None else pd.DataFrame()
+        yield
     except duckdb.PermissionException as exc:
         raise UserError(f"query failed: {first_line(exc)} (queries read the run's tables only)") from None
+    except duckdb.CatalogException as exc:
+        name = re.search(r"Table with name (\w+) does not exist", str(exc))
+        reason = missing(name.group(1)) if name else None
+        raise UserError(f"query failed: {first_line(exc)}" + (f" ({reason})" if reason else "")) from None
     except duckdb.Error as exc:
         if damaged():
             raise

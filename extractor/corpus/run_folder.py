@@ -40,7 +40,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from extractor.corpus.query import fetch, read_only_connection
+from extractor.corpus.query import fetch, read_only_connection, stream
 from extractor.errors import UserError, first_line
 
 MANIFEST = "manifest.json"
@@ -492,12 +492,32 @@ class RunFolder:
         return self._shared_connection().view(name)
 
     def fetch(self, query: str) -> pd.DataFrame:
-        """Run `query` (what `extractor query` prints) on a fresh read-only connection → its rows."""
+        """Run `query` on a fresh read-only connection → its rows."""
         con = self.connect()
         try:
-            return fetch(con, query, damaged=lambda: bool(damaged_files(self.path)))
+            return fetch(con, query, damaged=lambda: bool(damaged_files(self.path)), missing=self.why_missing)
         finally:
             con.close()
+
+    def stream(self, query: str, rows: int = 1 << 16) -> Iterator[pa.RecordBatch]:
+        """Run `query` (what `extractor query` prints) on a fresh read-only connection and yield its rows `rows`
+        at a time: a result larger than memory is never held whole."""
+        con = self.connect()
+        try:
+            yield from stream(con, query, damaged=lambda: bool(damaged_files(self.path)), missing=self.why_missing,
+                              rows=rows)
+        finally:
+            con.close()
+
+    def why_missing(self, view: str) -> str | None:
+        """Why this run has no view `view`, when it is one a run can have but this one did not write."""
+        if view == "associations" and not self.has_associations():
+            storage = self.config.get("storage", "unknown")
+            return (f"run '{self.path}' stored no associations (storage: {storage}): its per-head metrics are in "
+                    "heads; rerun with storage topk, dense or threshold for pair tables")
+        if view in TABLES and not self.has(view):
+            return f"run '{self.path}' has no {TABLES[view]}" + (" (set agreement: true)" if view == "agreement" else "")
+        return None
 
 
 def open_run(path: str | Path | RunFolder) -> RunFolder:

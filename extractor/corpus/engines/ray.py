@@ -252,6 +252,20 @@ def worker_config(config: RunConfig, output: Path) -> dict[str, Any]:
 
 
 @contextmanager
+def native_stderr_silenced() -> Iterator[None]:
+    """Send what native code writes to file descriptor 2 to /dev/null meanwhile (Python's own errors still
+    surface as exceptions): Ray's C++ core prints start-up log lines there that no Python setting reaches."""
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as sink:
+            os.dup2(sink.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+@contextmanager
 def ray_session(ray: ModuleType, address: str | None) -> Iterator[None]:
     """Use the Ray instance this process already joined, or join `address` (None: $RAY_ADDRESS, a cluster
     started on this machine with `ray start`, else a new local instance) and leave it at the end."""
@@ -262,12 +276,13 @@ def ray_session(ray: ModuleType, address: str | None) -> Iterator[None]:
         # log_to_driver off, and the driver's own core worker quiet: a lost node or worker is reported once by the
         # engine, not by Ray's logs (RAY_BACKEND_LOG_LEVEL, read when the core worker starts, can override this)
         os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
-        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+        with native_stderr_silenced():  # the core worker announces that log level on stderr as it starts
+            ray.init(address=address, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
     except Exception as exc:  # noqa: BLE001 - ConnectionError, RuntimeError, gRPC errors, depending on the address
         where = f"at '{address}'" if address else "(no address: a local instance)"
         raise UserError(
             f"cannot start or reach the Ray cluster {where} ({str(exc).splitlines()[0].rstrip('.')}); start "
-            "one with `ray start --head` and pass --address auto, or ray://HOST:PORT for a remote cluster"
+            "one with `ray start --head` and pass --address auto or HOST:PORT"
         ) from exc
     try:
         yield
