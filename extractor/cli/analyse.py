@@ -15,10 +15,10 @@ from extractor.errors import UserError
 def verify(
     text: TextOption = [],  # noqa: B006 - typer reads the default
     model: ModelOption = "minilm",
-    atol: Annotated[float | None, typer.Option("--atol", help="Tolerance; default 1e-5 (float32), 2e-2 (bfloat16).")] = None,
-    max_length: Annotated[int | None, typer.Option(help="Truncate each text to this many tokens.")] = None,
-    device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N.")] = "cpu",
-    dtype: Annotated[str, typer.Option(help="float32 | bfloat16.")] = "float32",
+    atol: Annotated[float | None, typer.Option("--atol", metavar="X", help="Tolerance; default 1e-5 (float32), 2e-2 (bfloat16).")] = None,
+    max_length: Annotated[int | None, typer.Option(metavar="N", help="Truncate each text to this many tokens.")] = None,
+    device: Annotated[str, typer.Option(metavar="DEVICE", help="cpu | cuda | cuda:N.")] = "cpu",
+    dtype: Annotated[str, typer.Option(metavar="float32|bfloat16", help="Weights and activations dtype.")] = "float32",
 ) -> None:
     """Rebuild Q·Kᵀ·scale, masks, softmax, A and Z from the model's weights and compare with Hugging Face."""
     from extractor.api import extract
@@ -40,14 +40,14 @@ def verify(
 
 @user_errors
 def explain(
-    token: Annotated[str, typer.Option("--token", help="The token whose row of A to show (e.g. 'it').")],
+    token: Annotated[str, typer.Option("--token", metavar="TOKEN", help="The token whose row of A to show (e.g. 'it').")],
     text: TextOption = [],  # noqa: B006
     model: ModelOption = "minilm",
-    layer: Annotated[int | None, typer.Option(help="Layer (0-based); omit to pick the sharpest heads.")] = None,
-    head: Annotated[int | None, typer.Option(help="Head (0-based).")] = None,
-    measure: Annotated[str, typer.Option(help="What to show: " + " | ".join(MEASURES) + ".")] = "attention",
-    occurrence: Annotated[int, typer.Option(help="Which occurrence of the token (1 = first).")] = 1,
-    level: Annotated[str, typer.Option(help="token or word.")] = "token",
+    layer: Annotated[int | None, typer.Option(metavar="N", help="Layer (0-based); omit to pick the sharpest heads.")] = None,
+    head: Annotated[int | None, typer.Option(metavar="N", help="Head (0-based).")] = None,
+    measure: Annotated[str, typer.Option(metavar="MEASURE", help="What to show: " + " | ".join(MEASURES) + ".")] = "attention",
+    occurrence: Annotated[int, typer.Option(metavar="N", help="Which occurrence of the token (1 = first).")] = 1,
+    level: Annotated[str, typer.Option(metavar="token|word", help="Positions: tokens, or words as typed.")] = "token",
 ) -> None:
     """Show token i's row of A (who it attends to, how strongly) and how Z = A·V follows from it."""
     from extractor.api import extract

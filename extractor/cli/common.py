@@ -39,8 +39,8 @@ def user_errors(command: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-ModelOption = Annotated[str, typer.Option("--model", "-m", help="Hub id, save_pretrained folder, or 'minilm' (bundled, offline).")]
-TextOption = Annotated[list[str], typer.Option("--text", "-t", help="A text to analyse; repeat for several.")]
+ModelOption = Annotated[str, typer.Option("--model", "-m", metavar="MODEL", help="Hub id, save_pretrained folder, or 'minilm' (bundled, offline).")]
+TextOption = Annotated[list[str], typer.Option("--text", "-t", metavar="TEXT", help="A text to analyse; repeat for several.")]
 
 
 def checked_texts(texts: list[str]) -> list[str]:

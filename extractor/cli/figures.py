@@ -19,15 +19,15 @@ def _summary(paths: list[Path], folder: Path) -> str:
 
 @user_errors
 def plot(
-    output_dir: Annotated[Path, typer.Argument(help="The output folder of an `extractor run`.")],
+    output_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="The output folder of an `extractor run`.")],
     doc: Annotated[
-        int | None, typer.Option("--doc", help="Document id (default: the first document with status ok).")
+        int | None, typer.Option("--doc", metavar="ID", help="Document id (default: the first document with status ok).")
     ] = None,
     layer: Annotated[
-        int | None, typer.Option("--layer", help="Layer (0-based; default: the sharpest head's).")
+        int | None, typer.Option("--layer", metavar="N", help="Layer (0-based; default: the sharpest head's).")
     ] = None,
     head: Annotated[
-        int | None, typer.Option("--head", help="Head (0-based; default: lowest mean row entropy).")
+        int | None, typer.Option("--head", metavar="N", help="Head (0-based; default: lowest mean row entropy).")
     ] = None,
 ) -> None:
     """Draw a run's figures (PNG + SVG) into OUTPUT_DIR/plots/.
@@ -50,12 +50,12 @@ def plot(
 
 @user_errors
 def compare(
-    run_a: Annotated[Path, typer.Argument(help="The reference run's output folder (A).")],
-    run_b: Annotated[Path, typer.Argument(help="The run to compare with it (B); differences are B − A.")],
+    run_a: Annotated[Path, typer.Argument(metavar="RUN_A", help="The reference run's output folder (A).")],
+    run_b: Annotated[Path, typer.Argument(metavar="RUN_B", help="The run to compare with it (B); differences are B − A.")],
     output: Annotated[
         Path | None,
         typer.Option(
-            "--output", "-o", help="Folder for the results (default: RUN_B/compare_vs_<name of A>/)."
+            "--output", "-o", metavar="DIR", help="Folder for the results (default: RUN_B/compare_vs_<name of A>/)."
         ),
     ] = None,
 ) -> None:

@@ -16,10 +16,10 @@ QUERY_FORMATS = {"table": "aligned columns", "csv": "CSV with a header", "json":
 
 @user_errors
 def query(
-    output_dir: Annotated[str, typer.Argument(help="A run's output folder.")],
-    sql: Annotated[str, typer.Argument(help="SQL over views associations, tokens, words, documents, verification, heads, head_similarity.")],
-    format: Annotated[str, typer.Option("--format", help="; ".join(f"{k}: {v}" for k, v in QUERY_FORMATS.items()) + ".")] = "table",
-    max_rows: Annotated[int, typer.Option(help="Rows shown in table format.")] = 50,
+    output_dir: Annotated[str, typer.Argument(metavar="RUN_DIR", help="A run's output folder.")],
+    sql: Annotated[str, typer.Argument(metavar="SQL", help="SQL over views associations, tokens, words, documents, verification, heads, head_similarity, agreement.")],
+    format: Annotated[str, typer.Option("--format", metavar="table|csv|json|jsonl", help="; ".join(f"{k}: {v}" for k, v in QUERY_FORMATS.items()) + ".")] = "table",
+    max_rows: Annotated[int, typer.Option(metavar="N", help="Rows shown in table format.")] = 50,
 ) -> None:
     """Query a run's Parquet outputs with DuckDB SQL (read-only: queries cannot read or write other files)."""
     from extractor.corpus.run_folder import open_run, reading

@@ -14,12 +14,12 @@ from extractor.presentation.limits import DEFAULT_MAX_BYTES, DEFAULT_MAX_DOCS
 
 @user_errors
 def report(
-    output_dir: Annotated[str, typer.Argument(help="A run's output folder.")],
+    output_dir: Annotated[str, typer.Argument(metavar="RUN_DIR", help="A run's output folder.")],
     max_docs: Annotated[
-        int, typer.Option("--max-docs", help="Most documents embedded in the page.")
+        int, typer.Option("--max-docs", metavar="N", help="Most documents embedded in the page.")
     ] = DEFAULT_MAX_DOCS,
     max_mb: Annotated[
-        float, typer.Option("--max-mb", help="Most megabytes (10⁶ bytes) for the whole file.")
+        float, typer.Option("--max-mb", metavar="MB", help="Most megabytes (10⁶ bytes) for the whole file.")
     ] = (DEFAULT_MAX_BYTES / 1e6),
 ) -> None:
     """Write OUTPUT_DIR/report.html: provenance, verification, head grid, token-to-token view (offline)."""
