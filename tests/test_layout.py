@@ -66,3 +66,10 @@ def test_a_corpus_run_imports_no_plotting_library() -> None:
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('matplotlib', 'seaborn')))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_the_benchmark_finds_its_corpus() -> None:
+    """The benchmark reads the repository's sample corpus by a path relative to its own module."""
+    from extractor.bench.throughput import SAMPLE
+
+    assert SAMPLE.is_file() and SAMPLE.name == "sample.txt"

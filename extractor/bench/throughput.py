@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-SAMPLE = Path(__file__).resolve().parent.parent / "data" / "sample.txt"
+SAMPLE = Path(__file__).resolve().parents[2] / "data" / "sample.txt"  # the repository's data/
 CASES = {
     "a": "HF forward, sdpa, no attentions",
     "b": "HF forward, eager, output_attentions",
