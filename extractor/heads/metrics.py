@@ -307,15 +307,20 @@ class HeadStats:
         self.doc_squares = {m: torch.zeros(n_layers, n_heads, dtype=torch.float64) for m in METRICS}
         self.doc_counts = {m: torch.zeros(n_layers, n_heads, dtype=torch.float64) for m in METRICS}
 
-    def _add(self, name: str, total: torch.Tensor, weight: torch.Tensor, layer: int | slice = slice(None)) -> None:
-        """total, weight: [document, head] (one layer) or [document, layer, head] (every layer)."""
-        self.totals[name][layer] += total.sum(dim=0).cpu()
-        self.weights[name][layer] += weight.sum(dim=0).cpu()
+    def _add(self, sums: Sums, layer: int | slice = slice(None)) -> None:
+        """Fold one batch's sums in: per metric (total, weight), each [document, head] (one layer) or
+        [document, layer, head] (every layer). All metrics at once: a few tensor operations, not a few per metric."""
+        names = list(sums)
+        total = torch.stack([sums[name][0] for name in names])  # [metric, document, ...]
+        weight = torch.stack([sums[name][1] for name in names])
         counted = weight > 0
-        mean = torch.where(counted, total / weight.clamp_min(1e-300), 0.0)
-        self.doc_sums[name][layer] += mean.sum(dim=0).cpu()
-        self.doc_squares[name][layer] += (mean * mean).sum(dim=0).cpu()
-        self.doc_counts[name][layer] += counted.sum(dim=0).cpu()
+        mean = torch.where(counted, total / weight.clamp_min(1e-300), 0.0)  # each document's own value
+        folded = torch.stack([total.sum(dim=1), weight.sum(dim=1), mean.sum(dim=1), (mean * mean).sum(dim=1),
+                              counted.sum(dim=1, dtype=torch.float64)]).cpu()  # [5, metric, ...]
+        for i, name in enumerate(names):
+            for accumulator, value in zip((self.totals, self.weights, self.doc_sums, self.doc_squares, self.doc_counts),
+                                          folded[:, i], strict=True):
+                accumulator[name][layer] += value
 
     def update(self, doc: DocAttention) -> None:
         """Add one document (token or word level): `attention` [layer, head, query, key] (+ value_norm)."""
@@ -331,8 +336,7 @@ class HeadStats:
             if doc.head_measures.get("value_norm") is None
             else doc.head_measures["value_norm"].float(),
         )
-        for name, (total, weight) in sums.items():
-            self._add(name, total[None], weight[None])
+        self._add({name: (total[None], weight[None]) for name, (total, weight) in sums.items()})
         self.n_rows += attention.shape[-1]
 
     def update_batch(self, analysis: BatchAnalysis) -> None:
@@ -346,8 +350,7 @@ class HeadStats:
         value_norm = analysis.per_layer.get("value_norm")
         for layer, pattern in enumerate(attention):
             sums = head_sums(pattern.float(), layout, None if value_norm is None else value_norm[layer].float())
-            for name, (total, weight) in sums.items():
-                self._add(name, total, weight, layer)
+            self._add(sums, layer)
         self.n_rows += sum(d.n_tokens for d in docs)
 
     def merge(self, other: HeadStats) -> None:
