@@ -5,6 +5,7 @@ Also `finish`: fold the committed parts into the final tables and write the mani
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import time
@@ -42,14 +43,23 @@ def check_resumable(previous: dict[str, Any], config: RunConfig) -> None:
 
 
 def input_fingerprint(config: RunConfig) -> dict[str, Any] | None:
-    """Size and SHA-256 of the input file (None for stdin, which cannot be read twice)."""
+    """Size and SHA-256 of the input file (None for stdin, which cannot be read twice). `--resume` checks it and
+    then records it: the file is read once for both (the digest is kept per path, size and modification time)."""
     if config.input == "-":
         return None
+    status = os.stat(config.input)
+    return {"path": str(config.input), "bytes": status.st_size,
+            "sha256": file_sha256(str(config.input), status.st_size, status.st_mtime_ns)}
+
+
+@functools.lru_cache(maxsize=8)
+def file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    """SHA-256 of a file; `size` and `mtime_ns` are part of the cache key, so a changed file is read again."""
     digest = hashlib.sha256()
-    with open(config.input, "rb") as handle:
+    with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
-    return {"path": str(config.input), "bytes": os.path.getsize(config.input), "sha256": digest.hexdigest()}
+    return digest.hexdigest()
 
 
 def check_input_unchanged(previous: dict[str, Any], config: RunConfig, folder: OutputFolder) -> None:
