@@ -205,3 +205,12 @@ def test_explain_refuses_occurrence_below_one(cli) -> None:
     result = cli("explain", "--token", "the", "--occurrence", "0", "--text", "The cat saw the dog.")
     assert result.exit_code == 2
     assert "counts from 1" in result.output
+
+
+def test_explain_prints_tokens_as_the_text_has_them(cli, tiny_model_dir) -> None:
+    """A byte-level BPE model (tiny GPT-2) marks a leading space with 'Ġ'; explain prints the text's own slice."""
+    text = "The animal didn't cross the street because it was too tired."
+    result = cli("explain", "--model", str(tiny_model_dir("gpt2")), "--token", "it", "--text", text,
+                 "--layer", "1", "--head", "0")
+    assert result.exit_code == 0, result.output
+    assert "row 'it' (position" in result.stdout and "Ġ" not in result.stdout

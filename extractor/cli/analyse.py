@@ -62,4 +62,4 @@ def explain(
         raise UserError(f"--measure '{measure}' is not supported; choose one of: {', '.join(MEASURES)}")
     result = extract(texts, model=model, measures=tuple(dict.fromkeys(("attention", "value_norm", measure))), level=level)
     typer.echo(f"text: {texts[0]}")
-    typer.echo(explain_token(result.docs[0], token, layer, head, measure, occurrence))
+    typer.echo(explain_token(result.docs[0], token, layer, head, measure, occurrence, text=texts[0]))

@@ -30,13 +30,21 @@ def normalise_token(token: str, level: str = "token") -> str:
     return text[start:end] or text
 
 
-def find_token(doc: DocAttention, token: str, occurrence: int = 1) -> int:
+def shown_labels(doc: DocAttention, text: object = None) -> list[str]:
+    """What to print for each position: the slice of the user's `text` each token covers (specials: their token),
+    so a byte-level BPE token reads "it", not "Ġit"; words, or no text given, as `doc.labels()`."""
+    if doc.level == "word" or not isinstance(text, str):
+        return doc.labels()
+    return [text[start:end].strip() or token for token, (start, end) in zip(doc.doc.tokens, doc.doc.offsets, strict=True)]
+
+
+def find_token(doc: DocAttention, token: str, occurrence: int = 1, labels: list[str] | None = None) -> int:
     """Position of the `occurrence`-th token (or word, at level word: what was typed between spaces, matched
     without punctuation at its ends) whose text is `token`; a clear error listing the tokens if absent."""
     if occurrence < 1:
         raise UserError(f"--occurrence counts from 1; got {occurrence}")
     wanted = normalise_token(token, doc.level)
-    labels = doc.labels()
+    labels = labels or doc.labels()
     matches = [i for i, t in enumerate(labels) if normalise_token(t, doc.level) == wanted]
     if len(matches) < occurrence:
         raise UserError(
@@ -54,9 +62,10 @@ def sharpest_heads(doc: DocAttention, position: int, count: int = 3) -> list[tup
     return [(int(i) // n_heads, int(i) % n_heads) for i in entropy.argsort()[:count]]
 
 
-def format_head_row(doc: DocAttention, position: int, layer: int, head: int, measure: str, top: int = 10) -> str:
+def format_head_row(doc: DocAttention, position: int, layer: int, head: int, measure: str, top: int = 10,
+                    labels: list[str] | None = None) -> str:
     """Attention and value_norm for one token's row, side by side, strongest first by `measure`."""
-    labels = doc.labels()
+    labels = labels or doc.labels()
     attention = doc.head_measures["attention"][layer, head, position]  # [key]
     value = doc.head_measures["value_norm"][layer, head, position]  # [key]
     value_share = value / value.sum().clamp_min(1e-30)
@@ -78,9 +87,10 @@ def format_head_row(doc: DocAttention, position: int, layer: int, head: int, mea
     return "\n".join(lines)
 
 
-def format_layer_row(doc: DocAttention, position: int, layer: int, measure: str, top: int = 10) -> str:
+def format_layer_row(doc: DocAttention, position: int, layer: int, measure: str, top: int = 10,
+                     labels: list[str] | None = None) -> str:
     """One layer-level measure's row for `position` (all heads together), strongest keys first."""
-    labels = doc.labels()
+    labels = labels or doc.labels()
     row = doc.layer_measures[measure][layer, position]
     order = row.argsort(descending=True)[:top]
     lines = [f"{measure} after layer {layer}: row '{labels[position]}' — {REGISTRY[measure].meaning}"]
@@ -89,9 +99,10 @@ def format_layer_row(doc: DocAttention, position: int, layer: int, measure: str,
 
 
 def explain_token(
-    doc: DocAttention, token: str, layer: int | None, head: int | None, measure: str = "attention", occurrence: int = 1
+    doc: DocAttention, token: str, layer: int | None, head: int | None, measure: str = "attention", occurrence: int = 1,
+    text: object = None,
 ) -> str:
-    """The text `extractor explain` prints."""
+    """The text `extractor explain` prints (`text`: the document's text, to print tokens as the user wrote them)."""
     if measure not in REGISTRY:
         raise UserError(f"--measure '{measure}' is not supported; choose one of: {', '.join(REGISTRY)}")
     n_layers, n_heads = doc.head_measures["attention"].shape[:2]
@@ -99,18 +110,19 @@ def explain_token(
         raise UserError(f"--layer {layer} is out of range; this model has layers 0..{n_layers - 1}")
     if head is not None and not 0 <= head < n_heads:
         raise UserError(f"--head {head} is out of range; this model has heads 0..{n_heads - 1}")
-    position = find_token(doc, token, occurrence)
+    labels = shown_labels(doc, text)
+    position = find_token(doc, token, occurrence, labels)
     if measure in LAYER_MEASURES:
         layers = [layer] if layer is not None else list(range(n_layers))
-        return "\n\n".join(format_layer_row(doc, position, lay, measure) for lay in layers)
+        return "\n\n".join(format_layer_row(doc, position, lay, measure, labels=labels) for lay in layers)
     if layer is not None and head is not None:
         heads = [(layer, head)]
         intro = ""
     else:
         candidates = sharpest_heads(doc, position, count=n_layers * n_heads)
         heads = [(l, h) for l, h in candidates if (layer is None or l == layer) and (head is None or h == head)][:3]
-        intro = f"The {len(heads)} heads that focus '{doc.labels()[position]}' most sharply (lowest row entropy):\n\n"
-    body = "\n\n".join(format_head_row(doc, position, l, h, measure) for l, h in heads)
+        intro = f"The {len(heads)} heads that focus '{labels[position]}' most sharply (lowest row entropy):\n\n"
+    body = "\n\n".join(format_head_row(doc, position, l, h, measure, labels=labels) for l, h in heads)
     footer = (
         "\nA (attention) is the association table: row i is how token i spreads its attention over every token j "
         "and sums to 1. Z = A·V is that row's mixture of value vectors (the layer's output for token i), not a table "
