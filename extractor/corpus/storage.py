@@ -208,26 +208,22 @@ class OutputFolder:
             return True
         return child in (self.parts_dir, self.associations_dir) and child.is_dir() and not any(child.iterdir())
 
+    def committed_markers(self) -> dict[int, dict[str, Any]]:
+        """part → its commit record, for the parts whose record is readable, in part order (each read once)."""
+        markers = {int(p.name.split(".")[0]): _read_marker(p) for p in self.parts_dir.glob("*.done")}
+        return {part: marker for part, marker in sorted(markers.items()) if marker is not None}
+
     def committed_parts(self) -> list[int]:
         """Parts with a readable commit record, in order."""
-        return sorted(int(p.name.split(".")[0]) for p in self.parts_dir.glob("*.done") if _read_marker(p))
-
-    def _marker(self, part: int) -> dict[str, Any]:
-        marker = _read_marker(self.parts_dir / f"{part:06d}.done")
-        assert marker is not None, f"part {part} has no readable commit record"
-        return marker
+        return list(self.committed_markers())
 
     def committed_doc_ids(self) -> set[int]:
-        done: set[int] = set()
-        for part in self.committed_parts():
-            done.update(self._marker(part)["doc_ids"])
-        return done
+        return {doc_id for marker in self.committed_markers().values() for doc_id in marker["doc_ids"]}
 
     def committed_fingerprints(self) -> dict[int, str]:
         """doc_id → fingerprint of the record's text when it was committed (parts that recorded one)."""
         prints: dict[int, str] = {}
-        for part in self.committed_parts():
-            marker = self._marker(part)
+        for marker in self.committed_markers().values():
             prints.update(zip(marker["doc_ids"], marker.get("fingerprints", []), strict=False))
         return prints
 
@@ -238,8 +234,7 @@ class OutputFolder:
     def damaged_parts(self) -> list[tuple[int, str]]:
         """Committed parts whose state or files cannot be read back: (part, what is wrong)."""
         damaged = []
-        for part in self.committed_parts():
-            marker = self._marker(part)
+        for part, marker in self.committed_markers().items():
             files = marker.get("files") or [f"_parts/{part:06d}.documents.parquet"]
             try:
                 pickle.loads((self.parts_dir / f"{part:06d}.state.pkl").read_bytes())
