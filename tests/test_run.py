@@ -33,6 +33,7 @@ from extractor.cli import app
 from extractor.core.encode import tokenize, windows
 from extractor.core.models import LoadedModel
 from extractor.corpus.config import RunConfig
+from extractor.corpus.run_folder import open_run
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = (REPO_ROOT / "data" / "sample.txt").read_text(encoding="utf-8").splitlines()
@@ -78,13 +79,9 @@ def table(out: Path, name: str) -> pd.DataFrame:
 
 
 def associations(out: Path) -> pd.DataFrame:
-    """Every association row of the run, sorted by the key columns."""
-    data = ds.dataset(out / "associations", format="parquet").to_table()
-    return (
-        data.to_pandas()
-        .sort_values(KEYS + (["window"] if "window" in data.column_names else []))
-        .reset_index(drop=True)
-    )
+    """Every association row of the run (the `associations` view users query), sorted by the key columns."""
+    data = open_run(out).sql("SELECT * FROM associations").df()
+    return data.sort_values(KEYS + (["window"] if "window" in data.columns else [])).reset_index(drop=True)
 
 
 def write_lines(path: Path, lines: list[str]) -> Path:
@@ -274,10 +271,14 @@ def test_topk_with_k_at_least_n_keeps_every_pair(storage_runs: dict[str, Path]) 
 
 def test_dense_is_float16_and_every_pair(storage_runs: dict[str, Path]) -> None:
     dense = associations(storage_runs["dense"])
-    schema = ds.dataset(storage_runs["dense"] / "associations").schema
+    schema = ds.dataset(storage_runs["dense"] / "associations").schema  # stored as matrices (corpus.matrices)
     for measure in ("attention", "value_norm", "layer_value_norm", "rollout"):
-        assert schema.field(measure).type == pa.float16()
-    assert "kept_mass" not in schema.names
+        assert schema.field(measure).type == pa.list_(pa.float16())
+    assert "kept_mass" not in schema.names and schema.field("positions").type == pa.list_(pa.int32())
+    n = table(storage_runs["dense"], "documents")["n_tokens"]
+    assert ds.dataset(storage_runs["dense"] / "associations").count_rows() == len(n) * (2 * 4 + 2)  # (L·H + L) per doc
+    manifest = json.loads((storage_runs["dense"] / "manifest.json").read_text())
+    assert manifest["counts"]["association_rows"] == len(dense)  # the long format's rows, as the view shows them
     ref = associations(storage_runs["all"])
     assert dense[KEYS].equals(ref[KEYS])  # (layers × heads + layers) × n² rows per document
     for measure in ("attention", "rollout"):
@@ -660,6 +661,63 @@ def test_a_forward_that_no_longer_matches_its_weights_fails_the_run(
     verification = table(tmp_path / "out", "verification")
     assert verification.loc[verification["layer"] == 0, "passed"].all()
     assert not verification.loc[verification["layer"] == 1, "passed"].any()
+
+
+def test_a_forward_changed_only_on_the_sdpa_kernel_fails_the_run_through_the_probes(
+    tiny: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The batches between two eager comparisons run the sdpa kernel and are probed: a hook that scales layer 1's
+    query projection only there (the eager batch 0 never sees it) still fails the run, naming layer 1."""
+    import extractor.corpus.engines.local as local
+    from extractor.core.sdpa_capture import SDPA_RECORDING
+
+    real_load = local.load_model
+
+    def hooked_load(*args: Any, **kwargs: Any) -> LoadedModel:
+        loaded = real_load(*args, **kwargs)
+        model = loaded.model
+
+        def on_sdpa_only(module: Any, inputs: Any, output: torch.Tensor) -> torch.Tensor:
+            return output * 1.05 if model.config._attn_implementation == SDPA_RECORDING else output
+
+        model.encoder.layer[1].attention.self.query.register_forward_hook(on_sdpa_only)
+        return loaded
+
+    monkeypatch.setattr(local, "load_model", hooked_load)
+    corpus = write_lines(tmp_path / "c.txt", SAMPLE[:4])
+    out = tmp_path / "out"
+    result = invoke(["run", "--model", tiny, "-i", str(corpus), "-o", str(out), "--quiet", "--batch-size", "1",
+                     "--hf-compare-every", "10", *NO_EXTRAS])
+    assert result.exit_code == 1, result.output
+    line = result.stderr.strip().splitlines()[-1]
+    assert line == "error: verification failed for L1H0, L1H1, L1H2, L1H3 (see verification.parquet)"
+    verification = table(out, "verification")
+    assert (verification["n_docs"] == 4).all() and (verification["n_docs_compared"] == 1).all()
+    assert (verification["pattern_max_abs_err"] <= 1e-5).all()  # batch 0, compared with eager: clean
+    assert (verification.loc[verification["layer"] == 1, "projection_rel_err"] > 1e-3).all()
+
+
+def test_probed_batches_write_the_tables_of_eager_batches(tmp_path: Path) -> None:
+    """The same corpus, every batch on the eager kernel (hf_compare_every 1) or all but the first on the sdpa
+    kernel with the pattern computed once (the default): tables equal value for value, within float tolerance."""
+    corpus = write_lines(tmp_path / "c.txt", SAMPLE[:24])
+    runs = {}
+    for name, every in (("eager", "1"), ("probed", "10")):
+        runs[name] = tmp_path / name
+        manifest = run_ok("minilm", corpus, runs[name], "--batch-size", "4", "--hf-compare-every", every)
+        assert manifest["verification"]["passed"] is True
+    verification = table(runs["probed"], "verification")
+    assert (verification["n_docs"] == 24).all() and (verification["n_docs_compared"] == 4).all()
+    assert (table(runs["eager"], "verification")["n_docs_compared"] == 24).all()
+    eager, probed = associations(runs["eager"]), associations(runs["probed"])
+    assert eager[KEYS].equals(probed[KEYS])  # top-k picked the same keys
+    for measure in ("attention", "value_norm", "rollout", "kept_mass"):
+        difference = (eager[measure] - probed[measure]).abs().max()
+        scale = eager[measure].abs().max()
+        assert difference <= 1e-5 * max(1.0, scale), (measure, difference)
+    heads_eager, heads_probed = table(runs["eager"], "heads"), table(runs["probed"], "heads")
+    numeric = heads_eager.select_dtypes("number").columns
+    pd.testing.assert_frame_equal(heads_eager[numeric], heads_probed[numeric], rtol=1e-4, atol=1e-6)
 
 
 def test_a_document_longer_than_the_model_was_trained_for_is_warned_about(tmp_path: Path) -> None:

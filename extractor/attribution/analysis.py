@@ -17,13 +17,18 @@ from extractor.attribution.registry import LayerInputs
 from extractor.core.capture import run_with_capture
 from extractor.core.encode import EncodedBatch, TokenizedDoc, strip_subword_markers
 from extractor.core.models import LoadedModel
+from extractor.core.probes import projection_errors, z_probe_errors
 from extractor.core.recompute import (
     attention_output,
+    attention_pattern,
     layer_masks,
+    per_query_head,
     project_values,
     recompute_attention,
     value_vectors_out,
 )
+from extractor.core.sdpa_capture import supports_sdpa_recording
+from extractor.core.tolerance import DEFAULT_RTOL
 from extractor.core.verify import VerificationReport, layer_errors
 from extractor.core.words import to_words
 
@@ -117,17 +122,28 @@ def analyse_batch(
     verify: bool = True,
     atol: float = 1e-5,
     level: str = "token",
+    eager: bool = True,
+    rtol: float = DEFAULT_RTOL,
 ) -> BatchAnalysis:
-    """Forward `batch`, rebuild every layer's attention from the weights, verify it and compute `measures`."""
+    """Forward `batch`, rebuild every layer's attention, verify it and compute `measures`.
+
+    eager (the verification suite's default): Hugging Face's eager kernel returns its patterns; verified
+    batches rebuild q, k, v, the pattern and z from the weights and compare them with the model's.
+    Otherwise (a run's batches between two comparisons): the model runs its sdpa kernel and the pattern is
+    computed once, from the q and k the kernel received; verified batches probe q, k, v against the weights
+    and the pattern against the kernel's z (`core.probes`). Attribution measures that re-run layers, and
+    models that cannot switch kernels, always take the eager path.
+    """
     measures = validate_measures(measures)
     adapter = loaded.adapter
     attribution = AttributionPass(adapter, batch.attention_mask, measures)  # alti, globenc, value_zeroing
+    eager = eager or bool(attribution.wanted) or not supports_sdpa_recording(adapter.model)
     with attribution.recording_forward():
-        capture = run_with_capture(adapter, batch.model_inputs)
+        capture = run_with_capture(adapter, batch.model_inputs, eager=eager)
     all_weights = adapter.all_layer_weights()
     masks = layer_masks(batch.attention_mask, adapter.causal, [w.sliding_window for w in all_weights],
                         capture.hidden_in[0].dtype)
-    report = VerificationReport(adapter.n_layers, adapter.n_heads, atol=atol) if verify else None
+    report = VerificationReport(adapter.n_layers, adapter.n_heads, atol=atol, rtol=rtol) if verify else None
     specs = [M.REGISTRY[name] for name in measures]
     in_loop = [(spec.name, spec.function("per_layer")) for spec in specs if spec.per_layer is not None]
     needs_values = any(spec.needs_values for spec in specs) or attribution.needs_values
@@ -136,7 +152,18 @@ def analyse_batch(
     for layer, weights in enumerate(all_weights):
         x = capture.hidden_in[layer]  # [batch, pos, d_model]
         v: torch.Tensor | None  # [batch, head, key, d_head]
-        if report is not None:
+        if not eager:
+            q, k, kv_v = capture.kernel_inputs[layer]  # as the sdpa kernel received them
+            _, pattern = attention_pattern(q, k, weights, masks[layer])  # [batch, head, query, key]
+            if report is not None:
+                report.add_probes(
+                    layer,
+                    projection_errors(x, weights, q, k, kv_v, capture.position_embeddings[layer], seed=layer),
+                    z_probe_errors(pattern, kv_v, capture.z[layer], batch.attention_mask, weights, seed=layer),
+                )
+            v = per_query_head(kv_v, weights) if needs_values else None
+            capture.kernel_inputs[layer] = None  # type: ignore[call-overload]
+        elif report is not None:
             rec = recompute_attention(x, weights, masks[layer], capture.position_embeddings[layer])
             report.add(layer, *layer_errors(capture.attentions[layer], rec.pattern, capture.z[layer], rec.z, batch.attention_mask))
             pattern, v = rec.pattern, rec.v
@@ -148,7 +175,9 @@ def analyse_batch(
         patterns.append(pattern)
         attribution.add_layer(layer, x, pattern, v, weights)
         # Let go of this layer's captured tensors now: peak memory then holds one layer's extra copies, not all.
-        capture.hidden_in[layer] = capture.z[layer] = capture.attentions[layer] = None  # type: ignore[call-overload]
+        capture.hidden_in[layer] = capture.z[layer] = None  # type: ignore[call-overload]
+        if eager:
+            capture.attentions[layer] = None  # type: ignore[call-overload]
         inputs = LayerInputs(pattern=pattern, v=v, weights=weights)
         for name, compute in in_loop:
             per_layer[name].append(compute(inputs))
@@ -159,6 +188,7 @@ def analyse_batch(
     per_layer = {name: per_layer[name] for name in measures}  # in the order asked
     if report is not None:
         report.n_docs = len(batch.docs)
+        report.n_docs_compared = len(batch.docs) if eager else 0
     return BatchAnalysis(batch=batch, level=level, per_layer=per_layer, verification=report)
 
 

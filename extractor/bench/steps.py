@@ -22,14 +22,17 @@ import torch
 
 STEPS = {
     "forward": "(b) HF forward, eager, output_attentions (to NumPy)",
-    "capture": "forward with the capture hooks",
-    "verify": "recompute Q·Kᵀ, masks, softmax, z; verify every head",
-    "measures": "the run's default measures from the captured pattern and V (attention, value_norm, rollout)",
+    "capture": "eager forward with the capture hooks (a batch compared with eager)",
+    "verify": "recompute Q, K, V, Q·Kᵀ, masks, softmax, z from the weights; compare every head (eager batches)",
+    "capture_sdpa": "sdpa forward recording q, k, v (a probed batch)",
+    "pattern": "the pattern from the kernel's q and k (Q·Kᵀ, mask, softmax), once",
+    "probes": "probe q, k, v against the weights and the pattern against the kernel's z",
+    "measures": "the run's default measures from the pattern and V (attention, value_norm, rollout)",
     "heads": "per-head metrics (heads.parquet)",
     "similarity": "head similarity (4 rows per document)",
     "topk_table": "top-k association table (k = 8)",
     "topk_write": "write the top-k Parquet part (background thread in a run)",
-    "dense_table": "dense association table (float16)",
+    "dense_table": "dense matrices table (float16, one row per document, layer and head)",
     "dense_write": "write the dense Parquet part",
 }
 
@@ -54,14 +57,16 @@ def profile_batch(model: str, texts: list[str], max_length: int, repeats: int = 
     from extractor.core.capture import run_with_capture
     from extractor.core.encode import collate
     from extractor.core.models import load_model
-    from extractor.core.recompute import layer_masks, project_values, recompute_attention
+    from extractor.core.probes import projection_errors, z_probe_errors
+    from extractor.core.recompute import attention_pattern, layer_masks, per_query_head, recompute_attention
     from extractor.core.verify import layer_errors
     from extractor.corpus.batching import plan_batches
     from extractor.corpus.config import RunConfig
     from extractor.corpus.extraction import DENSE_ATTENTION_BUDGET, corpus_statistics, prepare_documents
+    from extractor.corpus.matrices import matrices_table
     from extractor.corpus.readers import SourceRecord
     from extractor.corpus.storage import write_associations
-    from extractor.corpus.tables import batch_association_table
+    from extractor.corpus.tables import batch_association_table, padded_positions
 
     torch.set_grad_enabled(False)
     loaded = load_model(model)
@@ -101,8 +106,20 @@ def profile_batch(model: str, texts: list[str], max_length: int, repeats: int = 
             layer_errors(capture.attentions[layer], rec.pattern, capture.z[layer], rec.z, batch.attention_mask)
 
     times["verify"] = median_ms(verify, repeats)
+    times["capture_sdpa"] = median_ms(lambda: run_with_capture(loaded.adapter, batch.model_inputs, eager=False), repeats)
+    kernel = run_with_capture(loaded.adapter, batch.model_inputs, eager=False)
+    times["pattern"] = median_ms(lambda: [attention_pattern(q, k, w, masks[layer])
+                                          for layer, ((q, k, _), w) in enumerate(zip(kernel.kernel_inputs, weights, strict=True))], repeats)
+    patterns = [attention_pattern(q, k, w, masks[layer])[1] for layer, ((q, k, _), w) in enumerate(zip(kernel.kernel_inputs, weights, strict=True))]
+
+    def probes() -> None:
+        for layer, ((q, k, v), w) in enumerate(zip(kernel.kernel_inputs, weights, strict=True)):
+            projection_errors(kernel.hidden_in[layer], w, q, k, v, kernel.position_embeddings[layer], seed=layer)
+            z_probe_errors(patterns[layer], v, kernel.z[layer], batch.attention_mask, w, seed=layer)
+
+    times["probes"] = median_ms(probes, repeats)
     specs = [REGISTRY[name] for name in config.measures]
-    inputs = [LayerInputs(capture.attentions[layer], project_values(capture.hidden_in[layer], w), w)
+    inputs = [LayerInputs(patterns[layer], per_query_head(kernel.kernel_inputs[layer][2], w), w)
               for layer, w in enumerate(weights)]
 
     def measures() -> None:
@@ -114,7 +131,7 @@ def profile_batch(model: str, texts: list[str], max_length: int, repeats: int = 
 
     times["measures"] = median_ms(measures, repeats)
     # the inputs of the later steps, computed once more outside the timers (see median_ms)
-    analysis = analyse_batch(loaded, batch, config.measures)
+    analysis = analyse_batch(loaded, batch, config.measures, eager=False)
     stats = corpus_statistics(loaded, config)
     times["heads"] = median_ms(lambda: stats["heads"].update_batch(analysis), repeats)
     times["similarity"] = median_ms(lambda: stats["similarity"].update_batch(analysis), repeats)
@@ -122,14 +139,21 @@ def profile_batch(model: str, texts: list[str], max_length: int, repeats: int = 
     topk = batch_association_table(analysis, ids, causal, top_k=config.top_k)
     # dense batches are smaller (DENSE_ATTENTION_BUDGET): timed on their own batch, scaled to this batch's tokens
     scale = batch.attention_mask.sum().item() / dense_batch.attention_mask.sum().item()
-    dense_analysis = analyse_batch(loaded, dense_batch, config.measures)
-    times["dense_table"] = scale * median_ms(
-        lambda: batch_association_table(dense_analysis, dense_ids, causal, value_type=pa.float16()), repeats)
-    dense = batch_association_table(dense_analysis, dense_ids, causal, value_type=pa.float16())
+    dense_analysis = analyse_batch(loaded, dense_batch, config.measures, eager=False)
+    dense_docs = dense_batch.docs
+    dense_lengths = torch.tensor([d.n_tokens for d in dense_docs])
+    dense_positions = padded_positions([d.positions for d in dense_docs])
+
+    def dense_table() -> pa.Table:
+        return matrices_table(dense_analysis.per_layer, dense_lengths, dense_positions, torch.tensor(dense_ids), causal)
+
+    times["dense_table"] = scale * median_ms(dense_table, repeats)
+    dense = dense_table()
     with tempfile.TemporaryDirectory(prefix="bench-steps-") as folder:
         out = Path(folder) / "part.parquet"
         times["topk_write"] = median_ms(lambda: write_associations(topk, out, ordered=True), repeats)
         times["dense_write"] = scale * median_ms(lambda: write_associations(dense, out, ordered=True), repeats)
+    times = {key: times[key] for key in STEPS}  # in the table's order
     return {"documents": len(batch.docs), "longest": batch.attention_mask.shape[1],
             "tokens": int(batch.attention_mask.sum()), "ms": times}
 
@@ -146,10 +170,10 @@ def format_steps(profiles: dict[str, dict[str, Any]]) -> str:
             ms = profiles[n]["ms"][key]
             cells.append(f"{ms:,.0f} ({100 * ms / profiles[n]['ms']['forward']:.0f}%)")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    topk_total = ("capture", "verify", "measures", "heads", "similarity", "topk_table", "topk_write")
+    topk_total = ("capture_sdpa", "pattern", "probes", "measures", "heads", "similarity", "topk_table", "topk_write")
     cells = []
     for n in names:
         ms = sum(profiles[n]["ms"][k] for k in topk_total)
         cells.append(f"{ms:,.0f} → {profiles[n]['ms']['forward'] / ms:.2f}× of (b)")
-    lines.append("| **sum for a topk batch** (capture … write) | " + " | ".join(cells) + " |")
+    lines.append("| **sum for a probed topk batch** (sdpa forward … write) | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -169,6 +169,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps-only", action="store_true", help="only the per-step profile (where the time goes)")
     parser.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
                         help="also time the ray engine on 1 and 2 workers (ADDRESS: auto, HOST:PORT, or local)")
+    parser.add_argument("--whole", type=int, default=400, metavar="N",
+                        help="whole-process comparison with a by-hand script on N real paragraphs (0: skip)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--corpus", help=argparse.SUPPRESS)
     parser.add_argument("--max-length", type=int, default=512, help=argparse.SUPPRESS)
@@ -224,6 +226,12 @@ def main(argv: list[str] | None = None) -> None:
                               args.threads)
         print(f"  profiled {name:<7} steps", file=sys.stderr, flush=True)
     shutil.rmtree(work, ignore_errors=True)
+    whole = None
+    if args.whole and not args.steps_only:
+        from extractor.bench.whole_process import whole_process
+
+        whole = whole_process(args.model, args.whole // scale)
+        print(f"  measured whole process ({whole['documents']} documents)", file=sys.stderr, flush=True)
     from extractor.bench.steps import format_steps
 
     if rows:
@@ -231,10 +239,14 @@ def main(argv: list[str] | None = None) -> None:
         print()
     if scaling:
         print(scaling + "\n")
+    if whole:
+        from extractor.bench.whole_process import format_whole
+
+        print(format_whole(whole, args.model) + "\n")
     print("Where the time goes (one batch, each step timed alone, median of 3):\n")
     print(format_steps(steps))
     if args.json:
-        Path(args.json).write_text(json.dumps({"cases": rows, "steps": steps}, indent=2))
+        Path(args.json).write_text(json.dumps({"cases": rows, "steps": steps, "whole_process": whole}, indent=2))
 
 
 def format_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:

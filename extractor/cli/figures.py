@@ -29,8 +29,11 @@ def plot(
     head: Annotated[
         int | None, typer.Option("--head", metavar="N", help="Head (0-based; default: lowest mean row entropy).")
     ] = None,
+    format: Annotated[
+        str, typer.Option("--format", metavar="png,svg", help="Figure formats, comma-separated.")
+    ] = "png,svg",
 ) -> None:
-    """Draw a run's figures (PNG + SVG) into OUTPUT_DIR/plots/.
+    """Draw a run's figures (PNG + SVG by default) into OUTPUT_DIR/plots/.
 
     Per-head metric heatmaps, the head-similarity clustermap, and for one document: one head's attention
     with token labels, the layer × head grid, and attention vs value_norm.
@@ -40,10 +43,11 @@ def plot(
     matplotlib.use("Agg")  # the command line is headless: never open a window
     from extractor.corpus.lock import FolderLock
     from extractor.corpus.run_folder import read_manifest, reading
-    from extractor.presentation.plots import write_default_plots
+    from extractor.presentation.plots import figure_formats, write_default_plots
 
     read_manifest(output_dir)  # a run folder, before a lock file is made in it
-    with FolderLock(output_dir), reading(output_dir):
+    formats = [f.strip() for f in format.split(",") if f.strip()]
+    with figure_formats(formats), FolderLock(output_dir), reading(output_dir):
         paths = write_default_plots(output_dir, doc_id=doc, layer=layer, head=head)
     typer.echo(_summary(paths, output_dir / "plots"))
 

@@ -134,6 +134,11 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return torch.cat((rotated, kept), dim=-1) if kept.shape[-1] else rotated
 
 
+def unrotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The inverse of `rotate` (the rotation by −θ): x [batch, head, pos, d_head] → [batch, head, pos, d_head]."""
+    return rotate(x, cos, -sin)
+
+
 def per_query_head(kv: torch.Tensor, weights: AttentionWeights) -> torch.Tensor:
     """Grouped-query attention: kv [batch, kv_head, pos, d_head] → [batch, head, pos, d_head], each key/value
     head repeated for its group of consecutive query heads (Hugging Face's `repeat_kv`)."""
@@ -175,13 +180,26 @@ def recompute_attention(
         q = rotate(q, cos, sin)  # [batch, head, query_pos, d_head]
         k = rotate(k, cos, sin)  # [batch, kv_head, key_pos, d_head]
     k = per_query_head(k, weights)  # [batch, head, key_pos, d_head]
+    attn_scores, pattern = attention_pattern(q, k, weights, mask)
+    z = torch.matmul(pattern, v).transpose(1, 2)  # [batch, query_pos, head, d_head]
+    return AttentionRecompute(q=q, k=k, v=v, attn_scores=attn_scores, pattern=pattern, z=z)
+
+
+def attention_pattern(
+    q: torch.Tensor, k: torch.Tensor, weights: AttentionWeights, mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(attn_scores, pattern) from q [batch, head, query_pos, d_head] and k [batch, head or kv_head, key_pos,
+    d_head] (repeated per query head here if it is not yet): each [batch, head, query_pos, key_pos].
+
+    The one place the scores and the softmax are computed: from the recomputed q and k, or from the q and k the
+    model handed its attention kernel (`sdpa_capture`).
+    """
+    k = per_query_head(k, weights) if k.shape[1] != q.shape[1] else k  # [batch, head, key_pos, d_head]
     # In place: the same values as Hugging Face's `matmul(q, kᵀ) * scale + mask`, without two more temporaries.
     attn_scores = torch.matmul(q, k.transpose(-1, -2)).mul_(weights.scale)  # [batch, head, query, key]
     if mask is not None:
         attn_scores.add_(mask)
-    pattern = torch.softmax(attn_scores, dim=-1)  # [batch, head, query_pos, key_pos]
-    z = torch.matmul(pattern, v).transpose(1, 2)  # [batch, query_pos, head, d_head]
-    return AttentionRecompute(q=q, k=k, v=v, attn_scores=attn_scores, pattern=pattern, z=z)
+    return attn_scores, torch.softmax(attn_scores, dim=-1)
 
 
 def value_vectors_out(v: torch.Tensor, weights: AttentionWeights) -> torch.Tensor:

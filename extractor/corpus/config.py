@@ -21,6 +21,8 @@ from extractor.corpus.readers import RecordKeys
 from extractor.corpus.storage import DOCUMENT_SCHEMA
 from extractor.errors import UserError, quoted, shortened
 
+FigureFormat = Literal["png", "svg"]
+
 
 class RunConfig(BaseModel):
     """Everything `extractor run` needs. Each field is documented in configs/default.yaml."""
@@ -55,11 +57,13 @@ class RunConfig(BaseModel):
     agreement: bool = Field(False, description="Write agreement.parquet: per layer, the rank agreement (Spearman per query row) of every pair of measures, value_zeroing being the intervention. Costs about n³ per document, layer and pair.")
     limit: int | None = Field(None, ge=1, description="Read at most this many input records.")
     verify: str = Field("on", description="on | off | every:N (verify every Nth batch against Hugging Face).")
+    hf_compare_every: int = Field(10, ge=1, description="Verified batches run Hugging Face's sdpa kernel and are probed (q, k, v against the weights, the pattern against the kernel's z); the first and every Nth run the eager kernel and are compared with its output_attentions. 1 = every batch eager (slowest, strongest).")
     atol: float = Field(DEFAULT_ATOL, gt=0.0, description="Verification tolerance (max abs error); bfloat16 defaults to 2e-2.")
     device: str = Field("cpu", description="cpu | cuda | cuda:N | mps.")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="Weights and activations dtype.")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads; default: torch's.")
     plots: bool = Field(True, description="Write the default figures at the end of the run.")
+    plot_formats: list[FigureFormat] = Field(default_factory=lambda: list[FigureFormat](["png"]), min_length=1, description="Formats of the end-of-run figures (svg: vector, about twice a PNG's drawing time; `extractor plot` writes both).")
     report: bool = Field(True, description="Write report.html at the end of the run.")
     engine: str = Field("local", description="Where batches run: " + ", ".join(ENGINES) + ".")
     address: str | None = Field(None, description="ray: 'auto' or HOST:PORT (the head's GCS port); default: $RAY_ADDRESS, else a local instance.")
@@ -91,10 +95,11 @@ class RunConfig(BaseModel):
             raise ValueError(f"give at least one of: {', '.join(MEASURES)}")
         return list(dict.fromkeys(value))
 
-    @field_validator("keep_fields", mode="before")
+    @field_validator("keep_fields", "plot_formats", mode="before")
     @classmethod
     def _comma_separated(cls, value: Any) -> Any:
-        """`--keep-fields label,topic` (and `--set keep_fields=label`) give one comma-separated string."""
+        """`--keep-fields label,topic`, `--plot-formats png,svg` (and `--set keep_fields=label`) give one
+        comma-separated string."""
         return [name.strip() for name in value.split(",") if name.strip()] if isinstance(value, str) else value
 
     @field_validator("keep_fields")

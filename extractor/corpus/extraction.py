@@ -14,24 +14,33 @@ from typing import Any, NoReturn
 
 import numpy as np
 import pyarrow as pa
+import torch
 
 from extractor.attribution.agreement import MeasureAgreement
 from extractor.attribution.analysis import BatchAnalysis, analyse_batch
 from extractor.attribution.measures import HEAD_MEASURES
 from extractor.core.encode import Text, TokenizedDoc, collate, model_max_length, tokenize, truncate, windows
 from extractor.core.models import LoadedModel, length_warning
+from extractor.core.tolerance import default_rtol
 from extractor.core.verify import VerificationReport, fold
 from extractor.corpus.batching import chunks, plan_batches
 from extractor.corpus.config import RunConfig
+from extractor.corpus.matrices import matrices_table
 from extractor.corpus.readers import SourceRecord, count_records
 from extractor.corpus.run_folder import TABLES
 from extractor.corpus.storage import Part
-from extractor.corpus.tables import association_table, batch_association_table, tokens_table, words_table
+from extractor.corpus.tables import (
+    association_table,
+    batch_association_table,
+    padded_positions,
+    tokens_table,
+    words_table,
+)
 from extractor.errors import UserError
 from extractor.heads.metrics import HeadStats
 from extractor.heads.similarity import HeadSimilarity
 
-DENSE_ATTENTION_BUDGET = 1 << 17  # attention cells per head in one dense part: keeps a part near 10 million rows
+DENSE_ATTENTION_BUDGET = 1 << 18  # attention cells per head in one dense part: ≈ 40 MB of float16 per measure
 
 
 @dataclass
@@ -139,8 +148,7 @@ class Extraction:
         # storage summary keeps no pair tables: compute only what the per-head metrics read
         self.measures = [m for m in config.measures if m in HEAD_MEASURES] if config.storage == "summary" \
             else list(config.measures)
-        # Dense parts hold (layers·heads + layers) rows per attention cell until written: a smaller budget keeps
-        # a part near 10 million rows (≈ 300 MB) instead of letting it grow with the batch.
+        # Dense parts hold every cell of every head until written: a smaller budget bounds a part's memory.
         self.attention_budget = min(config.attention_budget, DENSE_ATTENTION_BUDGET) if config.storage == "dense" \
             else config.attention_budget
 
@@ -201,6 +209,9 @@ class Extraction:
         config, loaded = self.config, self.loaded
         verify_every = config.verify_every
         verify = verify_every > 0 and self.batch_counter % verify_every == 0
+        # the first verified batch and every hf_compare_every-th after it: Hugging Face's eager kernel, compared
+        # with its output_attentions; the others (and unverified batches) run the sdpa kernel (see analyse_batch)
+        eager = verify and (self.batch_counter // verify_every) % config.hf_compare_every == 0
         self.batch_counter += 1
         units = [(d_index, unit) for d_index, d in enumerate(documents) for unit in d.units]
         stats = corpus_statistics(loaded, config)
@@ -212,7 +223,8 @@ class Extraction:
             batch = collate([u for _, u in chunk], loaded.tokenizer.pad_token_id, loaded.device)
             # token level always: per-head metrics and similarity are token-level statistics; word-level tables
             # are aggregated from the token matrices in `associations`
-            analysis = analyse_batch(loaded, batch, self.measures, verify=verify, atol=config.atol)
+            analysis = analyse_batch(loaded, batch, self.measures, verify=verify, atol=config.atol, eager=eager,
+                                     rtol=default_rtol(config.dtype))
             report = fold(report, analysis.verification)
             if "attention" in analysis.per_layer:
                 for accumulator in stats.values():
@@ -238,6 +250,8 @@ class Extraction:
         top_k = config.top_k if config.storage == "topk" else None
         threshold = config.threshold if config.storage == "threshold" else None
         windows = [u.window for u in analysis.batch.docs] if config.long_documents == "window" else None
+        if config.storage == "dense":
+            return self.matrices(analysis, doc_ids, windows)
         if config.level == "token":
             return batch_association_table(analysis, doc_ids, self.causal, top_k, threshold, self.value_type, windows)
         tables = [association_table(doc_id, doc.to_word_level(), self.causal, top_k, threshold, self.value_type)
@@ -246,6 +260,25 @@ class Extraction:
             counts = [t.num_rows for t in tables]
             tables = [pa.concat_tables(tables).append_column(
                 "window", pa.array(np.repeat(np.asarray(windows, dtype=np.int16), counts), pa.int16()))]
+        return pa.concat_tables(tables)
+
+
+    def matrices(self, analysis: BatchAnalysis, doc_ids: list[int], windows: list[int] | None) -> pa.Table:
+        """Dense storage: one row per (layer, head, document) holding the matrix (`corpus.matrices`)."""
+        window_ids = None if windows is None else torch.tensor(windows, dtype=torch.long)
+        if self.config.level == "token":
+            docs = analysis.batch.docs
+            lengths = torch.tensor([d.n_tokens for d in docs], dtype=torch.long,
+                                   device=analysis.batch.attention_mask.device)
+            return matrices_table(analysis.per_layer, lengths, padded_positions([d.positions for d in docs]),
+                                  torch.tensor(doc_ids, dtype=torch.long), self.causal, self.value_type, window_ids)
+        tables = []
+        for b, (doc_id, doc) in enumerate(zip(doc_ids, analysis.docs, strict=True)):
+            words = doc.to_word_level()
+            per_layer = {name: list(v[:, None]) for name, v in {**words.head_measures, **words.layer_measures}.items()}
+            tables.append(matrices_table(per_layer, torch.tensor([words.size]), words.document_positions()[None],
+                                         torch.tensor([doc_id]), self.causal, self.value_type,
+                                         None if window_ids is None else window_ids[b : b + 1]))
         return pa.concat_tables(tables)
 
 

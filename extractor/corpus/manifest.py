@@ -18,7 +18,8 @@ from extractor.corpus.config import RunConfig
 from extractor.corpus.extraction import STATISTICS_FILES, raise_empty, record_fingerprint
 from extractor.corpus.faults import checkpoint
 from extractor.corpus.readers import read_documents
-from extractor.corpus.run_folder import TABLES, association_files
+from extractor.corpus.run_folder import TABLES
+from extractor.corpus.run_folder import association_rows as count_association_rows
 from extractor.corpus.storage import OutputFolder
 from extractor.errors import UserError
 
@@ -27,7 +28,7 @@ RESULT_SETTINGS = ("model", "input", "input_format", "text_field", "text_column"
                    "keep_fields", "batch_size", "token_budget",
                    "attention_budget",
                    "buffer_size", "bucketing", "max_length", "long_documents", "window_stride", "storage", "top_k",
-                   "threshold", "level", "measures", "similarity_rows", "agreement", "limit", "verify", "atol", "dtype")
+                   "threshold", "level", "measures", "similarity_rows", "agreement", "limit", "verify", "hf_compare_every", "atol", "dtype")
 
 
 def check_resumable(previous: dict[str, Any], config: RunConfig) -> None:
@@ -103,7 +104,8 @@ def verification_summary(verification: VerificationReport | None) -> dict[str, A
     """The manifest's verification entry: verdict, tolerance, worst errors and failing heads (or that it was off)."""
     if verification is None:
         return {"passed": None, "note": "verification was off"}
-    return {"passed": verification.passed, "atol": verification.atol, "documents_verified": verification.n_docs,
+    return {"passed": verification.passed, "atol": verification.atol, "rtol": verification.rtol,
+            "documents_verified": verification.n_docs, "documents_compared_with_eager": verification.n_docs_compared,
             "max_pattern_abs_err": float(verification.pattern_err.max()), "max_z_abs_err": float(verification.z_err.max()),
             "failing_heads": [f"L{l}H{h}" for l, h in verification.failing_heads()]}
 
@@ -132,9 +134,7 @@ def finish(folder: OutputFolder, manifest: dict[str, Any], started: float, load_
         if merged.get(key) is not None:
             folder.write_table(name, merged[key].table())
     status = documents.column("status").to_pylist()
-    association_rows = sum(
-        pq.ParquetFile(f).metadata.num_rows for f in association_files(folder.path)
-    )
+    association_rows = count_association_rows(folder.path)
     seconds = time.time() - started
     manifest["status"] = "complete"
     manifest["counts"] = {

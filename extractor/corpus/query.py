@@ -21,9 +21,22 @@ import pyarrow as pa
 from extractor.errors import UserError, first_line
 
 
-def read_only_connection(views: Mapping[str, Sequence[Path]]) -> Any:  # duckdb.DuckDBPyConnection
-    """A DuckDB connection with one view per entry (name → its Parquet files), locked so that SQL reads and
-    writes no file (see the module docstring)."""
+def readable_schema(schema: pa.Schema) -> pa.Schema:
+    """`schema` with float16 (also inside lists) read as float32: DuckDB has no half-precision type."""
+    def widened(kind: pa.DataType) -> pa.DataType:
+        if kind == pa.float16():
+            return pa.float32()
+        if pa.types.is_list(kind):
+            return pa.list_(widened(kind.value_type))
+        return kind
+
+    return pa.schema([f.with_type(widened(f.type)) for f in schema], metadata=schema.metadata)
+
+
+def read_only_connection(views: Mapping[str, Sequence[Path]], derived: Mapping[str, str] | None = None,
+                         ) -> Any:  # duckdb.DuckDBPyConnection
+    """A DuckDB connection with one view per entry (name → its Parquet files), plus `derived` views (name → a
+    query over those), locked so that SQL reads and writes no file (see the module docstring)."""
     import duckdb
     import pyarrow.dataset as ds
 
@@ -35,7 +48,11 @@ def read_only_connection(views: Mapping[str, Sequence[Path]]) -> Any:  # duckdb.
     con.execute("SET enable_external_access = false")
     con.execute("SET lock_configuration = true")  # SQL cannot turn the settings above back
     for view, files in views.items():
-        con.register(view, ds.dataset([Path(f).as_posix() for f in files], format="parquet"))
+        paths = [Path(f).as_posix() for f in files]
+        schema = readable_schema(ds.dataset(paths, format="parquet").schema)
+        con.register(view, ds.dataset(paths, format="parquet", schema=schema))
+    for view, sql in (derived or {}).items():
+        con.execute(f"CREATE VIEW {view} AS {sql}")
     return con
 
 

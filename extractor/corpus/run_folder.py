@@ -40,11 +40,13 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from extractor.corpus.matrices import CELLS_METADATA, MATRIX_KEYS, POSITIONS, expand, is_matrix_schema, long_view_sql
 from extractor.corpus.query import fetch, read_only_connection, stream
 from extractor.errors import UserError, first_line
 
 MANIFEST = "manifest.json"
 ASSOCIATIONS = "associations"
+MATRICES_VIEW = "association_matrices"  # a dense run's stored rows, one per (doc_id, layer, head) with its matrix
 # view name (in `extractor query` and `RunFolder.sql`) → the table's file at the top of the run folder
 TABLES = {
     "documents": "documents.parquet",
@@ -143,6 +145,16 @@ def read_manifest(run_dir: str | Path) -> dict[str, Any]:
 def association_files(run_dir: str | Path) -> list[Path]:
     """The run's committed association parts (`associations/part-*.parquet`), in part order."""
     return sorted((Path(run_dir) / ASSOCIATIONS).glob("part-*.parquet"))
+
+
+def association_rows(run_dir: str | Path) -> int:
+    """How many association rows (long format: one per stored cell) the run's parts hold."""
+    total = 0
+    for file in association_files(run_dir):
+        parquet = pq.ParquetFile(file)
+        metadata = parquet.schema_arrow.metadata or {}
+        total += int(metadata[CELLS_METADATA]) if CELLS_METADATA in metadata else parquet.metadata.num_rows
+    return total
 
 
 def damaged_files(run_dir: str | Path) -> list[Path]:
@@ -387,7 +399,7 @@ class RunFolder:
 
     def stored_measures(self) -> list[str]:
         """Measure columns present in the associations dataset (e.g. attention, value_norm, rollout)."""
-        return [name for name in self._dataset().schema.names if name not in ASSOCIATION_KEYS]
+        return [name for name in self._dataset().schema.names if name not in (*ASSOCIATION_KEYS, *MATRIX_KEYS)]
 
     def is_top_k(self) -> bool:
         """Whether only the top-k keys per row were stored (absent cells read as 0)."""
@@ -409,8 +421,11 @@ class RunFolder:
         """
         dataset = self._dataset()
         names = dataset.schema.names
-        wanted = [m for m in (measures if measures is not None else names) if m in names and m not in ASSOCIATION_KEYS]
-        columns = [*CELL_KEYS, *wanted, *(c for c in ("kept_mass", "window") if c in names)]
+        keys = (*ASSOCIATION_KEYS, *MATRIX_KEYS)
+        wanted = [m for m in (measures if measures is not None else names) if m in names and m not in keys]
+        matrices = is_matrix_schema(dataset.schema)
+        index = ["doc_id", "layer", "head", POSITIONS] if matrices else list(CELL_KEYS)
+        columns = [*index, *wanted, *(c for c in ("kept_mass", "window") if c in names)]
         condition = ds.field("doc_id").isin([int(d) for d in doc_ids])
         if layer is not None:
             condition &= ds.field("layer") == layer
@@ -418,7 +433,8 @@ class RunFolder:
             condition &= ds.field("head") == head
         if heads_only:
             condition &= ds.field("head") >= 0
-        return merge_windows(dataset.to_table(columns=columns, filter=condition).to_pandas())
+        rows = dataset.to_table(columns=columns, filter=condition)
+        return merge_windows(expand(rows) if matrices else rows.to_pandas())
 
     def _dense(self, doc_id: int, measure: str, layer: int | None, head: int | None) -> tuple[np.ndarray, list[str]]:
         """Stored cells of one document → ([layers read, heads read, query, key] float32, labels [position])."""
@@ -462,13 +478,26 @@ class RunFolder:
     def views(self) -> dict[str, list[Path]]:
         """view name → the Parquet files it reads (`associations` and every table the run wrote)."""
         views = {"associations": self.association_files()} if self.has_associations() else {}
+        if views and self.stores_matrices():
+            views = {MATRICES_VIEW: views["associations"]}
         views.update({name: [self.file(name)] for name in TABLES if self.has(name)})
         return views
+
+    def stores_matrices(self) -> bool:
+        """Whether the associations are stored as matrices (storage dense, `extractor.corpus.matrices`)."""
+        return self.has_associations() and is_matrix_schema(self._dataset().schema)
+
+    def derived_views(self) -> dict[str, str]:
+        """view name → SQL over `views()`: a dense run's `associations` in the long format, from its matrices."""
+        if not self.stores_matrices():
+            return {}
+        return {"associations": long_view_sql(MATRICES_VIEW, self.stored_measures(),
+                                              "window" in self._dataset().schema.names)}
 
     def connect(self) -> Any:  # duckdb.DuckDBPyConnection
         """A new read-only DuckDB connection with one view per table (extractor.corpus.query); the caller
         closes it."""
-        return read_only_connection(self.views())
+        return read_only_connection(self.views(), self.derived_views())
 
     def _shared_connection(self) -> Any:
         if self._connection is None:
@@ -486,7 +515,7 @@ class RunFolder:
 
     def relation(self, name: str) -> Any:  # duckdb.DuckDBPyRelation
         """One view (`associations`, `documents`, `tokens`, ...) as a DuckDB relation."""
-        views = self.views()
+        views = {**self.views(), **self.derived_views()}
         if name not in views:
             raise UserError(f"run '{self.path}' has no table '{name}'; it has: {', '.join(views)}")
         return self._shared_connection().view(name)

@@ -8,6 +8,8 @@
       words.parquet            one row per word (level: word)
       associations/part-*.parquet   pair tables; each part sorted by (layer, head, doc_id, query_pos) with
                                one row group per layer, so filters on layer/head skip most of the data
+                               (storage dense: one row per (layer, head, doc_id) holding the matrix,
+                               `extractor.corpus.matrices`)
       verification.parquet     max errors per (layer, head) vs Hugging Face
       heads.parquet, head_similarity.parquet   per-head metrics over the corpus
 
@@ -40,6 +42,7 @@ import pyarrow.parquet as pq
 
 from extractor.corpus.faults import checkpoint
 from extractor.corpus.lock import FolderLock
+from extractor.corpus.matrices import CELLS_METADATA, is_matrix_schema, visible_cell_count
 from extractor.corpus.run_folder import RUN_FILES
 from extractor.errors import UserError
 
@@ -126,6 +129,8 @@ def write_associations(table: pa.Table, path: Path, ordered: bool = False) -> No
         order = np.argsort(key, kind="stable")
         table = table.take(pa.array(order))
         layers = layer[order]
+    if is_matrix_schema(table.schema):  # dense: the long-format row count, for the manifest (`association_rows`)
+        table = table.replace_schema_metadata({CELLS_METADATA: str(visible_cell_count(table))})
     starts = np.flatnonzero(layers[1:] != layers[:-1]) + 1 if len(layers) else np.array([], dtype=np.int64)
     bounds = [0, *starts.tolist(), len(layers)] if len(layers) else [0]
 

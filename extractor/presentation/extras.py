@@ -20,8 +20,9 @@ def write_extras(folder: Path, config: RunConfig, only_missing: bool = False) ->
         write_report(folder)
         written.append("report")
     if config.plots and not (only_missing and (folder / "plots").is_dir()):
-        from extractor.presentation.plots import write_default_plots
+        from extractor.presentation.plots import figure_formats, write_default_plots
 
-        write_default_plots(folder)
+        with figure_formats(config.plot_formats):
+            write_default_plots(folder)
         written.append("figures")
     return written

@@ -207,13 +207,18 @@ def decode_group(group: dict[str, Any]) -> dict[str, np.ndarray]:
     return decoded
 
 
-def strongest_keys(rows: pd.DataFrame, keep: int | None, rank_by: str) -> pd.DataFrame:
-    """Each query row's `keep` strongest keys by `rank_by` (None: every key), back in (query, key) order."""
+def strongest_keys(query: np.ndarray, values: np.ndarray, keep: int | None) -> np.ndarray:
+    """Indices of each query row's `keep` strongest keys by `values` (None: every key), in their (query, key) order.
+
+    query, values: [rows], rows sorted by (query, key). Ties keep the lower key (a stable sort).
+    """
     if keep is None:
-        return rows
-    rows = rows.sort_values(["query_pos", rank_by], ascending=[True, False], kind="stable")
-    rows = rows[rows.groupby("query_pos", sort=False).cumcount() < keep]
-    return rows.sort_values(["query_pos", "key_pos"])
+        return np.arange(len(query))
+    order = np.lexsort((-values, query))  # by query, then strongest first; stable, so ties stay in key order
+    sorted_query = query[order]
+    starts = np.flatnonzero(np.r_[True, sorted_query[1:] != sorted_query[:-1]])  # first row of each query
+    rank = np.arange(len(order)) - np.repeat(starts, np.diff(np.r_[starts, len(order)]))
+    return np.sort(order[rank < keep])
 
 
 def detail_levels(keys_per_row: int) -> list[tuple[int, int]]:
@@ -279,6 +284,9 @@ def encode_document(
     head = rows["head"].to_numpy(np.int64)
     query = rows["query_pos"].to_numpy(np.int64)
     key = rows["key_pos"].to_numpy(np.int64)
+    # NumPy columns once per document; each group below is a slice of them (no per-group pandas work)
+    columns = {m: rows[m].to_numpy(np.float64) for m in (*HEAD_MEASURES, *LAYER_MEASURES) if m in rows}
+    kept_mass = rows["kept_mass"].to_numpy(np.float64) if "kept_mass" in rows else None
     n_positions = max(
         n_positions, int(query.max()) + 1 if len(query) else 0, int(key.max()) + 1 if len(key) else 0
     )
@@ -288,19 +296,20 @@ def encode_document(
     bounds = np.flatnonzero(np.r_[True, group_id[1:] != group_id[:-1], True])
     for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
         g_layer, g_head = int(layer[start]), int(head[start])
-        part = rows.iloc[start:stop]
         measures = HEAD_MEASURES if g_head >= 0 else LAYER_MEASURES
-        names = [m for m in measures if m in part and not part[m].isna().all()]
+        values = {m: columns[m][start:stop] for m in measures if m in columns}
+        names = [m for m, v in values.items() if not np.isnan(v).all()]
         if not names:
             continue
+        g_query = query[start:stop]
         if max_attention is not None and g_head >= 0 and "attention" in names:
-            max_attention.add(g_layer, g_head, query[start:stop], part["attention"].to_numpy(np.float64))
-        part = strongest_keys(part, keys_per_row, names[0])
+            max_attention.add(g_layer, g_head, g_query, values["attention"])
+        kept = strongest_keys(g_query, values[names[0]], keys_per_row)  # [rows kept]
         group = encode_group(
-            part["query_pos"].to_numpy(np.int64),
-            part["key_pos"].to_numpy(np.int64),
-            {m: part[m].to_numpy(np.float64) for m in names},
-            part["kept_mass"].to_numpy(np.float64) if "kept_mass" in part else None,
+            g_query[kept],
+            key[start:stop][kept],
+            {m: values[m][kept] for m in names},
+            kept_mass[start:stop][kept] if kept_mass is not None else None,
             n_positions,
             bits,
         )
