@@ -78,6 +78,26 @@ def test_uniform_causal_pattern_normalised_entropy_skips_the_first_row() -> None
     assert got["next_token"] == 0.0
 
 
+def test_uniform_sliding_window_rows_count_only_the_keys_of_the_window() -> None:
+    """Window 3 over 5 tokens: row i is uniform over keys max(0, i − 2)..i. Every row of length > 1 is uniform
+    over the keys it sees (entropy_normalised 1); only rows 0..2 see key 0; row 4's earlier "b" (key 1) lies
+    before its window, so only row 2's earlier "a" counts for the duplicate-token detector."""
+    n, window = 5, 3
+    position = torch.arange(n)
+    attention = ((position[None, :] <= position[:, None]) & (position[None, :] > position[:, None] - window)).float()
+    attention = attention / attention.sum(dim=-1, keepdim=True)
+    doc = make_doc(attention, list("abacb"))
+    doc.sliding_windows = [window]
+    got = metrics_of([doc], causal=True, cls=None, sep=None)
+    assert got["entropy_normalised"] == pytest.approx(1.0)
+    assert got["first_token"] == pytest.approx((1 + 1 / 2 + 1 / 3) / 3)
+    assert got["duplicate_token_score"] == pytest.approx(1 / 3)
+    assert got["previous_token"] == pytest.approx((1 / 2 + 3 * (1 / 3)) / 4)
+    # the same document without its window: the hidden keys count as part of each row
+    unwindowed = metrics_of([make_doc(attention, list("abacb"))], causal=True, cls=None, sep=None)
+    assert unwindowed["entropy_normalised"] < 0.95 and unwindowed["duplicate_token_score"] == pytest.approx(1 / 6)
+
+
 def test_special_token_and_punctuation_fractions() -> None:
     tokens = ["[CLS]", "the", ",", "cat", "[SEP]"]
     row = torch.tensor([0.5, 0.0, 0.2, 0.0, 0.3])

@@ -1,4 +1,5 @@
-"""The compiled top-k row kernel against torch.topk, on rows with padding, causal limits, ties and short rows."""
+"""The compiled top-k row kernel against torch.topk, on rows with padding, causal limits, sliding windows, ties and
+short rows."""
 
 from __future__ import annotations
 
@@ -43,6 +44,26 @@ def test_topk_rows_match_a_sort_of_each_visible_row(k: int, use_numba: bool) -> 
     slot = torch.arange(top_keys.shape[-1])
     assert (top_keys < limits[..., None]).logical_or(slot >= counts[..., None]).all()
     assert (top_keys.masked_select(slot >= counts[..., None]) == 0).all()
+
+
+@pytest.mark.parametrize("use_numba", [True, False])
+def test_topk_rows_read_keys_from_each_rows_start(use_numba: bool) -> None:
+    """Sliding windows: the kernel against a sort of each row's keys [start, limit); starts fall inside blocks of 8
+    keys, and the widest window holds enough whole blocks (≥ k) for the first pass's lower bound."""
+    n, k = 120, 5
+    values = torch.rand(3, n, n)
+    position = torch.arange(n)
+    limits = (position + 1)[None].expand(3, n)
+    starts = torch.stack([(position - w + 1).clamp_min(0) for w in (3, 9, 70)])
+    top_values, top_keys, counts = topk_rows(values, limits, k, use_numba=use_numba, starts=starts)
+    for b in range(3):
+        for q in range(n):
+            start, limit = int(starts[b, q]), int(limits[b, q])
+            expected = values[b, q, start:limit].sort(descending=True)
+            count = min(k, limit - start)
+            assert int(counts[b, q]) == count
+            assert torch.equal(top_values[b, q, :count], expected.values[:count])
+            assert torch.equal(top_keys[b, q, :count], expected.indices[:count] + start)
 
 
 def test_numba_and_torch_paths_agree_on_keys_without_ties() -> None:

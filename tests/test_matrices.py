@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import WINDOW
 
 from extractor.attribution.analysis import analyse_batch
 from extractor.core.encode import encode
@@ -41,7 +42,8 @@ def batch_tables(loaded) -> tuple[pa.Table, pd.DataFrame]:
     long = batch_association_table(analysis, ids, loaded.adapter.causal, value_type=pa.float16()).to_pandas()
     docs = batch.docs
     matrices = matrices_table(analysis.per_layer, torch.tensor([d.n_tokens for d in docs]),
-                              padded_positions([d.positions for d in docs]), torch.tensor(ids), loaded.adapter.causal)
+                              padded_positions([d.positions for d in docs]), torch.tensor(ids), loaded.adapter.causal,
+                              first_keys=analysis.first_keys)
     return matrices, long
 
 
@@ -49,9 +51,10 @@ def sorted_rows(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.sort_values(KEYS).reset_index(drop=True)
 
 
-@pytest.mark.parametrize("family", ["minilm", "gpt2"])
-def test_matrices_expand_to_the_cell_by_cell_dense_table(family: str, minilm, tiny_loaded) -> None:
-    loaded = minilm if family == "minilm" else tiny_loaded("gpt2")
+@pytest.mark.parametrize("family", ["minilm", "gpt2", "mistral-window"])
+def test_matrices_expand_to_the_cell_by_cell_dense_table(family: str, minilm, tiny_loaded, rotary_loaded) -> None:
+    """A bidirectional encoder, a causal decoder, and a sliding window shorter than the texts."""
+    loaded = {"minilm": minilm}.get(family) or (tiny_loaded(family) if family == "gpt2" else rotary_loaded(family))
     matrices, long = batch_tables(loaded)
     assert is_matrix_schema(matrices.schema)
     n_layers, n_heads = loaded.adapter.n_layers, loaded.adapter.n_heads
@@ -64,6 +67,9 @@ def test_matrices_expand_to_the_cell_by_cell_dense_table(family: str, minilm, ti
     assert visible_cell_count(matrices) == len(long)
     if loaded.adapter.causal:
         assert (want["key_pos"] <= want["query_pos"]).all()
+    if family == "mistral-window":  # head rows: nothing before the window (rolled-out layer rows reach further)
+        heads = want[want["head"] >= 0]
+        assert (heads["key_pos"] > heads["query_pos"] - WINDOW).all() and heads["query_pos"].max() >= WINDOW
 
 
 def test_the_duckdb_view_presents_the_long_format(minilm, tmp_path: Path) -> None:

@@ -1,9 +1,11 @@
 """Which measure to trust: per-layer rank agreement between measures, value zeroing (an intervention) included.
 
 For each layer and each pair of measures (a, b), each real query row i of each document gives Spearman's ρ
-between a[i, :] and b[i, :] over the keys row i sees (ties get their average rank). Rows where either measure
-is constant (ρ undefined, e.g. a causal row with one key) are left out. The table reports the mean ρ over all
-remaining rows of all documents (each row weighs the same) and how many rows that is.
+between a[i, :] and b[i, :] over the keys row i sees (ties get their average rank); under a sliding window, over
+the keys both measures see (the layer's window; for two rolled-out measures, the keys their layers reach
+together). Rows where either measure is constant (ρ undefined, e.g. a causal row with one key) are left out.
+The table reports the mean ρ over all remaining rows of all documents (each row weighs the same) and how many
+rows that is.
 
 Head-level measures (`attention`, `value_norm`) are reduced to the layer level by the mean over heads, so that
 every measure is one [query, key] matrix per layer. Stored measures are compared as stored: `rollout`, `alti`
@@ -18,7 +20,7 @@ from itertools import combinations
 import pandas as pd
 import torch
 
-from extractor.attribution.analysis import BatchAnalysis, analyse_batch
+from extractor.attribution.analysis import BatchAnalysis, FirstKeys, analyse_batch
 from extractor.attribution.layer_pass import visibility
 from extractor.attribution.measures import HEAD_MEASURES
 from extractor.core.encode import encode
@@ -65,20 +67,37 @@ def layer_level(name: str, matrix: torch.Tensor) -> torch.Tensor:
     return matrix.mean(dim=1) if name in HEAD_MEASURES else matrix
 
 
+def both_see(
+    visible: torch.Tensor, first_a: torch.Tensor | None, first_b: torch.Tensor | None
+) -> torch.Tensor:
+    """visible [batch, query, key] bool without a window, narrowed to the keys from the later of two measures'
+    first keys on (first_a, first_b: [query] under a sliding window, None: key 0)."""
+    firsts = [f for f in (first_a, first_b) if f is not None]
+    if not firsts:
+        return visible
+    first = firsts[0] if len(firsts) == 1 else torch.maximum(firsts[0], firsts[1])  # [query]
+    key = torch.arange(visible.shape[-1], device=visible.device)
+    return visible & (key >= first.to(visible.device)[:, None])  # [batch, query, key]
+
+
 def agreement_sums(
-    per_layer: dict[str, list[torch.Tensor]], visible: torch.Tensor
+    per_layer: dict[str, list[torch.Tensor]],
+    visible: torch.Tensor,
+    first_keys: FirstKeys | None = None,
 ) -> dict[tuple[int, str, str], tuple[float, int]]:
     """(layer, measure_a, measure_b) → (Σ ρ over defined rows, number of those rows) for one batch.
 
     per_layer: name → per layer [batch, head, query, key] (head measures) or [batch, query, key]; visible
-    [batch, query, key] bool (real rows, keys each row sees).
+    [batch, query, key] bool (real rows, keys each row sees without a sliding window); first_keys: (names,
+    layer) → [query] where a measure's rows start under a sliding window (`BatchAnalysis.first_keys`).
     """
     names = list(per_layer)
     sums: dict[tuple[int, str, str], tuple[float, int]] = {}
     for layer in range(len(per_layer[names[0]])):
         matrices = {name: layer_level(name, per_layer[name][layer]) for name in names}
+        firsts = {name: None if first_keys is None else first_keys((name,), layer) for name in names}
         for a, b in combinations(names, 2):
-            rho, defined = row_spearman(matrices[a], matrices[b], visible)
+            rho, defined = row_spearman(matrices[a], matrices[b], both_see(visible, firsts[a], firsts[b]))
             sums[(layer, a, b)] = (float(rho[defined].sum()), int(defined.sum()))
     return sums
 
@@ -105,7 +124,7 @@ class MeasureAgreement:
         if len(analysis.per_layer) < 2:
             return
         visible = visibility(analysis.batch.attention_mask, self.causal)
-        self._add(agreement_sums(analysis.per_layer, visible))
+        self._add(agreement_sums(analysis.per_layer, visible, analysis.first_keys))
 
     def _add(self, sums: dict[tuple[int, str, str], tuple[float, int]]) -> None:
         for key, (total, count) in sums.items():

@@ -5,7 +5,7 @@ This is the single code path that the Python API, `extractor verify/explain/run`
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -21,16 +21,40 @@ from extractor.core.probes import projection_errors, z_probe_errors
 from extractor.core.recompute import (
     attention_output,
     attention_pattern,
+    first_visible_key,
     layer_masks,
     per_query_head,
     project_values,
+    reach_window,
     recompute_attention,
     value_vectors_out,
 )
 from extractor.core.sdpa_capture import supports_sdpa_recording
 from extractor.core.tolerance import DEFAULT_RTOL
 from extractor.core.verify import VerificationReport, layer_errors
-from extractor.core.words import to_words
+from extractor.core.words import first_key_words, to_words
+
+# (measure names, layer) → [query] the first key each row sees (None: key 0, full attention): the
+# `first_keys` method of `BatchAnalysis` (token level) and of `DocAttention` (token or word level)
+FirstKeys = Callable[[Sequence[str], int], torch.Tensor | None]
+
+
+def measure_window(name: str, layer: int, sliding_windows: Sequence[int | None]) -> int | None:
+    """The sliding window measure `name` is confined to at `layer`: the layer's own (None: full attention, as
+    for every layer when `sliding_windows` is empty), or for a measure rolled out through layers 0..layer
+    (rollout, ALTI, GlobEnc) their `reach_window`."""
+    if not sliding_windows:
+        return None
+    if M.REGISTRY[name].rolled_out:
+        return reach_window(sliding_windows[: layer + 1])
+    return sliding_windows[layer]
+
+
+def group_window(names: Sequence[str], layer: int, sliding_windows: Sequence[int | None]) -> int | None:
+    """The widest `measure_window` of measures that share one set of cells (a table's head or layer rows)."""
+    windows = [measure_window(name, layer, sliding_windows) for name in names]
+    known = [w for w in windows if w is not None]
+    return max(known) if known and len(known) == len(windows) else None
 
 
 @dataclass
@@ -38,12 +62,14 @@ class DocAttention:
     """One document's association measures, padding trimmed, at token or word level.
 
     head_measures: name → [layer, head, query, key]; layer_measures: name → [layer, query, key].
+    sliding_windows: per layer, the model's sliding window (None: full attention; empty: none in any layer).
     """
 
     doc: TokenizedDoc
     level: str
     head_measures: dict[str, torch.Tensor] = field(default_factory=dict)
     layer_measures: dict[str, torch.Tensor] = field(default_factory=dict)
+    sliding_windows: list[int | None] = field(default_factory=list)
 
     @property
     def size(self) -> int:
@@ -62,6 +88,15 @@ class DocAttention:
             labels[word] = labels.get(word, "") + strip_subword_markers(token)
         return [labels[w] for w in sorted(labels)]
 
+    def first_keys(self, names: Sequence[str], layer: int) -> torch.Tensor | None:
+        """[size]: the first key (token or word) each row of `layer` sees in measures `names` (`group_window`);
+        None: key 0 for every row (full attention)."""
+        window = group_window(names, layer, self.sliding_windows)
+        if window is None:
+            return None
+        first = first_visible_key(self.doc.n_tokens, window)  # [token]
+        return first if self.level == "token" else first_key_words(first, self.doc.word_index)
+
     def to_word_level(self) -> DocAttention:
         """Clark et al. (2019) aggregation of every measure: mean over query pieces, sum over key pieces."""
         if self.level == "word":
@@ -72,6 +107,7 @@ class DocAttention:
             level="word",
             head_measures={k: to_words(v, index) for k, v in self.head_measures.items()},
             layer_measures={k: to_words(v, index) for k, v in self.layer_measures.items()},
+            sliding_windows=self.sliding_windows,
         )
 
 
@@ -82,12 +118,21 @@ class BatchAnalysis:
     per_layer: name → per layer [batch, head, query, key] (head measures) or [batch, query, key] (layer
     measures), padded to the batch's longest document. Batch-wide consumers (tables, head statistics,
     similarity) read these directly; `docs` trims each document out (a copy) for per-document use.
+    sliding_windows: per layer, the model's sliding window (None: full attention; empty: none in any layer).
     """
 
     batch: EncodedBatch
     level: str
     per_layer: dict[str, list[torch.Tensor]]
     verification: VerificationReport | None
+    sliding_windows: list[int | None] = field(default_factory=list)
+
+    def first_keys(self, names: Sequence[str], layer: int) -> torch.Tensor | None:
+        """[query]: the first key each row of `layer` sees in measures `names` (`group_window`), token level;
+        None: key 0 for every row (full attention)."""
+        window = group_window(names, layer, self.sliding_windows)
+        mask = self.batch.attention_mask
+        return None if window is None else first_visible_key(mask.shape[-1], window, mask.device)
 
     @cached_property
     def docs(self) -> list[DocAttention]:
@@ -102,6 +147,7 @@ class BatchAnalysis:
                 level="token",
                 head_measures={k: v for k, v in trimmed.items() if k in M.HEAD_MEASURES},
                 layer_measures={k: v for k, v in trimmed.items() if k in M.LAYER_MEASURES},
+                sliding_windows=self.sliding_windows,
             )
             docs.append(result.to_word_level() if self.level == "word" else result)
         return docs
@@ -141,8 +187,8 @@ def analyse_batch(
     with attribution.recording_forward():
         capture = run_with_capture(adapter, batch.model_inputs, eager=eager)
     all_weights = adapter.all_layer_weights()
-    masks = layer_masks(batch.attention_mask, adapter.causal, [w.sliding_window for w in all_weights],
-                        capture.hidden_in[0].dtype)
+    sliding_windows = [w.sliding_window for w in all_weights]
+    masks = layer_masks(batch.attention_mask, adapter.causal, sliding_windows, capture.hidden_in[0].dtype)
     report = VerificationReport(adapter.n_layers, adapter.n_heads, atol=atol, rtol=rtol) if verify else None
     specs = [M.REGISTRY[name] for name in measures]
     in_loop = [(spec.name, spec.function("per_layer")) for spec in specs if spec.per_layer is not None]
@@ -189,7 +235,8 @@ def analyse_batch(
     if report is not None:
         report.n_docs = len(batch.docs)
         report.n_docs_compared = len(batch.docs) if eager else 0
-    return BatchAnalysis(batch=batch, level=level, per_layer=per_layer, verification=report)
+    return BatchAnalysis(batch=batch, level=level, per_layer=per_layer, verification=report,
+                         sliding_windows=sliding_windows)
 
 
 @torch.inference_mode()

@@ -20,7 +20,7 @@ from extractor.attribution.rollout import chain
 from extractor.attribution.value_zeroing import value_zeroing_scores, zeroing_distances
 from extractor.core.adapters import ADAPTERS
 from extractor.core.adapters.base import AttentionWeights, ModelAdapter
-from extractor.core.recompute import value_vectors_out, visible_keys
+from extractor.core.recompute import value_vectors_out, visible_cells, visible_range
 from extractor.errors import UserError
 
 # Measures that decompose through the LayerNorm after each residual sum: defined for post-LN encoders only.
@@ -40,12 +40,11 @@ def check_supported(adapter: ModelAdapter, measures: Sequence[str]) -> None:
             )
 
 
-def visibility(attention_mask: torch.Tensor, causal: bool) -> torch.Tensor:
-    """[batch, query, key] bool: key j is visible to real row i (padding rows see nothing)."""
+def visibility(attention_mask: torch.Tensor, causal: bool, window: int | None = None) -> torch.Tensor:
+    """[batch, query, key] bool: key j is visible to real row i (padding rows see nothing; a sliding window
+    hides the keys before it)."""
     lengths = attention_mask.sum(dim=-1)  # [batch]
-    n = attention_mask.shape[-1]
-    limit = visible_keys(lengths, n, causal)  # [batch, query]
-    return torch.arange(n, device=attention_mask.device)[None, None, :] < limit[:, :, None]
+    return visible_cells(*visible_range(lengths, attention_mask.shape[-1], causal, window))
 
 
 class AttributionPass:
@@ -58,7 +57,7 @@ class AttributionPass:
         self.attention_mask = attention_mask
         self.recording: LayerRecording | None = None
         self.per_layer: dict[str, list[torch.Tensor]] = {name: [] for name in self.wanted}
-        self._visible: torch.Tensor | None = None
+        self._visible: dict[int | None, torch.Tensor] = {}  # sliding window → visibility
 
     @property
     def needs_values(self) -> bool:
@@ -76,10 +75,11 @@ class AttributionPass:
             self.recording = recording
             yield
 
-    def visible(self) -> torch.Tensor:
-        if self._visible is None:
-            self._visible = visibility(self.attention_mask, self.adapter.causal)
-        return self._visible
+    def visible(self, window: int | None = None) -> torch.Tensor:
+        """[batch, query, key] bool: the keys each row of a layer with this sliding window sees (None: full)."""
+        if window not in self._visible:
+            self._visible[window] = visibility(self.attention_mask, self.adapter.causal, window)
+        return self._visible[window]
 
     def add_layer(
         self, layer: int, x: torch.Tensor, pattern: torch.Tensor, v: torch.Tensor | None, weights: AttentionWeights
@@ -89,7 +89,7 @@ class AttributionPass:
         if not self.wanted:
             return
         assert self.recording is not None, "add_layer before the recorded forward pass"
-        visible = self.visible()
+        visible = self.visible(weights.sliding_window)
         if self.needs_values:
             assert v is not None
             f = value_vectors_out(v, weights)  # [batch, head, key, d_model]

@@ -22,14 +22,14 @@ REGISTRY: dict[str, Measure] = {m.name: m for m in (
     Measure(name="layer_value_norm", level="layer", label="layer value norm", needs_values=True,
             per_layer=f"{A}.layer_value_norm:layer_value_norm_of_layer",
             meaning="‖Σ_h α_hij · v_j W_O^h‖: what key j adds to query i's output in this layer, all heads."),
-    Measure(name="rollout", level="layer", label="rollout", run_default=True,
+    Measure(name="rollout", level="layer", label="rollout", run_default=True, rolled_out=True,
             across_layers=f"{A}.rollout:rollout",
             meaning="Attention rollout up to this layer (Abnar & Zuidema 2020): all heads, residual as 0.5·I."),
     # Computed by the attribution pass (extractor.attribution.layer_pass): they re-run or decompose layers.
-    Measure(name="alti", level="layer", label="ALTI", extract_default=False,
+    Measure(name="alti", level="layer", label="ALTI", extract_default=False, rolled_out=True,
             meaning="ALTI (Ferrando et al. 2022): each token's share of the attention block + residual after "
                     "the LayerNorm, by L1 distance; rolled out."),
-    Measure(name="globenc", level="layer", label="GlobEnc", extract_default=False,
+    Measure(name="globenc", level="layer", label="GlobEnc", extract_default=False, rolled_out=True,
             meaning="GlobEnc (Modarressi et al. 2022): norms through both LayerNorms of the layer, residual "
                     "included; rolled out."),
     Measure(name="value_zeroing", level="layer", label="value zeroing", extract_default=False,

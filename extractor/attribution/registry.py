@@ -49,6 +49,9 @@ class Measure:
     across_layers: str | None = None
     run_default: bool = False  # in `extractor run`'s default measures
     extract_default: bool = True  # in `extract()`'s default measures (one forward pass, every family)
+    # A product over layers 0..l (rollout, ALTI, GlobEnc): under sliding windows a row reaches further back than
+    # one layer's window (`recompute.reach_window`).
+    rolled_out: bool = False
 
     @property
     def by_attribution_pass(self) -> bool:

@@ -16,6 +16,7 @@ group of query heads (`repeat_kv`). From there on every family is the same.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -60,7 +61,7 @@ def visible_keys(lengths: torch.Tensor, n: int, causal: bool) -> torch.Tensor:
 
     The limit is n_b for a real row of a document of n_b tokens (q + 1 if causal), 0 for a padding row; the
     same visibility `additive_mask` encodes, as a count per row. lengths: [batch]. A sliding window also
-    hides keys before `first_visible_key`.
+    hides keys before `first_visible_key` (`visible_range` gives both).
     """
     position = torch.arange(n, device=lengths.device)
     limit = lengths[:, None].expand(-1, n)
@@ -78,6 +79,37 @@ def first_visible_key(n: int, window: int | None, device: torch.device | str = "
     if window is None:
         return torch.zeros_like(position)
     return (position - window + 1).clamp_min(0)
+
+
+def reach_window(windows: Sequence[int | None]) -> int | None:
+    """The sliding window of a product of these layers' patterns (a measure rolled out through them): each layer
+    moves a row at most window − 1 keys back, so 1 + Σ (window − 1); None (full attention) if any layer has none."""
+    reach = 1
+    for window in windows:
+        if window is None:
+            return None
+        reach += window - 1
+    return reach if windows else None
+
+
+def visible_range(
+    lengths: torch.Tensor, n: int, causal: bool, window: int | None = None
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Which keys each row of a padded batch sees: keys [first, limit), the visibility `additive_mask` encodes.
+
+    lengths: [batch]. Returns first [query] (`first_visible_key`; None without a window, so that full-attention
+    callers skip the comparison) and limit [batch, query] (`visible_keys`).
+    """
+    first = None if window is None else first_visible_key(n, window, lengths.device)
+    return first, visible_keys(lengths, n, causal)
+
+
+def visible_cells(first: torch.Tensor | None, limit: torch.Tensor) -> torch.Tensor:
+    """[batch, query, key] bool: key j is visible to row i, from `visible_range`'s first [query] (None: key 0)
+    and limit [batch, query] (queries and keys are the same positions)."""
+    key = torch.arange(limit.shape[-1], device=limit.device)
+    visible = key < limit[..., None]  # [batch, query, key]
+    return visible if first is None else visible & (key >= first.to(limit.device)[:, None])
 
 
 def mask_if_needed(

@@ -71,3 +71,16 @@ def to_words(matrix: torch.Tensor, word_index: list[int]) -> torch.Tensor:
     member = membership(word_index, matrix.dtype).to(matrix.device)  # [word, token]
     row_mean = member / member.sum(dim=1, keepdim=True)  # [word, token]
     return row_mean @ matrix @ member.T  # [..., word, word]
+
+
+def first_key_words(first: torch.Tensor, word_index: list[int]) -> torch.Tensor:
+    """[word]: the first key word each query word sees, from the first key token each query token sees ([token]).
+
+    A word's row is the mean of its pieces' rows, so it sees every word one of its pieces sees: from the word of
+    the earliest key any piece sees on (word numbers rise with token position, a word's pieces are contiguous).
+    """
+    index = torch.tensor(word_index, dtype=torch.long, device=first.device)  # [token]
+    n_words = int(index.max()) + 1 if len(word_index) else 0
+    earliest = torch.full((n_words,), len(word_index), dtype=torch.long, device=first.device)  # [word]
+    earliest = earliest.scatter_reduce(0, index, first.long(), reduce="amin")  # earliest key token of any piece
+    return index[earliest]

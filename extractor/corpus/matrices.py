@@ -25,6 +25,8 @@ from extractor.attribution.measures import HEAD_MEASURES, LAYER_MEASURES
 if TYPE_CHECKING:  # the readers (query, plots, report) never load torch; only the writer's functions use it
     import torch
 
+    from extractor.attribution.analysis import FirstKeys
+
 POSITIONS = "positions"
 CELLS_METADATA = b"extractor.cells"  # a matrix part's Parquet metadata: how many long-format rows it holds
 MATRIX_KEYS = ("doc_id", "layer", "head", "window", POSITIONS)  # the columns of a matrix row that are not measures
@@ -44,18 +46,18 @@ def matrix_schema(measures: tuple[str, ...], windows: bool, value_type: pa.DataT
     return pa.schema(fields)
 
 
-def hide_unseen(values: torch.Tensor, lengths: torch.Tensor, causal: bool) -> torch.Tensor:
-    """values [group, batch, query, key] with NaN on the keys each real query cannot see (a copy when any)."""
-    import torch
+def hide_unseen(values: torch.Tensor, lengths: torch.Tensor, causal: bool, first: torch.Tensor | None = None,
+                ) -> torch.Tensor:
+    """values [group, batch, query, key] with NaN on the keys each real query cannot see (a copy when any).
 
-    from extractor.core.recompute import visible_keys
+    first: [query] the first key each row sees under a sliding window (None: key 0).
+    """
+    from extractor.core.recompute import visible_cells, visible_keys
 
-    n = values.shape[-1]
-    if not causal:
+    if not causal and first is None:
         return values  # within a document's n × n block every key is visible
-    limits = visible_keys(lengths, n, causal)  # [batch, query]
-    unseen = torch.arange(n, device=values.device)[None, None, :] >= limits[:, :, None]  # [batch, query, key]
-    return values.masked_fill(unseen[None], float("nan"))
+    limits = visible_keys(lengths, values.shape[-1], causal)  # [batch, query]
+    return values.masked_fill(~visible_cells(first, limits)[None], float("nan"))
 
 
 def _list_column(blocks: list[np.ndarray], value_type: pa.DataType) -> pa.Array:
@@ -75,12 +77,14 @@ def matrices_table(
     causal: bool,
     value_type: pa.DataType = pa.float16(),
     windows: torch.Tensor | None = None,
+    first_keys: FirstKeys | None = None,
 ) -> pa.Table:
     """A padded batch's matrices, one row per (layer, head, document), in that order (layer rows, head -1, first).
 
     per_layer: name → per layer [batch, head, query, key] (head measures) or [batch, query, key] (layer
     measures); lengths [batch]; positions [batch, pos] each index's document position; doc_ids [batch];
-    windows [batch] (adds a `window` column) or None.
+    windows [batch] (adds a `window` column: long documents' windows) or None; first_keys: where each row's
+    visible keys start under a sliding window (`BatchAnalysis.first_keys`; None: key 0).
     """
     import torch
 
@@ -98,9 +102,10 @@ def matrices_table(
             if not group:
                 continue
             n_groups = next(iter(group.values())).shape[0]
+            first = None if first_keys is None else first_keys(tuple(group), layer)  # [query]
             columns: dict[str, pa.Array] = {}
             for name, values in group.items():
-                shown = hide_unseen(values.float(), lengths, causal).to(torch.float16 if numpy_dtype is np.float16
+                shown = hide_unseen(values.float(), lengths, causal, first).to(torch.float16 if numpy_dtype is np.float16
                                                                        else torch.float32).cpu()
                 blocks = [shown[g, b, :n, :n].numpy() for g in range(n_groups) for b, n in enumerate(sizes)]
                 columns[name] = _list_column(blocks, value_type)

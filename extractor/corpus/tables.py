@@ -3,7 +3,9 @@
 `associations`: one row per (doc, layer, head, query_pos, key_pos) with one float column per measure.
 Head-level measures (`attention`, `value_norm`) fill rows with head ≥ 0; layer-level measures
 (`layer_value_norm`, `rollout`) fill rows with head = -1; a measure that does not apply to a row is null.
-For causal models, keys after the query are structural zeros and are left out.
+For causal models, keys after the query are structural zeros and are left out; so are the keys before a
+sliding window (Mistral, Qwen2/3 layers marked sliding): a row keeps only the keys its layer lets it see, and a
+rolled-out measure (rollout) the keys its layers reach together (`analysis.measure_window`).
 """
 
 from __future__ import annotations
@@ -14,10 +16,10 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from extractor.attribution.analysis import BatchAnalysis, DocAttention
+from extractor.attribution.analysis import BatchAnalysis, DocAttention, FirstKeys
 from extractor.attribution.measures import HEAD_MEASURES, LAYER_MEASURES
 from extractor.core.encode import Text, TokenizedDoc, segment_texts
-from extractor.core.recompute import visible_keys
+from extractor.core.recompute import visible_cells, visible_keys
 from extractor.corpus.kernels import topk_rows
 
 INDEX_FIELDS = [
@@ -102,24 +104,29 @@ def _where(mask: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
 
 
 def select_cells(
-    values: dict[str, torch.Tensor], lengths: torch.Tensor, causal: bool, top_k: int | None, threshold: float | None
+    values: dict[str, torch.Tensor],
+    lengths: torch.Tensor,
+    causal: bool,
+    top_k: int | None,
+    threshold: float | None,
+    first: torch.Tensor | None = None,
 ) -> KeptCells:
     """Pick the kept cells of same-shaped tensors [group, batch, query, key] (group: heads, or 1 for a layer).
 
-    lengths: [batch] real tokens per document (the rest is padding). Every measure is exactly 0 on keys a
-    query cannot see (padding, causal future: the softmax gives them exp(finfo.min) = 0), so row totals need
-    no masking. Top-k reads only each row's visible keys (`kernels.topk_rows`); dense and threshold mask the
-    unseen cells only when a batch has any (padding or causal). Kept cells are found once as flat indices, and
-    every measure is gathered with them (no repeated boolean-mask indexing).
+    lengths: [batch] real tokens per document (the rest is padding); first: [query] the first key each row sees
+    under a sliding window (None: key 0), so a row sees keys [first, limit). Every measure is exactly 0 on keys
+    a query cannot see (padding, causal future, before the window: the softmax gives them exp(finfo.min) = 0),
+    so row totals need no masking. Top-k reads only each row's visible keys (`kernels.topk_rows`); dense and
+    threshold mask the unseen cells only when a batch has any (padding, causal or a window). Kept cells are
+    found once as flat indices, and every measure is gathered with them (no repeated boolean-mask indexing).
     """
     rank_name = ranking_measure(list(values), head_level=next(iter(values)) in HEAD_MEASURES)
     rank = values[rank_name].float()  # bfloat16 runs: compare with the threshold and sum kept_mass in float32
     n = rank.shape[-1]
-    masked = causal or bool((lengths < n).any())
-    limits = visible_keys(lengths, n, causal)  # [batch, query]: keys [0, limit) visible
+    masked = causal or first is not None or bool((lengths < n).any())
+    limits = visible_keys(lengths, n, causal)  # [batch, query]: keys [first, limit) visible
     if top_k is None:
-        key_position = torch.arange(n, device=rank.device)
-        keep = (key_position < limits[..., None]).expand(rank.shape) if masked else None  # [group, batch, q, k]
+        keep = visible_cells(first, limits).expand(rank.shape) if masked else None  # [group, batch, q, k]
         if threshold is not None:
             keep = rank >= threshold if keep is None else keep & (rank >= threshold)
         if keep is None:  # dense without padding: every cell, in storage order
@@ -131,7 +138,10 @@ def select_cells(
     k = min(top_k, n)
     # the kernel reads rows in storage order: [batch, group, query, key] for both head and layer measures
     row_limits = limits[:, None, :].expand(rank.shape[1], rank.shape[0], n)
-    top_values, top_keys, counts = (t.transpose(0, 1) for t in topk_rows(rank.transpose(0, 1), row_limits, k))
+    row_starts = None if first is None else first.to(rank.device)[None, None, :].expand_as(row_limits)
+    top_values, top_keys, counts = (
+        t.transpose(0, 1) for t in topk_rows(rank.transpose(0, 1), row_limits, k, starts=row_starts)
+    )
     flat: torch.Tensor | None = None  # kept slots as flat indices; None: every slot
     if masked:
         valid = torch.arange(k, device=rank.device) < counts[..., None]  # [group, batch, query, k]
@@ -159,12 +169,14 @@ def measures_table(
     threshold: float | None = None,
     value_type: pa.DataType = pa.float32(),
     windows: torch.Tensor | None = None,
+    first_keys: FirstKeys | None = None,
 ) -> pa.Table:
     """The associations of a padded batch, in (layer, head, batch, query) order (layer rows, head -1, first).
 
     per_layer: name → per layer [batch, head, query, key] (head measures) or [batch, query, key] (layer
     measures); lengths [batch]; positions [batch, pos] each matrix index's document position; doc_ids
-    [batch]; windows [batch] (adds a `window` column) or None.
+    [batch]; windows [batch] (adds a `window` column: long documents' windows) or None; first_keys: where each
+    row's visible keys start under a sliding window (None: the model has none).
     """
     names = tuple(per_layer)
     schema = association_schema(names, value_type, top_k=top_k is not None)
@@ -178,7 +190,8 @@ def measures_table(
         for group, head_level in ((layer_group, False), (head_group, True)):
             if not group:
                 continue
-            cells = select_cells(group, lengths, causal, top_k, threshold)
+            first = None if first_keys is None else first_keys(tuple(group), layer)  # [query]
+            cells = select_cells(group, lengths, causal, top_k, threshold, first)
             batch, query, key = cells.batch.cpu(), cells.query.cpu(), cells.key.cpu()
             rows = batch.shape[0]
             columns = {
@@ -229,6 +242,7 @@ def batch_association_table(
         torch.tensor(doc_ids, dtype=torch.long),
         causal, top_k, threshold, value_type,
         None if windows is None else torch.tensor(windows, dtype=torch.long),
+        analysis.first_keys,
     )
 
 
@@ -248,6 +262,7 @@ def association_table(
         doc.document_positions()[None],
         torch.tensor([doc_id]),
         causal, top_k, threshold, value_type,
+        first_keys=doc.first_keys,
     )
 
 

@@ -6,10 +6,11 @@ document, merging workers' partial stats, or computing on all rows at once give 
 Row metrics: the mean over query rows i (of every document) of a per-row value of A = attention[layer, head]:
 
 - `entropy`:            H_i = −Σ_j A_ij ln A_ij (nats).
-- `entropy_normalised`: H_i / ln(row length); row length = i + 1 for causal models, n otherwise. Rows of
-                        length 1 (the first causal row, ln 1 = 0) are left out. A uniform row scores 1.
+- `entropy_normalised`: H_i / ln(row length), the row length being the keys row i sees: i + 1 for causal
+                        models, n otherwise, min(i + 1, window) under a sliding window. Rows of length 1
+                        (the first causal row, ln 1 = 0) are left out. A uniform row scores 1.
 - `mean_distance`:      Σ_j A_ij |i − j|, with i, j positions in the sequence the model saw (matrix indices).
-- `first_token`:        A_i0.
+- `first_token`:        A_i0, over the rows that see key 0 (under a sliding window, not the rows past it).
 - `cls`, `sep`:         Σ_j A_ij over keys j whose token is the [CLS] (resp. [SEP]) token;
                         NaN if the model has none.
 - `self`:               A_ii.
@@ -22,7 +23,8 @@ Row metrics: the mean over query rows i (of every document) of a per-row value o
 
 Pattern detectors (TransformerLens head-detector patterns), each a ratio of sums over the corpus:
 score = Σ A⊙P / Σ A, both sums taken over the query rows where the reference pattern P [query, key] has at
-least one 1 (rows without any reference key neither help nor hurt the score). A head that puts all of its
+least one 1 among the keys the row sees (rows without any visible reference key, e.g. whose earlier
+occurrence lies before a sliding window, neither help nor hurt the score). A head that puts all of its
 attention on P scores 1.
 
 - `previous_token_score`:  P_ij = 1 iff j = i − 1.
@@ -31,6 +33,8 @@ attention on P scores 1.
                            an earlier occurrence of the current token. Causal models only (NaN otherwise).
 
 Tokens are compared by their text (token level: the tokenizer's tokens; word level: the word's pieces).
+Under a sliding window each layer's rows see keys [first, limit) (`recompute.visible_range`; word level: the
+words their pieces see), and every count of visible keys above is that layer's.
 """
 
 from __future__ import annotations
@@ -38,7 +42,8 @@ from __future__ import annotations
 import functools
 import math
 import unicodedata
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import pandas as pd
 import torch
@@ -141,6 +146,15 @@ class ReferenceCells:
         hits.index_add_(0, b_index, attention[b_index, :, query, key].double())
         return hits, rows_sum(row_sums, self.rows)[0]
 
+    def restricted(self, first: torch.Tensor) -> ReferenceCells:
+        """Only the cells a row sees under a sliding window: key ≥ first[query] ([query]); rows recounted."""
+        b_index, query, key = self.cells
+        keep = key >= first[query]
+        cells = (b_index[keep], query[keep], key[keep])
+        rows = torch.zeros_like(self.rows)
+        rows[cells[0], cells[1]] = True
+        return ReferenceCells(cells, rows)
+
 
 @functools.lru_cache(maxsize=1 << 16)
 def _punctuation_key(label: str, special: bool) -> bool:
@@ -160,6 +174,7 @@ class BatchLayout:
     flag_sets: torch.Tensor  # [batch, flagged, flag set] float
     duplicate: ReferenceCells
     induction: ReferenceCells | None  # causal models only
+    first_key: torch.Tensor | None = None  # [query]: the first key each row sees (a sliding window); None: key 0
 
     @classmethod
     def build(cls, lengths: list[int], labels: list[list[str]], specials: list[list[bool]], causal: bool,
@@ -193,6 +208,20 @@ class BatchLayout:
             if causal else None,
         )
 
+    def restricted(self, first: torch.Tensor | None) -> BatchLayout:
+        """This layout for a layer whose rows see keys from first[query] on (a sliding window), not from key 0:
+        row lengths shortened, reference cells before the window dropped. None: this layout itself."""
+        if first is None:
+            return self
+        first = first.to(self.row_length.device)
+        return replace(
+            self,
+            row_length=(self.row_length - first).clamp_min(0),  # padding rows (length 0) stay 0
+            duplicate=self.duplicate.restricted(first),
+            induction=None if self.induction is None else self.induction.restricted(first),
+            first_key=first,
+        )
+
 
 def on_flagged_keys(values: torch.Tensor, layout: BatchLayout) -> torch.Tensor:
     """values [batch, head, query, key] → Σ_j values_ij over each flag set's keys [batch, head, query, flag set]."""
@@ -205,11 +234,15 @@ def head_sums(attention: torch.Tensor, layout: BatchLayout, value_norm: torch.Te
     """Every metric's (total, weight) [batch, head] over a padded batch.
 
     attention, value_norm: [batch, head, query, key], padded to the longest document; `layout` describes the
-    batch (real positions, key flags, reference patterns). Padded rows and keys never count.
+    batch (real positions, keys each row sees, key flags, reference patterns). Padded rows and keys never count.
     """
     n = attention.shape[-1]
     real = layout.real
     position = torch.arange(n, device=attention.device)
+    first_rows, previous_rows = real, real[:, 1:]  # rows that see key 0, rows 1..n−1 that see key i − 1
+    if layout.first_key is not None:  # a sliding window hides key 0 from later rows (a window of 1: key i − 1)
+        first_rows = real & (layout.first_key == 0)
+        previous_rows = previous_rows & (layout.first_key[1:] < position[1:])
     sums: Sums = {}
     entropy = row_entropy(attention)  # [batch, head, query]
     sums["entropy"] = rows_sum(entropy, real)
@@ -217,11 +250,11 @@ def head_sums(attention: torch.Tensor, layout: BatchLayout, value_norm: torch.Te
     sums["entropy_normalised"] = rows_sum(normalised, real & (layout.row_length > 1))
     distance = (position[:, None] - position[None, :]).abs()  # [query, key]
     sums["mean_distance"] = rows_sum(mass_on(attention, distance), real)
-    sums["first_token"] = rows_sum(attention[..., 0], real)
+    sums["first_token"] = rows_sum(attention[..., 0], first_rows)
     sums["self"] = rows_sum(attention.diagonal(dim1=-2, dim2=-1), real)
     # A_i,i−1 for rows 1..n−1 and A_i,i+1 for rows 0..n−2: rows without such a neighbour are not counted.
     previous = attention.diagonal(offset=-1, dim1=-2, dim2=-1)  # [batch, head, n − 1], rows 1..n−1
-    sums["previous_token"] = rows_sum(previous, real[:, 1:])
+    sums["previous_token"] = rows_sum(previous, previous_rows)
     sums["next_token"] = rows_sum(attention.diagonal(offset=1, dim1=-2, dim2=-1), real[:, 1:])
     # Every "share of the row on these keys" metric at once, from the few flagged keys of each document.
     on_keys = on_flagged_keys(attention, layout)  # [batch, head, query, flag set]
@@ -236,11 +269,17 @@ def head_sums(attention: torch.Tensor, layout: BatchLayout, value_norm: torch.Te
             sums[f"{layout.flag_names[i]}_value_norm"] = rows_sum(shares[..., column], real)
     row_sums = attention.sum(dim=-1)  # [batch, head, query]
     # previous_token_score: P = the sub-diagonal, so its cells are `previous` and its rows 1..n_b − 1
-    sums["previous_token_score"] = (sums["previous_token"][0], rows_sum(row_sums[..., 1:], real[:, 1:])[0])
+    sums["previous_token_score"] = (sums["previous_token"][0], rows_sum(row_sums[..., 1:], previous_rows)[0])
     sums["duplicate_token_score"] = layout.duplicate.score_sums(attention, row_sums)
     if layout.induction is not None:
         sums["induction_score"] = layout.induction.score_sums(attention, row_sums)
     return sums
+
+
+def layers_as_heads(values: torch.Tensor, layers: list[int]) -> torch.Tensor:
+    """[layer, head, query, key] → these layers as one document's heads [1, layer·head, query, key] (all: no copy)."""
+    chosen = values if len(layers) == values.shape[0] else values[layers]
+    return chosen.reshape(1, -1, *values.shape[-2:])
 
 
 def doc_head_sums(
@@ -251,13 +290,28 @@ def doc_head_sums(
     cls_token: str | None,
     sep_token: str | None,
     value_norm: torch.Tensor | None = None,
+    first_keys: Sequence[torch.Tensor | None] = (),
 ) -> Sums:
-    """Every metric's (total, weight) [layer, head] for one document; attention, value_norm: [layer, head, q, k]."""
+    """Every metric's (total, weight) [layer, head] for one document; attention, value_norm: [layer, head, q, k].
+
+    first_keys: per layer, the first key each row sees ([query], `DocAttention.first_keys`; None, or an empty
+    sequence for every layer: key 0). Layers that see alike are summed in one call, as one batch of heads.
+    """
     n_layers, n_heads, n, _ = attention.shape
     layout = BatchLayout.build([n], [labels], [specials], causal, cls_token, sep_token, attention.device)
-    sums = head_sums(attention.reshape(1, n_layers * n_heads, n, n), layout,
-                     None if value_norm is None else value_norm.reshape(1, n_layers * n_heads, n, n))
-    return {k: (total[0].view(n_layers, n_heads), weight[0].view(n_layers, n_heads)) for k, (total, weight) in sums.items()}
+    by_first: dict[tuple[int, ...] | None, list[int]] = {}  # where rows start → the layers whose rows start there
+    for layer in range(n_layers):
+        first = first_keys[layer] if first_keys else None
+        by_first.setdefault(None if first is None else tuple(first.tolist()), []).append(layer)
+    result: Sums = {}
+    for first_key, layers in by_first.items():
+        restricted = layout.restricted(None if first_key is None else torch.tensor(first_key))
+        sums = head_sums(layers_as_heads(attention, layers), restricted,
+                         None if value_norm is None else layers_as_heads(value_norm, layers))
+        for name, (total, weight) in sums.items():
+            into = result.setdefault(name, (total.new_zeros(n_layers, n_heads), weight.new_zeros(n_layers, n_heads)))
+            into[0][layers], into[1][layers] = total[0].view(-1, n_heads), weight[0].view(-1, n_heads)
+    return result
 
 
 def _check_layers_heads(found: tuple[int, int], n_layers: int, n_heads: int) -> None:
@@ -335,6 +389,7 @@ class HeadStats:
             value_norm=None
             if doc.head_measures.get("value_norm") is None
             else doc.head_measures["value_norm"].float(),
+            first_keys=[doc.first_keys(("attention",), layer) for layer in range(self.n_layers)],
         )
         self._add({name: (total[None], weight[None]) for name, (total, weight) in sums.items()})
         self.n_rows += attention.shape[-1]
@@ -349,7 +404,8 @@ class HeadStats:
                                    attention[0].device)
         value_norm = analysis.per_layer.get("value_norm")
         for layer, pattern in enumerate(attention):
-            sums = head_sums(pattern.float(), layout, None if value_norm is None else value_norm[layer].float())
+            windowed = layout.restricted(analysis.first_keys(("attention",), layer))
+            sums = head_sums(pattern.float(), windowed, None if value_norm is None else value_norm[layer].float())
             self._add(sums, layer)
         self.n_rows += sum(d.n_tokens for d in docs)
 
