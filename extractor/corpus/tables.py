@@ -110,11 +110,11 @@ def select_cells(
     """Pick the kept cells of same-shaped tensors [group, batch, query, key] (group: heads, or 1 for a layer).
 
     lengths: [batch] real tokens per document (the rest is padding); a document the ranking measure was not
-    computed for (NaN) keeps no cell. Every measure is exactly 0 on keys a
-    query cannot see (padding, causal future: the softmax gives them exp(finfo.min) = 0), so row totals need
-    no masking. Top-k reads only each row's visible keys (`kernels.topk_rows`); dense and threshold mask the
-    unseen cells only when a batch has any (padding or causal). Kept cells are found once as flat indices, and
-    every measure is gathered with them (no repeated boolean-mask indexing).
+    computed for (NaN) keeps no cell. Every measure is exactly 0 on keys a query cannot see (padding, causal
+    future: the softmax gives them exp(finfo.min) = 0), so row totals need no masking. Top-k reads only each
+    row's visible keys (`kernels.topk_rows`); dense and threshold mask the unseen cells only when a batch has any
+    (padding or causal). Kept cells are found once as flat indices, and every measure is gathered with them (no
+    repeated boolean-mask indexing).
     """
     rank_name = ranking_measure(list(values), head_level=next(iter(values)) in HEAD_MEASURES)
     rank = values[rank_name].float()  # bfloat16 runs: compare with the threshold and sum kept_mass in float32
