@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 import torch
 
 from extractor.attribution.analysis import DocAttention, analyse_batch, validate_measures
+from extractor.attribution.layer_pass import ZeroingScope, layers_out_of_range
 from extractor.attribution.measures import DEFAULT_MEASURES, MEASURES
 from extractor.core.encode import Text, encode
 from extractor.core.models import LoadedModel, load_model, wrap_model
@@ -224,6 +225,7 @@ def extract(
     max_length: int | None = None,
     tokenizer: Any = None,
     device: str | None = None,
+    value_zeroing_layers: Sequence[int] | None = None,
 ) -> ExtractionResult:
     """Extract every layer's and head's association measures for `texts` (verified against Hugging Face).
 
@@ -234,7 +236,9 @@ def extract(
     `LoadedModel`, or a Hugging Face model already in memory with its `tokenizer=` (a fine-tuned one, say; it
     is switched to eager attention and eval mode in place). device: `"cpu"` (default for names), `"cuda"`, ...;
     a model in memory stays where it is unless `device=` is given. measures: names, or one comma-separated
-    string.
+    string. value_zeroing_layers: compute `value_zeroing` only for these layers (0-based; default every layer);
+    its matrices of the other layers are NaN (`result.tensor(doc, "value_zeroing")`) and absent from
+    `associations()`.
     """
     if level not in LEVELS:
         raise ArgumentError(f"level={quoted(level)} is not supported; choose one of: {', '.join(LEVELS)}")
@@ -245,7 +249,13 @@ def extract(
             raise ArgumentError(f"{name}={quoted(value)} must be a whole number ≥ 1")
     if not atol > 0:
         raise ArgumentError(f"atol={quoted(atol)} must be a positive tolerance (default {DEFAULT_ATOL:g})")
+    zeroing_layers = _layers_argument(value_zeroing_layers)
     loaded = _loaded_model(model, tokenizer, device, atol)
+    bad = layers_out_of_range(zeroing_layers, loaded.adapter.n_layers)
+    if bad:
+        raise ArgumentError(f"value_zeroing_layers={quoted(value_zeroing_layers)} names layer(s) "
+                            f"{', '.join(map(str, bad))}, which this model does not have: it has "
+                            f"{loaded.adapter.n_layers} layers, 0 to {loaded.adapter.n_layers - 1}")
     if loaded.adapter.causal and any(isinstance(t, tuple) for t in texts):
         raise ArgumentError(f"texts= holds a (text, text_pair) pair, but {loaded.provenance.get('model', 'this model')} "
                             "is a decoder, which reads one text: join the two texts into one string")
@@ -253,7 +263,8 @@ def extract(
     report: VerificationReport | None = None
     for start in range(0, len(texts), batch_size):
         batch = encode(loaded.tokenizer, texts[start : start + batch_size], max_length, loaded.device, loaded.model.config)
-        analysis = analyse_batch(loaded, batch, measures, verify=verify, atol=atol, level=level)
+        analysis = analyse_batch(loaded, batch, measures, verify=verify, atol=atol, level=level,
+                                 zeroing=ZeroingScope(layers=zeroing_layers))
         docs.extend(analysis.docs)
         report = fold(report, analysis.verification)
     return ExtractionResult(
@@ -270,6 +281,17 @@ def _measures_argument(measures: str | Sequence[str]) -> tuple[str, ...]:
         found = f"has unknown measure(s) {', '.join(map(str, unknown))}" if unknown else "is empty"
         raise ArgumentError(f"measures={quoted(measures)} {found}; choose from: {', '.join(MEASURES)}")
     return validate_measures(names)
+
+
+def _layers_argument(layers: Sequence[int] | None) -> frozenset[int] | None:
+    """`value_zeroing_layers=` as a set of layer indices (None: every layer); a one-line error naming it."""
+    if layers is None:
+        return None
+    items = list(layers) if isinstance(layers, Sequence) and not isinstance(layers, str) else None
+    if not items or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in items):
+        raise ArgumentError(f"value_zeroing_layers={quoted(layers)} must be a non-empty list of 0-based layer "
+                            "indices (e.g. [0, 3, 5]), or None for every layer")
+    return frozenset(items)
 
 
 def as_python_arguments(message: str, function: Callable[..., Any]) -> str:

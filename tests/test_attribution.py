@@ -222,7 +222,7 @@ def test_value_zeroing_small_distances_match_float64(minilm: LoadedModel, monkey
 
 
 def test_measures_are_row_stochastic_and_zero_off_the_visible_keys(minilm, tiny_loaded) -> None:
-    for loaded, measures in ((tiny_loaded("bert"), ("alti", "globenc", "value_zeroing")), (tiny_loaded("gpt2"), ("value_zeroing",))):
+    for loaded, measures in ((tiny_loaded("bert"), ("alti", "globenc", "alti_layer", "value_zeroing")), (tiny_loaded("gpt2"), ("value_zeroing",))):
         batch = encode(loaded.tokenizer, SHORT)
         analysis = analyse_batch(loaded, batch, measures=measures)
         visible = visibility(batch.attention_mask, loaded.adapter.causal)
@@ -237,19 +237,43 @@ def test_measures_are_row_stochastic_and_zero_off_the_visible_keys(minilm, tiny_
             assert len(analysis.docs[0].layer_measures[name]) == loaded.adapter.n_layers
 
 
+@pytest.mark.parametrize("which", ["minilm", "distilbert"])
+def test_per_layer_alti_and_globenc_roll_out_to_the_stored_measures(which: str, minilm, tiny_loaded) -> None:
+    """alti_layer (C_l) and globenc_layer (N_l) are the matrices before rollout: their plain product in the
+    papers' order, R_l = M_l · … · M_0, rows normalised, is the stored rolled-out alti / globenc. C_l's rows sum
+    to 1; N_l holds raw norms (its rows do not), which the rollout multiplies before normalising."""
+    loaded = get_model(which, minilm, tiny_loaded)
+    batch = encode(loaded.tokenizer, SHORT)  # padded
+    docs = analyse_batch(loaded, batch, measures=("alti", "globenc", "alti_layer", "globenc_layer")).docs
+    for doc in docs:
+        for per_layer, rolled in (("alti_layer", "alti"), ("globenc_layer", "globenc")):
+            matrices = doc.layer_measures[per_layer].double()  # [layer, query, key]
+            product = matrices[0]
+            for layer in range(len(matrices)):
+                if layer:
+                    product = matrices[layer] @ product
+                expected = product / product.sum(-1, keepdim=True)
+                torch.testing.assert_close(doc.layer_measures[rolled][layer].double(), expected, rtol=0, atol=1e-5)
+        n = doc.doc.n_tokens
+        torch.testing.assert_close(doc.layer_measures["alti_layer"].sum(-1), torch.ones(len(matrices), n), rtol=0, atol=1e-5)
+        globenc_sums = doc.layer_measures["globenc_layer"].sum(-1)  # [layer, query]
+        assert (globenc_sums - 1).abs().max() > 0.5, "globenc_layer should hold raw norms"
+
+
 def test_post_norm_measures_refuse_gpt2(tiny_loaded) -> None:
     loaded = tiny_loaded("gpt2")
     batch = encode(loaded.tokenizer, SHORT[:1])
-    for name in ("alti", "globenc"):
+    for name in ("alti", "globenc", "alti_layer", "globenc_layer"):
         with pytest.raises(UserError, match=rf"measure '{name}' is not available for gpt2 models: .*LayerNorm"):
             analyse_batch(loaded, batch, measures=(name,))
 
 
 def test_config_and_default_measures() -> None:
-    assert RunConfig(measures=["alti", "globenc", "value_zeroing"]).measures == ["alti", "globenc", "value_zeroing"]
-    from extractor.attribution.measures import DEFAULT_MEASURES
+    names = ["alti", "globenc", "alti_layer", "globenc_layer", "value_zeroing"]
+    assert RunConfig(measures=names).measures == names
+    from extractor.attribution.measures import DEFAULT_MEASURES, RUN_MEASURES
 
-    assert not {"alti", "globenc", "value_zeroing"} & set(DEFAULT_MEASURES)
+    assert not set(names) & {*DEFAULT_MEASURES, *RUN_MEASURES}
 
 
 def test_chain_equals_the_normalised_plain_product() -> None:

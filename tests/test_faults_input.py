@@ -433,7 +433,7 @@ def test_reader_errors_quote_field_lists_short(tmp_path: Path) -> None:
 
 
 NON_NULL = {"name": "named", "max_length": 16, "similarity_rows": 2, "limit": 5, "threads": 1, "address": "auto",
-            "id_field": "id", "text_pair_field": "pair"}
+            "id_field": "id", "text_pair_field": "pair", "value_zeroing_layers": [0]}
 
 
 def nullable_keys() -> list[str]:
@@ -488,7 +488,7 @@ def test_set_null_on_a_key_that_needs_a_value_is_one_line(tmp_path: Path) -> Non
         (["--top-k", "0"], "error: --top-k: key 'top_k': Input should be greater than or equal to 1 (got 0)"),
         (["--batch-size", "0"], "error: --batch-size: key 'batch_size': Input should be greater than or equal to 1 (got 0)"),
         (["--max-length", "4"], "error: --max-length: key 'max_length': Input should be greater than or equal to 8 (got 4)"),
-        (["--measures", "attention,saliency"], "error: --measures: key 'measures': unknown measure 'saliency'; choose from: attention, value_norm, layer_value_norm, rollout, alti, globenc, value_zeroing (got ['attention', 'saliency'])"),
+        (["--measures", "attention,saliency"], "error: --measures: key 'measures': unknown measure 'saliency'; choose from: attention, value_norm, layer_value_norm, rollout, alti, globenc, alti_layer, globenc_layer, value_zeroing (got ['attention', 'saliency'])"),
         (["--set", "top_k=0"], "error: --set: key 'top_k': Input should be greater than or equal to 1 (got 0)"),
         # an option overrides --set, and the option is what the error names
         (["--set", "top_k=3", "--top-k", "0"], "error: --top-k: key 'top_k': Input should be greater than or equal to 1 (got 0)"),

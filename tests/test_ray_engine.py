@@ -201,6 +201,17 @@ def test_block_failing_twice_is_reported_and_resume_completes(
     assert_same_tables(output, local_run, limit=FAULT_LIMIT)
 
 
+def test_a_check_that_needs_the_model_is_one_line_from_the_workers(ray_instance: str, tmp_path: Path) -> None:
+    """A layer MiniLM does not have (value_zeroing_layers) is found by the workers once they load the model:
+    the driver says it in the same one line as the local engine, and no block is run."""
+    result = run_cli(tmp_path / "run", "--limit", "16", "--measures", "attention,value_zeroing",
+                     "--value-zeroing-layers", "2,9", engine="ray")
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: value_zeroing_layers: 9 out of range; model 'minilm' has 6 layers, 0 to 5")
+    assert not list((tmp_path / "run" / "_parts").glob("*.done"))
+
+
 def test_without_ray_says_how_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Ray is an optional extra: without it, one line that says how to install it, exit 2, nothing written."""
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError

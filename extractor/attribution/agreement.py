@@ -9,7 +9,10 @@ rows that is.
 
 Head-level measures (`attention`, `value_norm`) are reduced to the layer level by the mean over heads, so that
 every measure is one [query, key] matrix per layer. Stored measures are compared as stored: `rollout`, `alti`
-and `globenc` are rolled out up to the layer, `value_zeroing` is the layer's own intervention.
+and `globenc` are rolled out up to the layer; `alti_layer`, `globenc_layer` and `value_zeroing` are the layer's
+own. Where a measure was not computed (value zeroing outside its layers or documents: NaN) the pair's rows are
+skipped, so each mean is over the documents and layers where both measures exist; a layer where a pair never
+does has no row.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import pandas as pd
 import torch
 
 from extractor.attribution.analysis import BatchAnalysis, FirstKeys, analyse_batch
-from extractor.attribution.layer_pass import visibility
+from extractor.attribution.layer_pass import computed_documents, visibility
 from extractor.attribution.measures import HEAD_MEASURES
 from extractor.core.encode import encode
 from extractor.core.models import LoadedModel
@@ -85,7 +88,8 @@ def agreement_sums(
     visible: torch.Tensor,
     first_keys: FirstKeys | None = None,
 ) -> dict[tuple[int, str, str], tuple[float, int]]:
-    """(layer, measure_a, measure_b) → (Σ ρ over defined rows, number of those rows) for one batch.
+    """(layer, measure_a, measure_b) → (Σ ρ over defined rows, number of those rows) for one batch; a pair
+    of a layer where no document has both measures (NaN: not computed) has no entry.
 
     per_layer: name → per layer [batch, head, query, key] (head measures) or [batch, query, key]; visible
     [batch, query, key] bool (real rows, keys each row sees without a sliding window); first_keys: (names,
@@ -96,8 +100,13 @@ def agreement_sums(
     for layer in range(len(per_layer[names[0]])):
         matrices = {name: layer_level(name, per_layer[name][layer]) for name in names}
         firsts = {name: None if first_keys is None else first_keys((name,), layer) for name in names}
+        computed = {name: computed_documents(matrix) for name, matrix in matrices.items()}  # [batch] each
         for a, b in combinations(names, 2):
-            rho, defined = row_spearman(matrices[a], matrices[b], both_see(visible, firsts[a], firsts[b]))
+            both = computed[a] & computed[b]  # [batch]
+            if not both.any():
+                continue
+            seen = both_see(visible, firsts[a], firsts[b]) & both[:, None, None]
+            rho, defined = row_spearman(matrices[a], matrices[b], seen)
             sums[(layer, a, b)] = (float(rho[defined].sum()), int(defined.sum()))
     return sums
 
@@ -141,7 +150,8 @@ class MeasureAgreement:
 def agreement_table(
     loaded: LoadedModel,
     texts: Sequence[str],
-    measures: Sequence[str] = ("attention", "value_norm", "rollout", "alti", "globenc", "value_zeroing"),
+    measures: Sequence[str] = ("attention", "value_norm", "rollout", "alti", "globenc", "alti_layer", "globenc_layer",
+                               "value_zeroing"),
     batch_size: int = 16,
     max_length: int | None = None,
 ) -> pd.DataFrame:

@@ -12,7 +12,7 @@ from functools import cached_property
 import torch
 
 from extractor.attribution import measures as M
-from extractor.attribution.layer_pass import AttributionPass
+from extractor.attribution.layer_pass import AttributionPass, ZeroingScope
 from extractor.attribution.registry import LayerInputs
 from extractor.core.capture import run_with_capture
 from extractor.core.encode import EncodedBatch, TokenizedDoc, strip_subword_markers
@@ -116,7 +116,8 @@ class BatchAnalysis:
     """One batch's measures as computed, padded, per layer; per-document views on demand.
 
     per_layer: name → per layer [batch, head, query, key] (head measures) or [batch, query, key] (layer
-    measures), padded to the batch's longest document. Batch-wide consumers (tables, head statistics,
+    measures), padded to the batch's longest document; NaN for a layer or document a measure was not computed
+    for (value zeroing outside its `ZeroingScope`: `layer_pass.computed_documents`). Batch-wide consumers (tables, head statistics,
     similarity) read these directly; `docs` trims each document out (a copy) for per-document use.
     sliding_windows: per layer, the model's sliding window (None: full attention; empty: none in any layer).
     """
@@ -170,8 +171,10 @@ def analyse_batch(
     level: str = "token",
     eager: bool = True,
     rtol: float = DEFAULT_RTOL,
+    zeroing: ZeroingScope | None = None,
 ) -> BatchAnalysis:
-    """Forward `batch`, rebuild every layer's attention, verify it and compute `measures`.
+    """Forward `batch`, rebuild every layer's attention, verify it and compute `measures` (value zeroing only
+    for the layers and documents of `zeroing`, default all).
 
     eager (the verification suite's default): Hugging Face's eager kernel returns its patterns; verified
     batches rebuild q, k, v, the pattern and z from the weights and compare them with the model's.
@@ -182,7 +185,7 @@ def analyse_batch(
     """
     measures = validate_measures(measures)
     adapter = loaded.adapter
-    attribution = AttributionPass(adapter, batch.attention_mask, measures)  # alti, globenc, value_zeroing
+    attribution = AttributionPass(adapter, batch.attention_mask, measures, zeroing)  # alti, globenc, value_zeroing …
     eager = eager or bool(attribution.wanted) or not supports_sdpa_recording(adapter.model)
     with attribution.recording_forward():
         capture = run_with_capture(adapter, batch.model_inputs, eager=eager)

@@ -1,20 +1,24 @@
 """The attribution measures inside `analysis.analyse_batch`: record during the forward pass, compute per layer.
 
-`alti` and `globenc` are stored rolled out (as both papers report them); `value_zeroing` per layer (as its
-paper reports it). All three are layer-level measures (head = -1), 0 on keys a row cannot see and on padding.
+Three per-layer matrices are built here: ALTI's C_l, GlobEnc's N_l and value zeroing's VZ_l. The measures
+registered with `attribution=` take one of them as it is (`alti_layer`, `globenc_layer`, `value_zeroing`) or
+rolled out (`alti`, `globenc`). All are layer-level measures (head = -1), 0 on keys a row cannot see and on
+padding. Value zeroing can be restricted to some layers and some documents (`ZeroingScope`); what it was not
+computed for is NaN (`NOT_COMPUTED`), which tables leave out and agreement skips.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 
 from extractor.attribution.alti import alti_layer
 from extractor.attribution.decompose import NormParams
 from extractor.attribution.globenc import globenc_layer
-from extractor.attribution.measures import ATTRIBUTION_MEASURES
+from extractor.attribution.measures import ATTRIBUTION_MEASURES, REGISTRY
 from extractor.attribution.replay import LayerRecording, ZeroedValueLayer, record_layers
 from extractor.attribution.rollout import chain
 from extractor.attribution.value_zeroing import value_zeroing_scores, zeroing_distances
@@ -23,14 +27,43 @@ from extractor.core.adapters.base import AttentionWeights, ModelAdapter
 from extractor.core.recompute import value_vectors_out, visible_cells, visible_range
 from extractor.errors import UserError
 
-# Measures that decompose through the LayerNorm after each residual sum: defined for post-LN encoders only.
-POST_NORM_MEASURES = ("alti", "globenc")
+# Per-layer matrices that decompose through the LayerNorm after each residual sum: post-LN encoders only.
+POST_NORM_MATRICES = ("alti", "globenc")
+NOT_COMPUTED = float("nan")  # fills a measure's matrix for a layer or document it was not computed for
+
+
+def computed_documents(matrix: torch.Tensor) -> torch.Tensor:
+    """[batch] bool: the documents a measure's matrix [batch, ..., query, key] holds values for (not NaN)."""
+    return ~matrix[(slice(None),) + (0,) * (matrix.dim() - 1)].isnan()
+
+
+@dataclass(frozen=True)
+class ZeroingScope:
+    """Where value zeroing is computed in one batch (None: everywhere); elsewhere its matrices are NaN."""
+
+    layers: Collection[int] | None = None  # layer indices
+    documents: Sequence[bool] | None = None  # [batch]: whether each document of the batch is intervened on
+
+    def rows(self, batch: int) -> torch.Tensor:
+        """[chosen] the batch indices of the documents intervened on."""
+        if self.documents is None:
+            return torch.arange(batch)
+        assert len(self.documents) == batch, "one flag per document of the batch"
+        return torch.tensor([i for i, chosen in enumerate(self.documents) if chosen], dtype=torch.long)
+
+    def covers(self, layer: int) -> bool:
+        return self.layers is None or layer in self.layers
+
+
+def layers_out_of_range(layers: Collection[int] | None, n_layers: int) -> list[int]:
+    """The layer indices in `layers` that a model of `n_layers` layers does not have."""
+    return sorted(layer for layer in layers or () if not 0 <= layer < n_layers)
 
 
 def check_supported(adapter: ModelAdapter, measures: Sequence[str]) -> None:
     """A `UserError` naming the method, the family and why, for a measure the family's layout does not define."""
-    for name in POST_NORM_MEASURES:
-        if name in measures and adapter.norm_placement != "post":
+    for name in measures:
+        if REGISTRY[name].attribution in POST_NORM_MATRICES and adapter.norm_placement != "post":
             post_norm = ", ".join(t for a in ADAPTERS if a.norm_placement == "post" for t in a.model_types)
             raise UserError(
                 f"measure '{name}' is not available for {adapter.family} models: it decomposes the residual sum "
@@ -48,21 +81,34 @@ def visibility(attention_mask: torch.Tensor, causal: bool, window: int | None = 
 
 
 class AttributionPass:
-    """Collects `alti`, `globenc` and `value_zeroing` for one batch; does nothing when none is requested."""
+    """Collects the attribution measures for one batch; does nothing when none is requested."""
 
-    def __init__(self, adapter: ModelAdapter, attention_mask: torch.Tensor, measures: Sequence[str]) -> None:
+    def __init__(
+        self, adapter: ModelAdapter, attention_mask: torch.Tensor, measures: Sequence[str],
+        zeroing: ZeroingScope | None = None,
+    ) -> None:
         self.wanted = tuple(m for m in ATTRIBUTION_MEASURES if m in measures)
         check_supported(adapter, self.wanted)
         self.adapter = adapter
         self.attention_mask = attention_mask
+        self.zeroing = zeroing or ZeroingScope()
+        self.zeroing_rows = self.zeroing.rows(attention_mask.shape[0])  # [chosen]
         self.recording: LayerRecording | None = None
-        self.per_layer: dict[str, list[torch.Tensor]] = {name: [] for name in self.wanted}
+        # the per-layer matrices the wanted measures are built from: "alti", "globenc", "value_zeroing"
+        matrices = dict.fromkeys(REGISTRY[m].attribution for m in self.wanted)
+        self.per_layer: dict[str, list[torch.Tensor]] = {str(name): [] for name in matrices}
         self._visible: dict[int | None, torch.Tensor] = {}  # sliding window → visibility
 
     @property
     def needs_values(self) -> bool:
         """Whether `add_layer` needs V (ALTI and GlobEnc decompose f_h(x_j))."""
-        return any(m in self.wanted for m in POST_NORM_MEASURES)
+        return any(m in self.per_layer for m in POST_NORM_MATRICES)
+
+    @property
+    def zeroes_values(self) -> bool:
+        """Whether this batch re-runs any layer (value zeroing wanted for some layer and some document)."""
+        return "value_zeroing" in self.per_layer and len(self.zeroing_rows) > 0 and (
+            self.zeroing.layers is None or len(self.zeroing.layers) > 0)
 
     @contextmanager
     def recording_forward(self) -> Iterator[None]:
@@ -70,8 +116,8 @@ class AttributionPass:
         if not self.wanted:
             yield
             return
-        calls = "value_zeroing" in self.wanted
-        with record_layers(self.adapter, calls=calls, output_norm_inputs="globenc" in self.wanted) as recording:
+        with record_layers(self.adapter, calls=self.zeroes_values,
+                           output_norm_inputs="globenc" in self.per_layer) as recording:
             self.recording = recording
             yield
 
@@ -94,9 +140,9 @@ class AttributionPass:
             assert v is not None
             f = value_vectors_out(v, weights)  # [batch, head, key, d_model]
             attention_norm, output_norm = self.adapter.sublayer_norms()[layer]
-            if "alti" in self.wanted:
+            if "alti" in self.per_layer:
                 self.per_layer["alti"].append(alti_layer(pattern, f, x, weights.b_O, NormParams.of(attention_norm), visible))
-            if "globenc" in self.wanted:
+            if "globenc" in self.per_layer:
                 norm_input = self.recording.output_norm_inputs[layer]
                 assert norm_input is not None, "the output LayerNorm's hook did not fire"
                 self.per_layer["globenc"].append(globenc_layer(
@@ -104,13 +150,31 @@ class AttributionPass:
                     visible,
                 ))
                 self.recording.output_norm_inputs[layer] = None
-        if "value_zeroing" in self.wanted:
-            call, original = self.recording.calls[layer], self.recording.outputs[layer]
-            assert call is not None and original is not None, "a layer hook did not fire"
-            distances = zeroing_distances(ZeroedValueLayer(self.adapter, layer, call), original, original.shape[1])
-            self.per_layer["value_zeroing"].append(value_zeroing_scores(distances, visible).to(pattern.dtype))
-            self.recording.calls[layer] = self.recording.outputs[layer] = None
+        if "value_zeroing" in self.per_layer:
+            self.per_layer["value_zeroing"].append(self.value_zeroing(layer, visible, pattern.dtype))
+
+    def value_zeroing(self, layer: int, visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """VZ_l [batch, query, key] for the documents and layer in scope; NaN (`NOT_COMPUTED`) elsewhere."""
+        assert self.recording is not None
+        call, original = self.recording.calls[layer], self.recording.outputs[layer]
+        self.recording.calls[layer] = self.recording.outputs[layer] = None
+        scores = torch.full(visible.shape, NOT_COMPUTED, dtype=dtype, device=visible.device)  # [batch, query, key]
+        if not (self.zeroes_values and self.zeroing.covers(layer)):
+            return scores
+        assert call is not None and original is not None, "a layer hook did not fire"
+        rows = self.zeroing_rows.to(visible.device)  # [chosen]
+        if len(rows) < visible.shape[0]:
+            call, original = call.documents(rows), original.index_select(0, rows)
+        distances = zeroing_distances(ZeroedValueLayer(self.adapter, layer, call), original, original.shape[1])
+        scores[rows] = value_zeroing_scores(distances, visible.index_select(0, rows)).to(dtype)
+        return scores
 
     def finish(self) -> dict[str, list[torch.Tensor]]:
-        """name → per layer [batch, query, key]: ALTI and GlobEnc rolled out, value zeroing per layer."""
-        return {name: chain(values) if name in POST_NORM_MEASURES else values for name, values in self.per_layer.items()}
+        """name → per layer [batch, query, key]: each wanted measure's matrices, rolled out where it says so."""
+        result = {}
+        for name in self.wanted:
+            spec = REGISTRY[name]
+            assert spec.attribution is not None
+            matrices = self.per_layer[spec.attribution]
+            result[name] = chain(matrices) if spec.rolled_out else matrices
+        return result

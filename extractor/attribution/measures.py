@@ -26,13 +26,22 @@ REGISTRY: dict[str, Measure] = {m.name: m for m in (
             across_layers=f"{A}.rollout:rollout",
             meaning="Attention rollout up to this layer (Abnar & Zuidema 2020): all heads, residual as 0.5·I."),
     # Computed by the attribution pass (extractor.attribution.layer_pass): they re-run or decompose layers.
-    Measure(name="alti", level="layer", label="ALTI", extract_default=False, rolled_out=True,
+    Measure(name="alti", level="layer", label="ALTI", extract_default=False, attribution="alti", rolled_out=True,
             meaning="ALTI (Ferrando et al. 2022): each token's share of the attention block + residual after "
                     "the LayerNorm, by L1 distance; rolled out."),
-    Measure(name="globenc", level="layer", label="GlobEnc", extract_default=False, rolled_out=True,
+    Measure(name="globenc", level="layer", label="GlobEnc", extract_default=False, attribution="globenc",
+            rolled_out=True,
             meaning="GlobEnc (Modarressi et al. 2022): norms through both LayerNorms of the layer, residual "
                     "included; rolled out."),
+    Measure(name="alti_layer", level="layer", label="ALTI (layer)", extract_default=False, attribution="alti",
+            meaning="ALTI's contribution matrix C_l of this layer alone (Ferrando et al. 2022), before rollout: "
+                    "each token's share of the attention block + residual after the LayerNorm, rows normalised."),
+    Measure(name="globenc_layer", level="layer", label="GlobEnc (layer)", extract_default=False,
+            attribution="globenc",
+            meaning="GlobEnc's matrix N_l of this layer alone (Modarressi et al. 2022), before rollout: the norm of "
+                    "each token's share through both LayerNorms, residual included (raw norms)."),
     Measure(name="value_zeroing", level="layer", label="value zeroing", extract_default=False,
+            attribution="value_zeroing",
             meaning="Value zeroing (Mohebbi et al. 2023): how far query i's layer output moves when key j's value "
                     "vector is zeroed (cosine distance, rows normalised); per layer."),
 )}

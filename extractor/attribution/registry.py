@@ -35,8 +35,8 @@ class Measure:
 
     `per_layer` ("module:function", LayerInputs → [batch, head, query, key] or [batch, query, key]) is computed
     inside the layer loop; `across_layers` (per layer patterns [batch, head, query, key] → per layer
-    [batch, query, key]) after it; with neither, the attribution pass (`extractor.attribution.layer_pass`)
-    computes the measure, because it re-runs or decomposes whole layers.
+    [batch, query, key]) after it; `attribution` names the per-layer matrix that the attribution pass
+    (`extractor.attribution.layer_pass`) builds the measure from, because it re-runs or decomposes whole layers.
     """
 
     name: str
@@ -47,15 +47,16 @@ class Measure:
     needs_values: bool = False  # needs V of every layer (projected from the captured input)
     per_layer: str | None = None
     across_layers: str | None = None
+    attribution: Literal["alti", "globenc", "value_zeroing"] | None = None  # the attribution pass's matrix
+    # A product over layers 0..l (rollout, ALTI, GlobEnc: per-layer matrices chained by `rollout.chain`); under
+    # sliding windows a row reaches further back than one layer's window (`recompute.reach_window`).
+    rolled_out: bool = False
     run_default: bool = False  # in `extractor run`'s default measures
     extract_default: bool = True  # in `extract()`'s default measures (one forward pass, every family)
-    # A product over layers 0..l (rollout, ALTI, GlobEnc): under sliding windows a row reaches further back than
-    # one layer's window (`recompute.reach_window`).
-    rolled_out: bool = False
 
     @property
     def by_attribution_pass(self) -> bool:
-        return self.per_layer is None and self.across_layers is None
+        return self.attribution is not None
 
     def function(self, which: Literal["per_layer", "across_layers"]) -> Callable[..., Any]:
         """The compute function named by `per_layer` or `across_layers`, imported now."""

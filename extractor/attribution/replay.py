@@ -9,7 +9,7 @@ the intervention runs the model's own code: attention, output projection, residu
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,24 +31,32 @@ class LayerCall:
     def hidden(self) -> torch.Tensor:
         return self.args[0] if self.args and isinstance(self.args[0], torch.Tensor) else self.kwargs["hidden_states"]
 
-    def expanded(self, hidden: torch.Tensor, copies: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        """The call with `hidden` ([batch·copies, pos, d_model]) as input: per-document tensors (mask) repeated
-        per copy, caches dropped (a replay must not append to the model's cache), no attention weights returned."""
+    def per_document(self, change: Callable[[torch.Tensor], torch.Tensor]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """args and kwargs with `change` applied to every per-document tensor (first dimension = batch: hidden
+        states, mask; inside tuples too, e.g. rotary (cos, sin)), caches dropped (a replay must not append to
+        the model's cache), other values as they are."""
         batch = self.hidden.shape[0]
 
-        def expand(value: Any) -> Any:
+        def apply(value: Any) -> Any:
             if isinstance(value, Cache):
                 return None
             if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
-                return value.repeat_interleave(copies, dim=0)
+                return change(value)
+            if isinstance(value, tuple):
+                return tuple(apply(v) for v in value)
             return value
 
-        if self.args and isinstance(self.args[0], torch.Tensor):
-            args = (hidden, *(expand(a) for a in self.args[1:]))
-            kwargs = {k: expand(v) for k, v in self.kwargs.items()}
-        else:
-            args = tuple(expand(a) for a in self.args)
-            kwargs = {**{k: expand(v) for k, v in self.kwargs.items()}, "hidden_states": hidden}
+        return tuple(apply(a) for a in self.args), {k: apply(v) for k, v in self.kwargs.items()}
+
+    def documents(self, rows: torch.Tensor) -> LayerCall:
+        """The same call for the documents `rows` ([chosen] batch indices) of the batch only."""
+        args, kwargs = self.per_document(lambda t: t.index_select(0, rows.to(t.device)))
+        return LayerCall(args=args, kwargs=kwargs)
+
+    def expanded(self, copies: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The call on `copies` copies of each document ([batch·copies, pos, d_model], copies of a document
+        adjacent), no attention weights returned."""
+        args, kwargs = self.per_document(lambda t: t.repeat_interleave(copies, dim=0))
         for flag in ("use_cache", "output_attentions"):
             if flag in kwargs:
                 kwargs[flag] = False
@@ -106,15 +114,14 @@ class ZeroedValueLayer:
 
     def __call__(self, keep: torch.Tensor) -> torch.Tensor:
         """keep [batch, copies, pos] (1 keeps a value vector, 0 zeroes it) → outputs [batch, copies, pos, d_model]."""
-        hidden = self.call.hidden  # [batch, pos, d_model]
         batch, copies, n = keep.shape
-        flat_keep = keep.reshape(batch * copies, n, 1).to(hidden.dtype)  # [batch·copies, pos, 1]
+        flat_keep = keep.reshape(batch * copies, n, 1).to(self.call.hidden.dtype)  # [batch·copies, pos, 1]
 
         def zero_values(module, args, output):
             output[..., self.value_slice] *= flat_keep  # [batch·copies, pos, value features]
             return output
 
-        args, kwargs = self.call.expanded(hidden.repeat_interleave(copies, dim=0), copies)
+        args, kwargs = self.call.expanded(copies)  # hidden states [batch·copies, pos, d_model]
         handle = self.value_module.register_forward_hook(zero_values)
         try:
             out = first_tensor(self.module(*args, **kwargs))  # [batch·copies, pos, d_model]

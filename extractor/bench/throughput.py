@@ -1,6 +1,6 @@
 """Benchmark: what the extractor costs next to the model's own forward pass, measured side by side.
 
-    python -m extractor.bench [--model minilm] [--quick] [--json FILE] [--steps-only]
+    python -m extractor.bench [--model minilm] [--quick] [--json FILE] [--steps-only] [--no-smollm2]
 
 Cases, on the same inputs and the same batches (length bucketing, token budget):
   (a) Hugging Face forward, sdpa, no attentions             the floor
@@ -9,7 +9,12 @@ Cases, on the same inputs and the same batches (length bucketing, token budget):
   (d) dense storage (float16, every pair)
   (e) summary storage (no pair tables; per-head metrics only)
   (f) (c) with documents in their original order (no length bucketing)
-Corpora: the shipped sample corpus; real text cut to 32, 128 and 512 tokens; a mixed-length corpus for (f).
+  (g) (c) with --measures attention,value_zeroing           the intervention's cost
+  (h) (c) with --measures attention,alti,globenc            post-LayerNorm encoders only
+Corpora: the shipped sample corpus; real text cut to 32, 128 and 512 tokens; a mixed-length corpus for (f);
+len128/vz, the first documents of the 128-token corpus, for (g) and (h) (value zeroing re-runs each layer once
+per key: about n forward passes of work per document of n tokens); len128/smollm2, 128-token documents for
+SmolLM2-135M's (b), (c) and (e) (left out with --no-smollm2 or when --model is smollm2).
 Every case runs in its own subprocess so peak memory (max RSS) is the case's own; every case, the baselines
 too, runs with the allocator settings `extractor run` uses (`extractor.core.runtime`).
 Then, in the same run, where the time goes: each step of a run timed alone on one batch of the 32-, 128- and
@@ -42,7 +47,18 @@ CASES = {
     "d": "extractor run, dense (float16)",
     "e": "extractor run, summary",
     "f": "(c) without length bucketing",
+    "g": "(c) with measures attention,value_zeroing",
+    "h": "(c) with measures attention,alti,globenc",
 }
+RUN_CASES = {  # case → (storage, bucketing, measures; None: the run's default)
+    "c": ("topk", True, None),
+    "d": ("dense", True, None),
+    "e": ("summary", True, None),
+    "f": ("topk", False, None),
+    "g": ("topk", True, ["attention", "value_zeroing"]),
+    "h": ("topk", True, ["attention", "alti", "globenc"]),
+}
+SMOLLM2 = "smollm2"
 
 
 def sample_sentences() -> list[str]:
@@ -107,11 +123,11 @@ def run_case(case: str, model: str, corpus_file: str, max_length: int, batch_siz
                     _ = [a.numpy() for a in out.attentions]
         seconds = time.perf_counter() - start
         return {"seconds": seconds, "tokens": sum(d.n_tokens for d in docs), "documents": len(docs), "bytes": 0}
-    storage = {"c": "topk", "d": "dense", "e": "summary", "f": "topk"}[case]
+    storage, bucketing, measures = RUN_CASES[case]
     out_dir = Path(tempfile.mkdtemp(prefix=f"bench-{case}-"))
     config = RunConfig(model=model, input=corpus_file, output=str(out_dir), storage=storage, max_length=max_length,
-                       batch_size=batch_size, token_budget=token_budget, bucketing=case != "f",
-                       plots=False, report=False)
+                       batch_size=batch_size, token_budget=token_budget, bucketing=bucketing,
+                       measures=measures or RunConfig().measures, plots=False, report=False)
     start = time.perf_counter()
     manifest = run_extraction(config, overwrite=True, quiet=True, loaded=loaded)
     seconds = time.perf_counter() - start
@@ -167,6 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--token-budget", type=int, default=8192)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--steps-only", action="store_true", help="only the per-step profile (where the time goes)")
+    parser.add_argument("--no-smollm2", action="store_true", help="leave out the SmolLM2 cases (b), (c), (e)")
     parser.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
                         help="also time the ray engine on 1 and 2 workers (ADDRESS: auto, HOST:PORT, or local)")
     parser.add_argument("--whole", type=int, default=400, metavar="N",
@@ -192,36 +209,44 @@ def main(argv: list[str] | None = None) -> None:
 
     from extractor.core.models import load_model
 
-    tokenizer = load_model(args.model).tokenizer
+    loaded = load_model(args.model)
+    tokenizer = loaded.tokenizer
     scale = 4 if args.quick else 1
     work = Path(tempfile.mkdtemp(prefix="bench-corpora-"))
-    corpora: dict[str, tuple[Path, int, str]] = {}
+    corpora: dict[str, tuple[Path, int, str, str]] = {}  # name → (file, max_length, cases, model)
 
-    def write(name: str, texts: list[str], max_length: int, cases: str) -> None:
-        path = work / f"{name}.txt"
+    def write(name: str, texts: list[str], max_length: int, cases: str, model: str = args.model) -> None:
+        path = work / f"{name.replace('/', '-')}.txt"
         path.write_text("\n".join(texts) + "\n", encoding="utf-8")
-        corpora[name] = (path, max_length, cases)
+        corpora[name] = (path, max_length, cases, model)
 
     # Enough documents for 8-16 batches per corpus, so that a run's fixed costs (output folder, consolidation,
     # manifest) weigh what they weigh on a real corpus, not on one batch.
     write("sample", sample_sentences(), 512, "abcde")
     write("len32", corpus_of_length(tokenizer, 512 // scale, 32, 1), 32, "abcde")
-    write("len128", corpus_of_length(tokenizer, 256 // scale, 128, 2), 128, "abcde")
+    len128 = corpus_of_length(tokenizer, 256 // scale, 128, 2)
+    write("len128", len128, 128, "abcde")
+    # value zeroing costs about n forward passes per document of n tokens: a few documents say what it costs
+    post_norm = "h" if loaded.adapter.norm_placement == "post" else ""
+    write("len128/vz", len128[: 16 // scale], 128, "bg" + post_norm)
     # dense at 512 tokens is 72 heads × 512² ≈ 19M rows per document: left out on purpose
     write("len512", corpus_of_length(tokenizer, 64 // scale, 512, 3), 512, "abce")
     write("mixed", mixed_corpus(512 // scale, 4), 512, "bcf")
+    if not args.no_smollm2 and args.model != SMOLLM2:
+        write("len128/smollm2", corpus_of_length(load_model(SMOLLM2).tokenizer, 64 // scale, 128, 2), 128, "bce",
+              SMOLLM2)
 
     rows = []
-    for name, (path, max_length, cases) in corpora.items():
+    for name, (path, max_length, cases, model) in corpora.items():
         for case in "" if args.steps_only else cases:
-            result = measure(case, args.model, str(path), max_length, args.batch_size, args.token_budget, args.threads)
-            result.update(corpus=name, case=case)
+            result = measure(case, model, str(path), max_length, args.batch_size, args.token_budget, args.threads)
+            result.update(corpus=name, case=case, model=model)
             rows.append(result)
-            print(f"  measured {name:<7} ({case}) {result['seconds']:.2f}s", file=sys.stderr, flush=True)
+            print(f"  measured {name:<14} ({case}) {result['seconds']:.2f}s", file=sys.stderr, flush=True)
     scaling = ray_scaling(args.model, str(corpora["len128"][0]), 128, args.ray) if args.ray else ""
     steps = {}
     for name in ("len32", "len128", "len512"):
-        path, max_length, _ = corpora[name]
+        path, max_length, _, _ = corpora[name]
         steps[name] = measure("steps", args.model, str(path), max_length, args.batch_size, args.token_budget,
                               args.threads)
         print(f"  profiled {name:<7} steps", file=sys.stderr, flush=True)
@@ -255,8 +280,9 @@ def format_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     import torch
 
     by_key = {(r["corpus"], r["case"]): r for r in rows}
+    models = f" (len128/{SMOLLM2}: {SMOLLM2})" if (f"len128/{SMOLLM2}", "b") in by_key else ""
     lines = [
-        f"model {args.model}; batch_size {args.batch_size}, token_budget {args.token_budget}; torch {torch.__version__}, "
+        f"model {args.model}{models}; batch_size {args.batch_size}, token_budget {args.token_budget}; torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads; {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
         "",
         "| corpus | case | tokens/s | ratio to (b) | peak RSS MB | bytes written / doc | docs |",
@@ -279,6 +305,12 @@ def format_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     mixed_c, mixed_f = by_key.get(("mixed", "c")), by_key.get(("mixed", "f"))
     if mixed_c and mixed_f:
         lines.append(f"length bucketing speed-up on the mixed corpus, (c) vs (f): {mixed_f['seconds'] / mixed_c['seconds']:.2f}×")
+    base = by_key.get(("len128/vz", "b"))
+    for case, what in (("g", "value zeroing"), ("h", "ALTI + GlobEnc")):
+        run = by_key.get(("len128/vz", case))
+        if base and run:
+            cost = (run["seconds"] / run["tokens"]) / (base["seconds"] / base["tokens"])
+            lines.append(f"({case}) a run with {what} at 128 tokens takes {cost:.1f}× the time of the forward pass (b)")
     return "\n".join(lines)
 
 

@@ -53,6 +53,8 @@ class RunConfig(BaseModel):
     threshold: float = Field(0.05, ge=0.0, description="storage threshold: keep cells with weight ≥ this.")
     level: Literal["token", "word"] = Field("token", description="Positions of the tables: tokens, or words (mean over query pieces, sum over key pieces).")
     measures: list[str] = Field(default_factory=lambda: list(RUN_MEASURES), description="Association measures to store.")
+    value_zeroing_layers: list[int] | None = Field(None, description="value_zeroing only for these layers (comma-separated, 0-based), e.g. 0,3,5; null = every layer. Other layers get no value_zeroing (null; no rows when it is the only layer measure).")
+    value_zeroing_every: int = Field(1, ge=1, description="value_zeroing only for documents whose doc_id is a multiple of N (every Nth input record, starting with the first; all windows of a document alike); 1 = every document.")
     similarity_rows: int | None = Field(4, ge=1, description="Query rows per document sampled for head similarity; null = every row.")
     agreement: bool = Field(False, description="Write agreement.parquet: per layer, the rank agreement (Spearman per query row) of every pair of measures, value_zeroing being the intervention. Costs about n³ per document, layer and pair.")
     limit: int | None = Field(None, ge=1, description="Read at most this many input records.")
@@ -94,6 +96,25 @@ class RunConfig(BaseModel):
         if not value:
             raise ValueError(f"give at least one of: {', '.join(MEASURES)}")
         return list(dict.fromkeys(value))
+
+    @field_validator("value_zeroing_layers", mode="before")
+    @classmethod
+    def _layer_list(cls, value: Any) -> Any:
+        """`--value-zeroing-layers 0,3,5` gives one comma-separated string; `--set value_zeroing_layers=3` a number."""
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return [value] if isinstance(value, int) and not isinstance(value, bool) else value
+
+    @field_validator("value_zeroing_layers")
+    @classmethod
+    def _layer_indices(cls, value: list[int] | None) -> list[int] | None:
+        if value is None:
+            return None
+        if not value:
+            raise ValueError("give at least one layer (0-based), or null for every layer")
+        if any(layer < 0 for layer in value):
+            raise ValueError("layers are 0-based indices ≥ 0")
+        return sorted(set(value))
 
     @field_validator("keep_fields", "plot_formats", mode="before")
     @classmethod

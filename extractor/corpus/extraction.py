@@ -18,6 +18,7 @@ import torch
 
 from extractor.attribution.agreement import MeasureAgreement
 from extractor.attribution.analysis import BatchAnalysis, analyse_batch
+from extractor.attribution.layer_pass import ZeroingScope, layers_out_of_range
 from extractor.attribution.measures import HEAD_MEASURES
 from extractor.core.encode import Text, TokenizedDoc, collate, model_max_length, tokenize, truncate, windows
 from extractor.core.models import LoadedModel, length_warning
@@ -93,6 +94,21 @@ def check_pairs(loaded: LoadedModel, config: RunConfig) -> None:
                         "pair; join the two texts into one field, or use an encoder (minilm)")
 
 
+def check_zeroing_layers(loaded: LoadedModel, config: RunConfig) -> None:
+    """value_zeroing_layers must name layers the model has (known once it is loaded)."""
+    n_layers = loaded.adapter.n_layers
+    bad = layers_out_of_range(config.value_zeroing_layers, n_layers)
+    if bad:
+        raise UserError(f"value_zeroing_layers: {', '.join(map(str, bad))} out of range; model '{config.model}' has "
+                        f"{n_layers} layers, 0 to {n_layers - 1}")
+
+
+def zeroing_scope(config: RunConfig, doc_ids: list[int]) -> ZeroingScope:
+    """Where a batch of documents `doc_ids` gets value zeroing: the configured layers, every Nth doc_id."""
+    every = config.value_zeroing_every
+    return ZeroingScope(layers=config.value_zeroing_layers, documents=[doc_id % every == 0 for doc_id in doc_ids])
+
+
 def prepare_documents(records: list[SourceRecord], loaded: LoadedModel, config: RunConfig) -> list[Document]:
     """Tokenise a buffer of readable records and cut each into the units the model sees."""
     limit = min(config.max_length or 10**9, model_max_length(loaded.tokenizer, loaded.model.config))
@@ -138,6 +154,7 @@ class Extraction:
         """`warn`: where one-line warnings go (each said once per run), e.g. a document longer than the model
         was trained for."""
         check_pairs(loaded, config)
+        check_zeroing_layers(loaded, config)
         self.config = config
         self.loaded = loaded
         self.warn = warn
@@ -221,16 +238,16 @@ class Extraction:
         per_pass = max(1, min(config.batch_size, self.attention_budget // longest**2))  # a long document's windows
         for chunk in chunks(units, per_pass):
             batch = collate([u for _, u in chunk], loaded.tokenizer.pad_token_id, loaded.device)
+            doc_ids = [documents[d_index].record.doc_id for d_index, _ in chunk]
             # token level always: per-head metrics and similarity are token-level statistics; word-level tables
             # are aggregated from the token matrices in `associations`
             analysis = analyse_batch(loaded, batch, self.measures, verify=verify, atol=config.atol, eager=eager,
-                                     rtol=default_rtol(config.dtype))
+                                     rtol=default_rtol(config.dtype), zeroing=zeroing_scope(config, doc_ids))
             report = fold(report, analysis.verification)
             if "attention" in analysis.per_layer:
                 for accumulator in stats.values():
                     accumulator.update_batch(analysis)
             if config.storage != "summary":
-                doc_ids = [documents[d_index].record.doc_id for d_index, _ in chunk]
                 per_doc_tables.append(self.associations(analysis, doc_ids))
         rows = [document_row(r, None) for r in skipped] + [document_row(d.record, d) for d in documents]
         tokens = pa.concat_tables([tokens_table(d.record.doc_id, d.stored) for d in documents])

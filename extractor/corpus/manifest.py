@@ -28,12 +28,15 @@ RESULT_SETTINGS = ("model", "input", "input_format", "text_field", "text_column"
                    "keep_fields", "batch_size", "token_budget",
                    "attention_budget",
                    "buffer_size", "bucketing", "max_length", "long_documents", "window_stride", "storage", "top_k",
-                   "threshold", "level", "measures", "similarity_rows", "agreement", "limit", "verify", "hf_compare_every", "atol", "dtype")
+                   "threshold", "level", "measures", "value_zeroing_layers", "value_zeroing_every",
+                   "similarity_rows", "agreement", "limit", "verify", "hf_compare_every", "atol", "dtype")
 
 
 def check_resumable(previous: dict[str, Any], config: RunConfig) -> None:
-    """Refuse `--resume` with settings that differ from the interrupted run's (naming each one)."""
-    before = previous.get("config", {})
+    """Refuse `--resume` with settings that differ from the interrupted run's (naming each one). A setting the
+    interrupted run's manifest lacks (added since) had its default there."""
+    defaults = RunConfig().model_dump()
+    before = {**{key: defaults[key] for key in RESULT_SETTINGS}, **previous.get("config", {})}
     now = config.model_dump()
     changed = [f"{key} ({before.get(key)!r} → {now[key]!r})" for key in RESULT_SETTINGS if before.get(key) != now[key]]
     if changed:

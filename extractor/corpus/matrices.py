@@ -165,7 +165,10 @@ def expand(table: pa.Table) -> pd.DataFrame:
 
 def long_view_sql(source: str, measures: list[str], windows: bool) -> str:
     """The DuckDB query that presents matrix rows of view `source` in the long format (one row per visible cell)."""
-    values = ", ".join(f'"{m}"[1 + cell] AS "{m}"' for m in measures)
+    # NaN in a matrix is a cell the row cannot see, or a measure not computed there (value zeroing outside its
+    # layers or documents): the long format's null
+    values = ", ".join(f'CASE WHEN isnan("{m}"[1 + cell]) THEN NULL ELSE "{m}"[1 + cell] END AS "{m}"'
+                       for m in measures)
     cells = [f'"{m}"[1 + cell]' for m in measures]
     visible = f"coalesce({', '.join(cells)})" if len(cells) > 1 else cells[0]
     window = ', "window"' if windows else ""

@@ -2,7 +2,9 @@
 
 `associations`: one row per (doc, layer, head, query_pos, key_pos) with one float column per measure.
 Head-level measures (`attention`, `value_norm`) fill rows with head ≥ 0; layer-level measures
-(`layer_value_norm`, `rollout`) fill rows with head = -1; a measure that does not apply to a row is null.
+(`layer_value_norm`, `rollout`) fill rows with head = -1; a measure that does not apply to a row is null, and
+so is one not computed for it (NaN in the tensors: value zeroing outside its layers or documents). Rows exist
+where the ranking measure was computed.
 For causal models, keys after the query are structural zeros and are left out; so are the keys before a
 sliding window (Mistral, Qwen2/3 layers marked sliding): a row keeps only the keys its layer lets it see, and a
 rolled-out measure (rollout) the keys its layers reach together (`analysis.measure_window`).
@@ -17,6 +19,7 @@ import pyarrow as pa
 import torch
 
 from extractor.attribution.analysis import BatchAnalysis, DocAttention, FirstKeys
+from extractor.attribution.layer_pass import computed_documents
 from extractor.attribution.measures import HEAD_MEASURES, LAYER_MEASURES
 from extractor.core.encode import Text, TokenizedDoc, segment_texts
 from extractor.core.recompute import visible_cells, visible_keys
@@ -114,14 +117,16 @@ def select_cells(
     """Pick the kept cells of same-shaped tensors [group, batch, query, key] (group: heads, or 1 for a layer).
 
     lengths: [batch] real tokens per document (the rest is padding); first: [query] the first key each row sees
-    under a sliding window (None: key 0), so a row sees keys [first, limit). Every measure is exactly 0 on keys
-    a query cannot see (padding, causal future, before the window: the softmax gives them exp(finfo.min) = 0),
-    so row totals need no masking. Top-k reads only each row's visible keys (`kernels.topk_rows`); dense and
-    threshold mask the unseen cells only when a batch has any (padding, causal or a window). Kept cells are
-    found once as flat indices, and every measure is gathered with them (no repeated boolean-mask indexing).
+    under a sliding window (None: key 0), so a row sees keys [first, limit); a document the ranking measure was
+    not computed for (NaN) keeps no cell. Every measure is exactly 0 on keys a query cannot see (padding, causal
+    future, before the window: the softmax gives them exp(finfo.min) = 0), so row totals need no masking. Top-k
+    reads only each row's visible keys (`kernels.topk_rows`); dense and threshold mask the unseen cells only when
+    a batch has any (padding, causal or a window). Kept cells are found once as flat indices, and every measure
+    is gathered with them (no repeated boolean-mask indexing).
     """
     rank_name = ranking_measure(list(values), head_level=next(iter(values)) in HEAD_MEASURES)
     rank = values[rank_name].float()  # bfloat16 runs: compare with the threshold and sum kept_mass in float32
+    lengths = lengths * computed_documents(rank[0]).to(lengths.device)  # [batch]
     n = rank.shape[-1]
     masked = causal or first is not None or bool((lengths < n).any())
     limits = visible_keys(lengths, n, causal)  # [batch, query]: keys [first, limit) visible
@@ -185,7 +190,10 @@ def measures_table(
     n_layers = len(next(iter(per_layer.values())))
     tables = []
     for layer in range(n_layers):
-        layer_group = {m: per_layer[m][layer][None] for m in LAYER_MEASURES if m in per_layer}  # [1, batch, q, k]
+        computed = {m: computed_documents(per_layer[m][layer]) for m in per_layer}  # [batch] each
+        partial = {m for m, c in computed.items() if not c.all()}  # NaN where not computed: null in the table
+        layer_group = {m: per_layer[m][layer][None] for m in LAYER_MEASURES
+                       if m in per_layer and computed[m].any()}  # [1, batch, q, k]
         head_group = {m: per_layer[m][layer].transpose(0, 1) for m in HEAD_MEASURES if m in per_layer}  # [head, …]
         for group, head_level in ((layer_group, False), (head_group, True)):
             if not group:
@@ -209,7 +217,8 @@ def measures_table(
                 if f.name == "kept_mass":
                     columns[f.name] = pa.array(cells.kept_mass.float().cpu().numpy(), pa.float32())  # type: ignore[union-attr]
                 elif f.name in cells.values:
-                    columns[f.name] = pa.array(cells.values[f.name].float().cpu().numpy(), pa.float32()).cast(value_type)
+                    columns[f.name] = pa.array(cells.values[f.name].float().cpu().numpy(), pa.float32(),
+                                               from_pandas=f.name in partial).cast(value_type)
                 else:
                     columns[f.name] = pa.nulls(rows, f.type)
             tables.append(pa.table([columns[f.name] for f in schema], schema=schema))

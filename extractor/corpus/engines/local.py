@@ -25,12 +25,13 @@ def run(
     records = iter(limited(records, config.limit))
     loaded = loaded or load_model(config.model, config.device, config.dtype, config.atol)
     load_seconds = time.time() - started
+    # the checks that need the model (layers, decoder or encoder) fail here, before the manifest is written
+    extraction = Extraction(config, loaded, warn=None if quiet else lambda line: print(f"warning: {line}", file=sys.stderr))
     manifest = base_manifest(config, loaded.provenance, started)
     folder.write_manifest(manifest)
     done = folder.committed_doc_ids()
     total = expected_records(config)
     progress = Progress(None if total is None else max(total - len(done), 0), quiet)
-    extraction = Extraction(config, loaded, warn=None if quiet else lambda line: print(f"warning: {line}", file=sys.stderr))
     try:
         for part in extraction.parts(records, folder.next_part_id(), done):
             folder.submit(part)

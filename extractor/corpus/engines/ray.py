@@ -182,12 +182,12 @@ class BlockWorker:
         started = time.time()
         try:
             loaded = load_model(self.config.model, self.config.device, self.config.dtype, self.config.atol)
+            self.extraction = Extraction(self.config, loaded)  # checks what needs the model (layers, pairs)
         except Exception as exc:  # noqa: BLE001 - Ray would keep only "the actor died"; the driver shows this
             self.unusable = str(exc) if isinstance(exc, UserError) else describe(exc)
             return
         self.load_seconds = time.time() - started
         self.provenance = json.dumps(loaded.provenance, default=str)
-        self.extraction = Extraction(self.config, loaded)
         self.folder = OutputFolder(self.config.output, attach=True)
 
     def __call__(self, batch: pa.Table) -> dict[str, list[Any]]:
