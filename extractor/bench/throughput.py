@@ -1,6 +1,6 @@
 """Benchmark: what the extractor costs next to the model's own forward pass, measured side by side.
 
-    python -m extractor.bench [--model minilm] [--quick] [--json FILE] [--steps-only] [--no-smollm2]
+    python -m extractor.bench [--model minilm] [--quick] [--json FILE] [--steps-only] [--no-smollm2] [--whole N]
 
 Cases, on the same inputs and the same batches (length bucketing, token budget):
   (a) Hugging Face forward, sdpa, no attentions             the floor
@@ -19,6 +19,9 @@ Every case runs in its own subprocess so peak memory (max RSS) is the case's own
 too, runs with the allocator settings `extractor run` uses (`extractor.core.runtime`).
 Then, in the same run, where the time goes: each step of a run timed alone on one batch of the 32-, 128- and
 512-token corpora (`extractor.bench.steps`).
+
+And the whole process side by side (`extractor.bench.whole_process`): a careful by-hand Hugging Face script and
+`extractor run` (figures and report included), each a fresh process, on N real paragraphs (default 400; 0 skips).
 
 Optional, with --ray [ADDRESS]: the 128-token corpus through `extractor run --engine ray` on 1 and on 2 workers
 (ADDRESS: a running cluster, e.g. auto or HOST:PORT; 'local': a new local instance per run) and the speed-up.
