@@ -8,6 +8,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 
+import shutil  # noqa: E402
+
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
@@ -218,7 +220,7 @@ def test_plot_command_writes_the_default_set(bert_run: Path) -> None:
     stems = {p.stem for p in paths}
     metrics = [m for m in METRICS if m != "induction_score"]  # NaN for an encoder: no figure
     assert {f"heads_{m}" for m in metrics} <= stems and "heads_induction_score" not in stems
-    assert "head_similarity_clustermap" in stems
+    assert "head_similarity_clustermap" in stems and "heads_overview" in stems
     heads = outputs.read_heads(bert_run)
     content = heads[(heads[["previous_token", "self", "first_token", "cls", "sep"]] < 0.5).all(axis=1)]
     layer, head = (
@@ -226,8 +228,8 @@ def test_plot_command_writes_the_default_set(bert_run: Path) -> None:
     )  # default: the sharpest head that is not a positional one
     assert {f"doc1_L{layer}H{head}", "doc1_grid", f"doc1_L{layer}H{head}_attention_vs_value_norm"} <= stems
     assert len(paths) == 2 * (
-        len(metrics) + 1 + 3 + 3
-    )  # PNG + SVG of: metrics, clustermap, three figures of the default document (0) and three of doc 1
+        1 + len(metrics) + 1 + 3 + 3
+    )  # PNG + SVG of: the overview, metrics, clustermap, three figures of the default document (0) and three of doc 1
     svg = (bert_run / "plots" / f"doc1_L{layer}H{head}.svg").read_text()
     model = outputs.model_name(outputs.read_manifest(bert_run))
     assert (
@@ -340,3 +342,21 @@ def test_drawing_a_512_token_documents_figures_stays_under_1_gb(tmp_path: Path) 
     assert n_files >= 30  # every metric heatmap, the clustermap and the document's three figures, PNG + SVG
     assert any(p.name.startswith("doc0_") for p in (out / "plots").iterdir())
     assert peak_kb < 1024 * 1024, f"peak RSS {peak_kb / 1024:.0f} MB"
+
+
+def test_a_run_ends_with_the_overview_in_png_and_svg_on_request(bert_run: Path, tmp_path: Path) -> None:
+    """End of `extractor run` (`write_extras`): the overview of every metric instead of one heatmap each, PNG
+    only unless `plot_formats` asks for SVG too; `extractor plot` keeps the full set (test above)."""
+    from extractor.corpus.config import RunConfig
+    from extractor.presentation.extras import write_extras
+
+    run = tmp_path / "run"
+    shutil.copytree(bert_run, run, ignore=shutil.ignore_patterns("plots", "report.html"))
+    assert write_extras(run, RunConfig(report=False)) == ["figures"]
+    names = sorted(p.name for p in (run / "plots").iterdir())
+    assert "heads_overview.png" in names and "head_similarity_clustermap.png" in names
+    assert all(name.endswith(".png") for name in names) and not any(n.startswith("heads_entropy") for n in names)
+    assert_written([run / "plots" / name for name in names])
+    write_extras(run, RunConfig(report=False, plot_formats=["png", "svg"]))
+    svg = (run / "plots" / "heads_overview.svg").read_text()
+    assert "mean row entropy (nats)" in svg and "attention to [CLS]" in svg  # every metric's panel is titled

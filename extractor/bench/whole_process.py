@@ -86,7 +86,7 @@ def whole_process(model: str, n_docs: int, repeats: int = 2) -> dict[str, Any]:
             extractor = min(extractor, timed([sys.executable, "-m", "extractor", "run", "--model", model, "--input",
                                               str(corpus), "--output", str(work / "out"), "--storage", "topk",
                                               "--quiet"]))
-        figures = len(list((work / "out" / "figures").glob("*"))) if (work / "out" / "figures").exists() else 0
+        figures = len(list((work / "out" / "plots").glob("*"))) if (work / "out" / "plots").exists() else 0
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return {"documents": len(texts), "by_hand_s": by_hand, "extractor_s": extractor, "ratio": by_hand / extractor,

@@ -7,7 +7,7 @@ wrong weight, a perturbed projection or a different mask shows up at once; only 
 - `projection_errors`: q, k, v as the kernel received them against the captured hidden states X and the
   weights: q·r against X·(W_Q·r) + b_Q·r, after undoing the rotation (rotary models). Per-head norms on q and
   k (Qwen3) are not linear: there the projection is recomputed in full and compared directly. Relative error
-  max|Δ| / max|reference| per head, in float64, so only the model's own float32 rounding remains (≈1e-6).
+  max|Δ| / max|reference| per head; float32 rounding leaves ≈1e-6, the tolerance is 1e-4.
 - `z_probe_errors`: the pattern the extractor computed (from those q and k, with its own mask, scale and
   softmax) against the z the kernel fed the output projection: z·r against pattern·(V·r), absolute, over real
   query rows. |Δz·r| ≤ ‖Δz‖ for unit r, so it is held to the same tolerance as z itself.
@@ -36,18 +36,9 @@ def _relative(got: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     return (error / reference.abs().amax(dim=(0, 2, 3)).clamp_min(torch.finfo(torch.float32).tiny)).float()
 
 
-def _probe_projection(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, got: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """Relative error per head of `got` [batch, head, pos, d_head] against x·W + b, probed along r.
-
-    x: [batch, pos, d_model]; W: [head, d_model, d_head]; b: [head, d_head]; r: [head, d_head, probes] float64.
-    """
-    n_heads, d_model, _ = W.shape
-    Wr = torch.bmm(W.double(), r)  # [head, d_model, probes]
-    fused = Wr.permute(1, 0, 2).reshape(d_model, -1)  # [d_model, head·probes]
-    br = torch.einsum("hd,hdp->hp", b.double(), r).reshape(-1)  # [head·probes]
-    reference = torch.addmm(br, x.reshape(-1, d_model).double(), fused)  # [batch·pos, head·probes]
-    reference = reference.view(*x.shape[:-1], n_heads, -1).transpose(1, 2)  # [batch, head, pos, probes]
-    return _relative(torch.einsum("bhpd,hdr->bhpr", got.double(), r), reference)
+def _probed(got: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """got [batch, head, pos, d_head] · r [head, d_head, probes] → [batch, head, pos, probes], in float32."""
+    return torch.matmul(got.float(), r[None])
 
 
 def _full_norm_projection(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, gain: torch.Tensor, eps: float,
@@ -64,23 +55,41 @@ def projection_errors(
     """[head]: the worst relative error of q, k and v (as the kernel received them) against the weights.
 
     x: [batch, pos, d_model] the attention module's input; q: [batch, head, pos, d_head]; k, v: [batch,
-    kv_head, pos, d_head]. A key/value head's error counts for every query head of its group.
+    kv_head, pos, d_head]. A key/value head's error counts for every query head of its group. The references
+    X·(W·r) + b·r of q, k and v come from one [batch·pos, d_model] × [d_model, (head + 2·kv_head)·probes]
+    product; float32 rounding (≈1e-6 relative) stays far below the tolerance (1e-4).
     """
     if weights.rotary_dims:
         assert position_embeddings is not None, "rotary weights need the captured position_embeddings"
         cos, sin = position_embeddings
         q, k = unrotate(q, cos, sin), unrotate(k, cos, sin)  # [batch, head or kv_head, pos, d_head]
-    r = probe_vectors(weights.n_heads, weights.d_head, seed, x.device)  # [head, d_head, probes]
+    r = probe_vectors(weights.n_heads, weights.d_head, seed, x.device).float()  # [head, d_head, probes]
     r_kv = r[:: weights.n_heads // weights.n_kv_heads]  # [kv_head, d_head, probes]
-    errors = []
-    for W, b, gain, got, probes in ((weights.W_Q, weights.b_Q, weights.q_norm, q, r),
-                                    (weights.W_K, weights.b_K, weights.k_norm, k, r_kv)):
-        errors.append(_probe_projection(x, W, b, got, probes) if gain is None
-                      else _full_norm_projection(x, W, b, gain, weights.norm_eps, got))
-    errors.append(_probe_projection(x, weights.W_V, weights.b_V, v, r_kv))
-    q_err, k_err, v_err = errors
+    probed = [(weights.W_Q, weights.b_Q, q, r)] if weights.q_norm is None else []
+    probed += [(weights.W_K, weights.b_K, k, r_kv)] if weights.k_norm is None else []
+    probed.append((weights.W_V, weights.b_V, v, r_kv))
+    d_model = x.shape[-1]
+    fused = torch.cat([torch.bmm(W.float(), probes).permute(1, 0, 2).reshape(d_model, -1)
+                       for W, _, _, probes in probed], dim=1)  # [d_model, Σ heads·probes]
+    bias = torch.cat([torch.einsum("hd,hdp->hp", b.float(), probes).reshape(-1) for _, b, _, probes in probed])
+    references = torch.addmm(bias, x.reshape(-1, d_model).float(), fused)  # [batch·pos, Σ heads·probes]
+    errors: dict[int, torch.Tensor] = {}  # id of the projected tensor → [its heads]
+    start = 0
+    for W, _, got, probes in probed:
+        width = W.shape[0] * probes.shape[-1]
+        reference = references[:, start : start + width].view(*x.shape[:-1], W.shape[0], -1).transpose(1, 2)
+        errors[id(got)] = _relative(_probed(got, probes), reference)  # [heads]
+        start += width
+    q_err = errors.get(id(q))
+    if q_err is None:
+        assert weights.q_norm is not None
+        q_err = _full_norm_projection(x, weights.W_Q, weights.b_Q, weights.q_norm, weights.norm_eps, q)
+    k_err = errors.get(id(k))
+    if k_err is None:
+        assert weights.k_norm is not None
+        k_err = _full_norm_projection(x, weights.W_K, weights.b_K, weights.k_norm, weights.norm_eps, k)
     group = weights.n_heads // weights.n_kv_heads
-    return torch.maximum(q_err, torch.maximum(k_err, v_err).repeat_interleave(group))
+    return torch.maximum(q_err, torch.maximum(k_err, errors[id(v)]).repeat_interleave(group))
 
 
 def z_probe_errors(

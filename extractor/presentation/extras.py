@@ -22,7 +22,8 @@ def write_extras(folder: Path, config: RunConfig, only_missing: bool = False) ->
     if config.plots and not (only_missing and (folder / "plots").is_dir()):
         from extractor.presentation.plots import figure_formats, write_default_plots
 
-        with figure_formats(config.plot_formats):
-            write_default_plots(folder)
+        with figure_formats(config.plot_formats):  # the overview of the head metrics; `extractor plot` adds one
+            write_default_plots(folder, per_metric=False)  # annotated heatmap per metric
+
         written.append("figures")
     return written

@@ -177,6 +177,32 @@ def plotted_metrics(heads: pd.DataFrame) -> list[str]:
     return [m for m in METRICS if m in heads.columns and heads[m].notna().any()]
 
 
+def head_metrics_overview_figure(heads: pd.DataFrame, title: str) -> Figure:
+    """Every metric of a heads table as a small layer × head map, side by side: which heads stand out on which
+    metric, at a glance (shares and scores on 0..1, entropy and distance on their own range)."""
+    metrics = plotted_metrics(heads)
+    n_cols = min(4, max(1, len(metrics)))
+    n_rows = -(-len(metrics) // n_cols)
+    n_layers, n_heads = heads["layer"].nunique(), heads["head"].nunique()
+    panel = (2.6 + 0.1 * min(n_heads, 40), 1.0 + 0.1 * min(n_layers, 40))
+    figure = new_figure((n_cols * panel[0], n_rows * panel[1] + 0.5))
+    axes = figure.subplots(n_rows, n_cols, squeeze=False)
+    for ax, metric in zip(axes.flat, metrics, strict=False):
+        bounded = metric not in UNBOUNDED_METRICS
+        image = ax.imshow(metric_grid(heads, metric).to_numpy(), aspect="auto", cmap=SEQUENTIAL,
+                          interpolation="nearest", **({"vmin": 0.0, "vmax": 1.0} if bounded else {}))
+        ax.set_title(METRIC_LABELS.get(metric, metric), fontsize=7)
+        ax.set_xlabel("head", fontsize=6)
+        ax.set_ylabel("layer", fontsize=6)
+        ax.tick_params(labelsize=5)
+        figure.colorbar(image, ax=ax, fraction=0.05, pad=0.02).ax.tick_params(labelsize=5)
+    for ax in list(axes.flat)[len(metrics):]:
+        ax.set_visible(False)
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    return figure
+
+
 def plot_head_metric_heatmaps(
     heads: pd.DataFrame,
     out_dir: str | Path,
@@ -518,11 +544,13 @@ def plot_document(run_dir: Path | RunFolder, doc: int, layer: int, head: int, ou
 
 
 def write_default_plots(
-    run_dir: str | Path, doc_id: int | None = None, layer: int | None = None, head: int | None = None
+    run_dir: str | Path, doc_id: int | None = None, layer: int | None = None, head: int | None = None,
+    per_metric: bool = True,
 ) -> list[Path]:
     """Draw the standard figures of a run into RUN/plots/ and return the written paths.
 
-    - a layer × head heatmap per metric of heads.parquet (metrics that are all NaN are skipped);
+    - every metric of heads.parquet side by side (`heads_overview`), and with `per_metric` a larger annotated
+      layer × head heatmap per metric (metrics that are all NaN are skipped);
     - the head-similarity clustermap (if head_similarity.parquet exists);
     - the measures' agreement with value zeroing per layer (if agreement.parquet exists: `agreement: true`);
     - if associations were stored: for document `doc_id` (default: the first document with status ok) and
@@ -545,7 +573,10 @@ def write_default_plots(
         return plot_document(run, *view, out_dir=final, model=model)
     partial = run_dir / f"plots.partial-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
-    paths = plot_head_metric_heatmaps(heads, partial, f"{model}: per-head metric over the corpus")
+    paths = save_figure(head_metrics_overview_figure(heads, f"{model}: per-head metrics over the corpus"), partial,
+                        "heads_overview")
+    if per_metric:
+        paths += plot_head_metric_heatmaps(heads, partial, f"{model}: per-head metric over the corpus")
     checkpoint("figures")
     if run.has("head_similarity"):
         similarity = run.head_similarity()
@@ -572,6 +603,7 @@ __all__ = [
     "doc_grid_figure",
     "doc_head_figure",
     "head_metric_figure",
+    "head_metrics_overview_figure",
     "plot_attention_vs_value_norm",
     "plot_doc_grid",
     "plot_doc_head",
