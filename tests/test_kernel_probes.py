@@ -109,6 +109,23 @@ def test_a_mask_without_the_sliding_window_fails_the_z_probe(rotary_loaded, monk
     assert float(report.projection_err.max()) < 1e-5 and float(report.z_probe_err[1].min()) > 1e-3
 
 
+@pytest.mark.parametrize("flags", [{"scale_attn_by_inverse_layer_idx": True}, {"reorder_and_upcast_attn": True},
+                                   {"scale_attn_weights": False}], ids=lambda flags: next(iter(flags)))
+def test_gpt2_scaling_flags_on_the_sdpa_kernel(flags: dict, tiny_loaded) -> None:
+    """GPT-2's scaling flags reach the sdpa kernel as its `scaling`; the pattern computed with the adapter's scale
+    must equal Hugging Face's eager attentions (which apply the flags their own way)."""
+    loaded = tiny_loaded("gpt2", **flags)
+    batch = encode(loaded.tokenizer, EXAMPLE_SENTENCES)
+    analysis = analyse_batch(loaded, batch, measures=("attention",), eager=False)
+    assert analysis.verification is not None and analysis.verification.passed, analysis.verification.summary()
+    with torch.no_grad():
+        eager = loaded.model(**batch.model_inputs, output_attentions=True).attentions
+    for layer, hf in enumerate(eager):
+        for b, n in enumerate(batch.lengths):
+            torch.testing.assert_close(analysis.per_layer["attention"][layer][b, :, :n, :n], hf[b, :, :n, :n],
+                                       rtol=0, atol=ATOL)
+
+
 def test_attribution_measures_and_models_without_the_interface_take_the_eager_path(minilm) -> None:
     batch = encode(minilm.tokenizer, EXAMPLE_SENTENCES)
     report = analyse_batch(minilm, batch, measures=("attention", "value_zeroing"), eager=False).verification

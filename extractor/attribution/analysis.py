@@ -203,13 +203,16 @@ def analyse_batch(
         v: torch.Tensor | None  # [batch, head, key, d_head]
         if not eager:
             q, k, kv_v = capture.kernel_inputs[layer]  # as the sdpa kernel received them
-            _, pattern = attention_pattern(q, k, weights, masks[layer])  # [batch, head, query, key]
+            # In float32 whatever the model's dtype: the sdpa kernel accumulates in float32 too, so a bfloat16
+            # run's z probe compares like with like; the pattern is stored in the model's dtype, as eager's is.
+            _, pattern = attention_pattern(q.float(), k.float(), weights, masks[layer])  # [batch, head, q, k]
             if report is not None:
                 report.add_probes(
                     layer,
                     projection_errors(x, weights, q, k, kv_v, capture.position_embeddings[layer], seed=layer),
-                    z_probe_errors(pattern, kv_v, capture.z[layer], batch.attention_mask, weights, seed=layer),
+                    z_probe_errors(pattern, kv_v.float(), capture.z[layer], batch.attention_mask, weights, seed=layer),
                 )
+            pattern = pattern.to(q.dtype)
             v = per_query_head(kv_v, weights) if needs_values else None
             capture.kernel_inputs[layer] = None  # type: ignore[call-overload]
         elif report is not None:
