@@ -201,6 +201,13 @@ def test_real_smollm2_verifies_every_head_on_a_padded_batch() -> None:
     report = analysis.verification
     assert report is not None and report.pattern_err.shape == (30, 9)
     assert report.passed, report.summary()
+    # a run's probed batches: the sdpa kernel, the pattern from its q and k, equal to the eager pattern
+    probed = analyse_batch(loaded, batch, measures=("attention",), eager=False)
+    assert probed.verification is not None and probed.verification.passed, probed.verification.summary()
+    for layer in range(30):
+        for b, n in enumerate(batch.lengths):
+            torch.testing.assert_close(probed.per_layer["attention"][layer][b, :, :n, :n],
+                                       analysis.per_layer["attention"][layer][b, :, :n, :n], rtol=0, atol=ATOL)
     # Outputs reach |188| (layer 24) here, so float32 rounding alone is ~1e-5 absolute: the decomposition is
     # held to 1e-5 relative to each layer's largest output (measured: ≤ 9.2e-7 relative, 9.2e-5 absolute).
     capture = run_with_capture(loaded.adapter, batch.model_inputs)
