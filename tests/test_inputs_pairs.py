@@ -255,3 +255,18 @@ def test_kept_values_are_text(tmp_path: Path) -> None:
     corpus = write_jsonl(tmp_path / "c.jsonl", [{"text": "x y", "n": 3, "tags": ["a", "b"], "flag": None}])
     record = next(read_documents(str(corpus), keys=RecordKeys(keep=("n", "tags", "flag", "absent"))))
     assert record.fields == {"n": "3", "tags": '["a", "b"]', "flag": None, "absent": None}
+
+
+def test_the_report_shows_both_texts_of_a_pair(tmp_path: Path, tiny_model_dir: Callable[..., Path]) -> None:
+    """The report embeds a pair's second text next to its first (its tokens' spans index into it)."""
+    from extractor.presentation.report import build_report
+
+    corpus = write_jsonl(tmp_path / "nli.jsonl", RECORDS)
+    out = tmp_path / "out"
+    run_ok(str(tiny_model_dir("bert")), corpus, out, *PAIR_FLAGS)
+    page, _ = build_report(out)
+    start = page.index('id="report-docs">') + len('id="report-docs">')
+    docs = json.loads(page[start : page.index("</script>", start)])
+    shown = {doc["id"]: (doc["text"], doc.get("pair")) for doc in docs}
+    assert shown[0] == (RECORDS[0]["premise"], RECORDS[0]["hypothesis"])
+    assert all(pair is not None for _, pair in shown.values())

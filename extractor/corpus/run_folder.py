@@ -329,7 +329,7 @@ class RunFolder:
             return None
         return {int(d): t for d, t in zip(documents["doc_id"], documents["text"], strict=True) if t is not None}
 
-    def _pair_texts(self, doc_ids: Sequence[int]) -> dict[int, str]:
+    def pair_texts(self, doc_ids: Sequence[int]) -> dict[int, str]:
         """doc_id → a sentence pair's second text (documents.parquet `text_pair`), for the pairs among `doc_ids`."""
         documents = self.table("documents", doc_ids) if self.has("documents") else None
         if documents is None or "text_pair" not in documents:
@@ -355,7 +355,7 @@ class RunFolder:
             else:
                 units, position, token = self.tokens(wanted), "position", "token"
             texts = self.stored_texts(wanted) or {}  # spans index the original text only
-            pairs = self._pair_texts(wanted)  # a sentence pair's segment-1 spans index its second text
+            pairs = self.pair_texts(wanted)  # a sentence pair's segment-1 spans index its second text
             for doc_id, rows in units.groupby("doc_id", sort=False):
                 rows = rows.drop_duplicates(position).sort_values(position)
                 own = (texts.get(int(doc_id)), pairs.get(int(doc_id)))

@@ -507,6 +507,7 @@ def build_report(
     ids = candidates[:max_docs]
     labels = run.position_labels(ids) if ids else {}
     texts = run.texts(ids) if ids else {}
+    pairs = run.pair_texts(ids) if ids else {}  # a sentence pair's second text
     rows = run.associations(ids, measures=list(MEASURE_INFO)) if ids and pairs_stored else None
     grouped = dict(iter(rows.groupby("doc_id", sort=False))) if rows is not None else {}
     status_of = dict(zip(documents["doc_id"].astype(int), documents["status"], strict=True))
@@ -524,7 +525,7 @@ def build_report(
             else {"h": None, "l": None}
         )
         document = {"id": doc_id, "status": status_of.get(doc_id), "tokens": positions, "special": special,
-                    "text": texts.get(doc_id, ""), **matrices}
+                    "text": texts.get(doc_id, ""), **({"pair": pairs[doc_id]} if doc_id in pairs else {}), **matrices}
         return embed_json(document), doc_max
 
     levels = detail_levels(keys_stored)
