@@ -249,6 +249,17 @@ def test_resume_refuses_other_fields() -> None:
             check_resumable({"config": before.model_dump()}, validate_config({**before.model_dump(), **change}))
 
 
+def test_resume_of_a_dense_run_in_the_older_layout_is_refused() -> None:
+    """Dense parts are matrices now; an interrupted dense run whose manifest does not say so stored one row per
+    cell, and mixing the two layouts in one folder would make it unreadable."""
+    config = validate_config({"storage": "dense"})
+    with pytest.raises(UserError, match="one matrix per row"):
+        check_resumable({"config": config.model_dump()}, config)
+    check_resumable({"config": config.model_dump(), "dense_layout": "matrices"}, config)  # today's layout resumes
+    topk = validate_config({"storage": "topk"})
+    check_resumable({"config": topk.model_dump()}, topk)  # other storage modes did not change
+
+
 def test_kept_values_are_text(tmp_path: Path) -> None:
     from extractor.corpus.readers import RecordKeys, read_documents
 

@@ -279,6 +279,7 @@ def test_dense_is_float16_and_every_pair(storage_runs: dict[str, Path]) -> None:
     assert ds.dataset(storage_runs["dense"] / "associations").count_rows() == len(n) * (2 * 4 + 2)  # (L·H + L) per doc
     manifest = json.loads((storage_runs["dense"] / "manifest.json").read_text())
     assert manifest["counts"]["association_rows"] == len(dense)  # the long format's rows, as the view shows them
+    assert manifest["dense_layout"] == "matrices"  # `--resume` refuses dense runs of the older layout
     ref = associations(storage_runs["all"])
     assert dense[KEYS].equals(ref[KEYS])  # (layers × heads + layers) × n² rows per document
     for measure in ("attention", "rollout"):

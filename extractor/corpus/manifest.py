@@ -32,6 +32,9 @@ RESULT_SETTINGS = ("model", "input", "input_format", "text_field", "text_column"
                    "similarity_rows", "agreement", "limit", "verify", "hf_compare_every", "atol", "dtype")
 
 
+DENSE_LAYOUT = "matrices"
+
+
 def check_resumable(previous: dict[str, Any], config: RunConfig) -> None:
     """Refuse `--resume` with settings that differ from the interrupted run's (naming each one). A setting the
     interrupted run's manifest lacks (added since) had its default there."""
@@ -43,6 +46,12 @@ def check_resumable(previous: dict[str, Any], config: RunConfig) -> None:
         raise UserError(
             f"cannot resume '{config.output}' with different settings: {', '.join(changed)}; "
             "use the interrupted run's settings, or --overwrite to start again"
+        )
+    if config.storage == "dense" and previous.get("dense_layout") != DENSE_LAYOUT:
+        raise UserError(
+            f"cannot resume '{config.output}': its dense parts were written by an earlier version, one row per "
+            "cell, and this version stores one matrix per row; finish it with that version, or --overwrite to "
+            "start again"
         )
 
 
@@ -94,6 +103,8 @@ def base_manifest(config: RunConfig, provenance: dict[str, Any], started: float)
         "run": config.run_name,
         "status": "running",
         "config": config.model_dump(),
+        # how dense association parts are laid out (`corpus.matrices`); older runs stored one row per cell
+        **({"dense_layout": DENSE_LAYOUT} if config.storage == "dense" else {}),
         "input": input_fingerprint(config),
         "provenance": provenance,
         "timings": {"started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started))},
