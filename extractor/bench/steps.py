@@ -66,7 +66,7 @@ def profile_batch(model: str, texts: list[str], max_length: int, repeats: int = 
     from extractor.corpus.matrices import matrices_table
     from extractor.corpus.readers import SourceRecord
     from extractor.corpus.storage import write_associations
-    from extractor.corpus.tables import batch_association_table, padded_positions
+    from extractor.corpus.tables import batch_association_table, batch_inputs
 
     torch.set_grad_enabled(False)
     loaded = load_model(model)
@@ -140,12 +140,10 @@ def profile_batch(model: str, texts: list[str], max_length: int, repeats: int = 
     # dense batches are smaller (DENSE_ATTENTION_BUDGET): timed on their own batch, scaled to this batch's tokens
     scale = batch.attention_mask.sum().item() / dense_batch.attention_mask.sum().item()
     dense_analysis = analyse_batch(loaded, dense_batch, config.measures, eager=False)
-    dense_docs = dense_batch.docs
-    dense_lengths = torch.tensor([d.n_tokens for d in dense_docs])
-    dense_positions = padded_positions([d.positions for d in dense_docs])
+    dense_inputs = batch_inputs(dense_analysis, dense_ids)  # lengths, positions, doc_ids
 
     def dense_table() -> pa.Table:
-        return matrices_table(dense_analysis.per_layer, dense_lengths, dense_positions, torch.tensor(dense_ids), causal)
+        return matrices_table(dense_analysis.per_layer, *dense_inputs, causal)
 
     times["dense_table"] = scale * median_ms(dense_table, repeats)
     dense = dense_table()

@@ -41,13 +41,13 @@ def plot(
     import matplotlib
 
     matplotlib.use("Agg")  # the command line is headless: never open a window
+    from extractor.corpus.config import comma_separated
     from extractor.corpus.lock import FolderLock
     from extractor.corpus.run_folder import read_manifest, reading
     from extractor.presentation.plots import figure_formats, write_default_plots
 
     read_manifest(output_dir)  # a run folder, before a lock file is made in it
-    formats = [f.strip() for f in format.split(",") if f.strip()]
-    with figure_formats(formats), FolderLock(output_dir), reading(output_dir):
+    with figure_formats(comma_separated(format)), FolderLock(output_dir), reading(output_dir):
         paths = write_default_plots(output_dir, doc_id=doc, layer=layer, head=head)
     typer.echo(_summary(paths, output_dir / "plots"))
 

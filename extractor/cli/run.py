@@ -12,7 +12,7 @@ from pydantic.fields import FieldInfo
 
 from extractor.attribution.measures import MEASURES
 from extractor.cli.common import fail, user_errors
-from extractor.corpus.config import RunConfig, load_config, option_name, parse_set
+from extractor.corpus.config import RunConfig, comma_separated, load_config, option_name, parse_set
 
 SHORT = {"model": "-m", "input": "-i", "output": "-o"}
 
@@ -63,7 +63,7 @@ def run(
     from extractor.api import run_extraction
 
     if isinstance(flags.get("measures"), str):
-        flags["measures"] = [m.strip() for m in flags["measures"].split(",") if m.strip()]
+        flags["measures"] = comma_separated(flags["measures"])
     settings = load_config(config, flags, parse_set(set_ or []))
     manifest = run_extraction(settings, resume=resume, overwrite=overwrite, quiet=quiet)
     if manifest.get("verification", {}).get("passed") is False:

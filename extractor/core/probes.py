@@ -65,31 +65,26 @@ def projection_errors(
         q, k = unrotate(q, cos, sin), unrotate(k, cos, sin)  # [batch, head or kv_head, pos, d_head]
     r = probe_vectors(weights.n_heads, weights.d_head, seed, x.device).float()  # [head, d_head, probes]
     r_kv = r[:: weights.n_heads // weights.n_kv_heads]  # [kv_head, d_head, probes]
-    probed = [(weights.W_Q, weights.b_Q, q, r)] if weights.q_norm is None else []
-    probed += [(weights.W_K, weights.b_K, k, r_kv)] if weights.k_norm is None else []
-    probed.append((weights.W_V, weights.b_V, v, r_kv))
+    # name → (W, b, per-head norm gain or None, the kernel's tensor, probes)
+    projections = {"q": (weights.W_Q, weights.b_Q, weights.q_norm, q, r),
+                   "k": (weights.W_K, weights.b_K, weights.k_norm, k, r_kv),
+                   "v": (weights.W_V, weights.b_V, None, v, r_kv)}
+    errors = {name: _full_norm_projection(x, W, b, gain, weights.norm_eps, got)  # not linear: in full
+              for name, (W, b, gain, got, _) in projections.items() if gain is not None}
+    probed = [(name, W, b, got, probes) for name, (W, b, gain, got, probes) in projections.items() if gain is None]
     d_model = x.shape[-1]
     fused = torch.cat([torch.bmm(W.float(), probes).permute(1, 0, 2).reshape(d_model, -1)
-                       for W, _, _, probes in probed], dim=1)  # [d_model, Σ heads·probes]
-    bias = torch.cat([torch.einsum("hd,hdp->hp", b.float(), probes).reshape(-1) for _, b, _, probes in probed])
+                       for _, W, _, _, probes in probed], dim=1)  # [d_model, Σ heads·probes]
+    bias = torch.cat([torch.einsum("hd,hdp->hp", b.float(), probes).reshape(-1) for _, _, b, _, probes in probed])
     references = torch.addmm(bias, x.reshape(-1, d_model).float(), fused)  # [batch·pos, Σ heads·probes]
-    errors: dict[int, torch.Tensor] = {}  # id of the projected tensor → [its heads]
     start = 0
-    for W, _, got, probes in probed:
+    for name, W, _, got, probes in probed:
         width = W.shape[0] * probes.shape[-1]
         reference = references[:, start : start + width].view(*x.shape[:-1], W.shape[0], -1).transpose(1, 2)
-        errors[id(got)] = _relative(_probed(got, probes), reference)  # [heads]
+        errors[name] = _relative(_probed(got, probes), reference)  # [heads of this projection]
         start += width
-    q_err = errors.get(id(q))
-    if q_err is None:
-        assert weights.q_norm is not None
-        q_err = _full_norm_projection(x, weights.W_Q, weights.b_Q, weights.q_norm, weights.norm_eps, q)
-    k_err = errors.get(id(k))
-    if k_err is None:
-        assert weights.k_norm is not None
-        k_err = _full_norm_projection(x, weights.W_K, weights.b_K, weights.k_norm, weights.norm_eps, k)
     group = weights.n_heads // weights.n_kv_heads
-    return torch.maximum(q_err, torch.maximum(k_err, errors[id(v)]).repeat_interleave(group))
+    return torch.maximum(errors["q"], torch.maximum(errors["k"], errors["v"]).repeat_interleave(group))
 
 
 def z_probe_errors(

@@ -24,6 +24,11 @@ from extractor.errors import UserError, quoted, shortened
 FigureFormat = Literal["png", "svg"]
 
 
+def comma_separated(text: str) -> list[str]:
+    """'a, b,,c' → ['a', 'b', 'c']: how list settings are given on the command line (`--keep-fields a,b`)."""
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
 class RunConfig(BaseModel):
     """Everything `extractor run` needs. Each field is documented in configs/default.yaml."""
 
@@ -102,7 +107,7 @@ class RunConfig(BaseModel):
     def _layer_list(cls, value: Any) -> Any:
         """`--value-zeroing-layers 0,3,5` gives one comma-separated string; `--set value_zeroing_layers=3` a number."""
         if isinstance(value, str):
-            return [item.strip() for item in value.split(",") if item.strip()]
+            return comma_separated(value)
         return [value] if isinstance(value, int) and not isinstance(value, bool) else value
 
     @field_validator("value_zeroing_layers")
@@ -121,7 +126,7 @@ class RunConfig(BaseModel):
     def _comma_separated(cls, value: Any) -> Any:
         """`--keep-fields label,topic`, `--plot-formats png,svg` (and `--set keep_fields=label`) give one
         comma-separated string."""
-        return [name.strip() for name in value.split(",") if name.strip()] if isinstance(value, str) else value
+        return comma_separated(value) if isinstance(value, str) else value
 
     @field_validator("keep_fields")
     @classmethod

@@ -33,7 +33,8 @@ from extractor.corpus.storage import Part
 from extractor.corpus.tables import (
     association_table,
     batch_association_table,
-    padded_positions,
+    batch_inputs,
+    document_inputs,
     tokens_table,
     words_table,
 )
@@ -284,18 +285,12 @@ class Extraction:
         """Dense storage: one row per (layer, head, document) holding the matrix (`corpus.matrices`)."""
         window_ids = None if windows is None else torch.tensor(windows, dtype=torch.long)
         if self.config.level == "token":
-            docs = analysis.batch.docs
-            lengths = torch.tensor([d.n_tokens for d in docs], dtype=torch.long,
-                                   device=analysis.batch.attention_mask.device)
-            return matrices_table(analysis.per_layer, lengths, padded_positions([d.positions for d in docs]),
-                                  torch.tensor(doc_ids, dtype=torch.long), self.causal, self.value_type, window_ids,
-                                  analysis.first_keys)
+            return matrices_table(analysis.per_layer, *batch_inputs(analysis, doc_ids), self.causal, self.value_type,
+                                  window_ids, analysis.first_keys)
         tables = []
         for b, (doc_id, doc) in enumerate(zip(doc_ids, analysis.docs, strict=True)):
             words = doc.to_word_level()
-            per_layer = {name: list(v[:, None]) for name, v in {**words.head_measures, **words.layer_measures}.items()}
-            tables.append(matrices_table(per_layer, torch.tensor([words.size]), words.document_positions()[None],
-                                         torch.tensor([doc_id]), self.causal, self.value_type,
+            tables.append(matrices_table(*document_inputs(doc_id, words), self.causal, self.value_type,
                                          None if window_ids is None else window_ids[b : b + 1], words.first_keys))
         return pa.concat_tables(tables)
 

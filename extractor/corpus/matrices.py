@@ -88,25 +88,22 @@ def matrices_table(
     """
     import torch
 
+    from extractor.corpus.tables import measure_groups
+
     names = tuple(per_layer)
     schema = matrix_schema(names, windows is not None, value_type)
     sizes = [int(n) for n in lengths.tolist()]
-    numpy_dtype = np.float16 if value_type == pa.float16() else np.float32
+    stored_dtype = torch.float16 if value_type == pa.float16() else torch.float32
     doc_positions = [positions[b, :n].to(torch.int32).numpy() for b, n in enumerate(sizes)]
     tables = []
     n_layers = len(next(iter(per_layer.values())))
     for layer in range(n_layers):
-        layer_group = {m: per_layer[m][layer][None] for m in LAYER_MEASURES if m in per_layer}  # [1, batch, q, k]
-        head_group = {m: per_layer[m][layer].transpose(0, 1) for m in HEAD_MEASURES if m in per_layer}  # [head, …]
-        for group, head_level in ((layer_group, False), (head_group, True)):
-            if not group:
-                continue
+        for group, head_level in measure_groups(per_layer, layer):
             n_groups = next(iter(group.values())).shape[0]
             first = None if first_keys is None else first_keys(tuple(group), layer)  # [query]
             columns: dict[str, pa.Array] = {}
             for name, values in group.items():
-                shown = hide_unseen(values.float(), lengths, causal, first).to(torch.float16 if numpy_dtype is np.float16
-                                                                       else torch.float32).cpu()
+                shown = hide_unseen(values.float(), lengths, causal, first).to(stored_dtype).cpu()
                 blocks = [shown[g, b, :n, :n].numpy() for g in range(n_groups) for b, n in enumerate(sizes)]
                 columns[name] = _list_column(blocks, value_type)
             rows = n_groups * len(sizes)
@@ -129,8 +126,8 @@ def visible_cell_count(table: pa.Table) -> int:
         [m for m in LAYER_MEASURES if m in table.column_names][:1]
     total = 0
     for name in first:
-        flat = table.column(name).combine_chunks().flatten().to_numpy(zero_copy_only=False)
-        total += int((~np.isnan(flat.astype(np.float32))).sum())
+        flat = table.column(name).combine_chunks().flatten().to_numpy(zero_copy_only=False)  # float16 stays float16
+        total += int((~np.isnan(flat)).sum())
     return total
 
 

@@ -142,6 +142,11 @@ def read_manifest(run_dir: str | Path) -> dict[str, Any]:
     return manifest
 
 
+def measure_columns(names: Sequence[str]) -> list[str]:
+    """The measure columns among an associations dataset's column names (cells or matrices)."""
+    return [name for name in names if name not in (*ASSOCIATION_KEYS, *MATRIX_KEYS)]
+
+
 def association_files(run_dir: str | Path) -> list[Path]:
     """The run's committed association parts (`associations/part-*.parquet`), in part order."""
     return sorted((Path(run_dir) / ASSOCIATIONS).glob("part-*.parquet"))
@@ -399,7 +404,7 @@ class RunFolder:
 
     def stored_measures(self) -> list[str]:
         """Measure columns present in the associations dataset (e.g. attention, value_norm, rollout)."""
-        return [name for name in self._dataset().schema.names if name not in (*ASSOCIATION_KEYS, *MATRIX_KEYS)]
+        return measure_columns(self._dataset().schema.names)
 
     def is_top_k(self) -> bool:
         """Whether only the top-k keys per row were stored (absent cells read as 0)."""
@@ -421,8 +426,8 @@ class RunFolder:
         """
         dataset = self._dataset()
         names = dataset.schema.names
-        keys = (*ASSOCIATION_KEYS, *MATRIX_KEYS)
-        wanted = [m for m in (measures if measures is not None else names) if m in names and m not in keys]
+        stored = measure_columns(names)
+        wanted = [m for m in (measures if measures is not None else names) if m in stored]
         matrices = is_matrix_schema(dataset.schema)
         index = ["doc_id", "layer", "head", POSITIONS] if matrices else list(CELL_KEYS)
         columns = [*index, *wanted, *(c for c in ("kept_mass", "window") if c in names)]
@@ -491,8 +496,8 @@ class RunFolder:
         """view name → SQL over `views()`: a dense run's `associations` in the long format, from its matrices."""
         if not self.stores_matrices():
             return {}
-        return {"associations": long_view_sql(MATRICES_VIEW, self.stored_measures(),
-                                              "window" in self._dataset().schema.names)}
+        names = self._dataset().schema.names
+        return {"associations": long_view_sql(MATRICES_VIEW, measure_columns(names), "window" in names)}
 
     def connect(self) -> Any:  # duckdb.DuckDBPyConnection
         """A new read-only DuckDB connection with one view per table (extractor.corpus.query); the caller

@@ -164,6 +164,36 @@ def select_cells(
     return KeptCells(group, batch, query, take(top_keys), kept, kept_mass.reshape(-1).index_select(0, row))
 
 
+def measure_groups(per_layer: dict[str, list[torch.Tensor]], layer: int) -> list[tuple[dict[str, torch.Tensor], bool]]:
+    """`layer`'s measures grouped by the rows they fill, as (name → [group, batch, query, key], head_level): the
+    layer measures first (group 1, the head −1 rows), then the head measures (group = head). A layer measure
+    computed for no document of the batch (value zeroing outside its scope) is left out; empty groups too.
+
+    per_layer: name → per layer [batch, head, query, key] (head measures) or [batch, query, key] (layer measures).
+    """
+    layer_group = {m: per_layer[m][layer][None] for m in LAYER_MEASURES
+                   if m in per_layer and computed_documents(per_layer[m][layer]).any()}  # [1, batch, q, k]
+    head_group = {m: per_layer[m][layer].transpose(0, 1) for m in HEAD_MEASURES if m in per_layer}  # [head, …]
+    return [(group, head_level) for group, head_level in ((layer_group, False), (head_group, True)) if group]
+
+
+def batch_inputs(analysis: BatchAnalysis, doc_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A token-level batch's (lengths [batch], positions [batch, pos], doc_ids [batch]) for `measures_table` and
+    `matrices.matrices_table`."""
+    docs = analysis.batch.docs
+    return (torch.tensor([d.n_tokens for d in docs], dtype=torch.long, device=analysis.batch.attention_mask.device),
+            padded_positions([d.positions for d in docs]), torch.tensor(doc_ids, dtype=torch.long))
+
+
+def document_inputs(
+    doc_id: int, doc: DocAttention
+) -> tuple[dict[str, list[torch.Tensor]], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One document (token or word level) as a batch of one: (per_layer, lengths, positions, doc_ids) for
+    `measures_table` and `matrices.matrices_table`."""
+    per_layer = {name: list(v[:, None]) for name, v in {**doc.head_measures, **doc.layer_measures}.items()}
+    return per_layer, torch.tensor([doc.size]), doc.document_positions()[None], torch.tensor([doc_id])
+
+
 def measures_table(
     per_layer: dict[str, list[torch.Tensor]],
     lengths: torch.Tensor,
@@ -190,14 +220,9 @@ def measures_table(
     n_layers = len(next(iter(per_layer.values())))
     tables = []
     for layer in range(n_layers):
-        computed = {m: computed_documents(per_layer[m][layer]) for m in per_layer}  # [batch] each
-        partial = {m for m, c in computed.items() if not c.all()}  # NaN where not computed: null in the table
-        layer_group = {m: per_layer[m][layer][None] for m in LAYER_MEASURES
-                       if m in per_layer and computed[m].any()}  # [1, batch, q, k]
-        head_group = {m: per_layer[m][layer].transpose(0, 1) for m in HEAD_MEASURES if m in per_layer}  # [head, …]
-        for group, head_level in ((layer_group, False), (head_group, True)):
-            if not group:
-                continue
+        # NaN where not computed (value zeroing outside its scope): null in the table
+        partial = {m for m in per_layer if not computed_documents(per_layer[m][layer]).all()}
+        for group, head_level in measure_groups(per_layer, layer):
             first = None if first_keys is None else first_keys(tuple(group), layer)  # [query]
             cells = select_cells(group, lengths, causal, top_k, threshold, first)
             batch, query, key = cells.batch.cpu(), cells.query.cpu(), cells.key.cpu()
@@ -243,12 +268,9 @@ def batch_association_table(
     windows: list[int] | None = None,
 ) -> pa.Table:
     """A token-level batch's associations straight from its padded tensors (no per-document copies)."""
-    docs = analysis.batch.docs
     return measures_table(
         analysis.per_layer,
-        torch.tensor([d.n_tokens for d in docs], dtype=torch.long, device=analysis.batch.attention_mask.device),
-        padded_positions([d.positions for d in docs]),
-        torch.tensor(doc_ids, dtype=torch.long),
+        *batch_inputs(analysis, doc_ids),
         causal, top_k, threshold, value_type,
         None if windows is None else torch.tensor(windows, dtype=torch.long),
         analysis.first_keys,
@@ -264,12 +286,8 @@ def association_table(
     value_type: pa.DataType = pa.float32(),
 ) -> pa.Table:
     """The associations of one document (token or word level), dense, top-k per query row, or above a threshold."""
-    per_layer = {name: list(v[:, None]) for name, v in {**doc.head_measures, **doc.layer_measures}.items()}
     return measures_table(
-        per_layer,
-        torch.tensor([doc.size]),
-        doc.document_positions()[None],
-        torch.tensor([doc_id]),
+        *document_inputs(doc_id, doc),
         causal, top_k, threshold, value_type,
         first_keys=doc.first_keys,
     )

@@ -36,21 +36,6 @@ from extractor.heads.clustering import cluster_heads
 from extractor.heads.names import METRICS
 
 FORMATS = ("png", "svg")  # what `save_figure` writes unless `figure_formats` says otherwise
-_formats: ContextVar[tuple[str, ...]] = ContextVar("figure_formats", default=FORMATS)
-
-
-@contextmanager
-def figure_formats(formats: Sequence[str]) -> Iterator[None]:
-    """Inside, `save_figure` writes these formats (a subset of FORMATS, in that order): a run's end-of-run figures
-    are PNG only by default (`plot_formats`), since SVG costs about twice a PNG's drawing time."""
-    unknown = [f for f in formats if f not in FORMATS]
-    if unknown or not formats:
-        raise UserError(f"figure formats must be one or more of {', '.join(FORMATS)} (got {', '.join(formats) or 'none'})")
-    token = _formats.set(tuple(f for f in FORMATS if f in formats))
-    try:
-        yield
-    finally:
-        _formats.reset(token)
 DPI = 150
 SEQUENTIAL = "viridis"
 DIVERGING = "RdBu_r"
@@ -82,6 +67,23 @@ def new_figure(figsize: tuple[float, float], **options: object) -> Figure:
     figure = Figure(figsize=figsize, **options)  # type: ignore[arg-type]
     FigureCanvasAgg(figure)
     return figure
+
+
+_formats: ContextVar[tuple[str, ...]] = ContextVar("figure_formats", default=FORMATS)
+
+
+@contextmanager
+def figure_formats(formats: Sequence[str]) -> Iterator[None]:
+    """Inside, `save_figure` writes these formats (a subset of FORMATS, in that order): a run's end-of-run figures
+    are PNG only by default (`plot_formats`), since SVG costs about twice a PNG's drawing time."""
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown or not formats:
+        raise UserError(f"figure formats must be one or more of {', '.join(FORMATS)} (got {', '.join(formats) or 'none'})")
+    token = _formats.set(tuple(f for f in FORMATS if f in formats))
+    try:
+        yield
+    finally:
+        _formats.reset(token)
 
 
 def save_figure(figure: Figure, out_dir: str | Path, stem: str) -> list[Path]:
