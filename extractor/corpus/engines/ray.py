@@ -11,6 +11,8 @@ driver   `run.finish` folds the committed parts into the final files, exactly as
 A block's part ids and its parts depend on its records alone, so running a block again (Ray's retry after a
 worker died, or the worker's own retry after an exception) rewrites the same parts: no document is lost or
 stored twice. A block that fails twice is reported; its committed parts stay and `--resume` does the rest.
+Blocks lost with their worker (Ray restarts an actor on its own node, which may be gone) run once more on a new
+pool, which starts as soon as one worker is up, before the run reports anything.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 import warnings
 from collections.abc import Collection, Iterable, Iterator
@@ -154,13 +157,14 @@ class Fault:
         faults = json.loads(spec) if spec else []
         return [cls(**fault) for fault in (faults if isinstance(faults, list) else [faults])]
 
-    def trip(self) -> None:
+    def trip(self, block_id: int) -> None:
+        """Fail as `kind` says; the marker file holds the worker's PID and the block's id ("PID BLOCK")."""
         folder = Path(self.markers)
         folder.mkdir(parents=True, exist_ok=True)
         failures = len(list(folder.iterdir()))
         if failures >= self.times:
             return
-        (folder / f"failure-{failures}").write_text(str(os.getpid()))
+        (folder / f"failure-{failures}").write_text(f"{os.getpid()} {block_id}")
         if self.kind == "exit":
             os._exit(1)
         if self.kind == "pause":
@@ -221,7 +225,7 @@ class BlockWorker:
                 for fault in self.faults:
                     if fault.applies(block, self.node_resources()):
                         self.folder.flush()  # fail with a committed part behind us: "part-way"
-                        fault.trip()
+                        fault.trip(block.block_id)
         finally:
             self.folder.flush()
         return documents, tokens
@@ -312,12 +316,15 @@ def data_settings(ray: ModuleType) -> Iterator[None]:
 
 
 def block_results(
-    ray: ModuleType, config: RunConfig, output: Path, blocks: list[Block]
+    ray: ModuleType, config: RunConfig, output: Path, blocks: list[Block], fresh_pool: bool = False
 ) -> Iterator[dict[str, Any]]:
-    """The summary row of every block whose worker returned, in completion order."""
+    """The summary row of every block whose worker returned, in completion order. `fresh_pool`: blocks lost with
+    their worker run again, so the pool starts as soon as one worker is up (a lost node's share never comes)."""
     dataset = ray.data.from_items([b.row() for b in blocks], override_num_blocks=len(blocks))
     # One block in flight per actor: a crash then costs only the block it was running its retry.
-    pool = ray.data.ActorPoolStrategy(size=min(config.workers, len(blocks)), max_tasks_in_flight_per_actor=1)
+    size = min(config.workers, len(blocks))
+    pool = (ray.data.ActorPoolStrategy(min_size=1, max_size=size, max_tasks_in_flight_per_actor=1) if fresh_pool
+            else ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=1))
     results = dataset.map_batches(
         BlockWorker,
         fn_constructor_kwargs={"config": worker_config(config, output), "fault": os.environ.get(FAULT_ENV)},
@@ -352,11 +359,29 @@ def run_blocks(
 ) -> Outcome:
     """Run every block; record the workers' provenance in the manifest as soon as the first block is done."""
     outcome = Outcome([manifest["provenance"]] if "weights_sha256" in manifest["provenance"] else [], [])
+    returned = run_round(ray, config, folder, manifest, list(blocks.values()), progress, outcome)
+    lost = [b for b in blocks.values() if b.block_id not in returned]
+    if lost:  # Ray restarts a dead actor where it was: a lost node's blocks would never run, so a new pool, once
+        print(f"warning: {len(lost)} block(s) lost with their worker (a crash, or a lost node); running them once "
+              "more on a new pool", file=sys.stderr)
+        returned |= run_round(ray, config, folder, manifest, lost, progress, outcome, fresh_pool=True)
+    outcome.failed += [f"{b.describe()}: its worker died {ATTEMPTS} times, then {ATTEMPTS} times on a new pool"
+                       for b in blocks.values() if b.block_id not in returned]
+    return outcome
+
+
+def run_round(
+    ray: ModuleType, config: RunConfig, folder: OutputFolder, manifest: dict[str, Any], blocks: list[Block],
+    progress: Progress, outcome: Outcome, fresh_pool: bool = False,
+) -> set[int]:
+    """Run `blocks` on one pool, folding each returned block into `outcome` and the manifest; the ids of the
+    blocks whose worker returned (with or without an error)."""
     returned: set[int] = set()
-    for row in block_results(ray, config, folder.path, list(blocks.values())):
+    by_id = {b.block_id: b for b in blocks}
+    for row in block_results(ray, config, folder.path, blocks, fresh_pool):
         if row["unusable"]:
             raise UserError(row["unusable"])
-        block = blocks[row["block_id"]]
+        block = by_id[row["block_id"]]
         returned.add(block.block_id)
         if row["error"]:
             outcome.failed.append(f"{block.describe()}: {row['error']}")
@@ -368,9 +393,7 @@ def run_blocks(
         if not row["error"]:  # which node committed the block (a resumed run keeps the earlier run's entries)
             manifest["provenance"].setdefault(BLOCK_NODES, {})[str(block.block_id)] = row["node_id"]
         folder.write_manifest(manifest)
-    outcome.failed += [f"{b.describe()}: its worker died {ATTEMPTS} times" for b in blocks.values()
-                       if b.block_id not in returned]
-    return outcome
+    return returned
 
 
 def block_nodes(provenance: dict[str, Any]) -> dict[str, Any]:
