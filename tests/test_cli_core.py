@@ -214,3 +214,33 @@ def test_explain_prints_tokens_as_the_text_has_them(cli, tiny_model_dir) -> None
                  "--layer", "1", "--head", "0")
     assert result.exit_code == 0, result.output
     assert "row 'it' (position" in result.stdout and "Ġ" not in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("code", "status", "stderr"),
+    [(None, 0, ""), (0, 0, ""), (2, 2, ""), ("error: a message", 1, "error: a message\n")],
+)
+def test_quick_exit_keeps_status_streams_and_atexit(code: object, status: int, stderr: str) -> None:
+    """`exit_now` skips the interpreter's teardown but not what a process owes: the status `sys.exit` would
+    give, the atexit handlers, and what is still buffered on stdout (a pipe is block-buffered)."""
+    script = (
+        "import atexit, sys\n"
+        "from extractor.__main__ import exit_now\n"
+        "atexit.register(lambda: print('atexit ran'))\n"
+        "print('buffered')\n"
+        f"exit_now({code!r})\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout, done.stderr) == (status, "buffered\natexit ran\n", stderr)
+
+
+def test_quick_exit_waits_for_a_running_thread() -> None:
+    """With another (non-daemon) thread alive, the usual exit: the thread finishes its work first."""
+    script = (
+        "import sys, threading, time\n"
+        "from extractor.__main__ import exit_now\n"
+        "threading.Thread(target=lambda: (time.sleep(0.5), print('thread done'))).start()\n"
+        "exit_now(3)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout) == (3, "thread done\n")
