@@ -152,6 +152,34 @@ def test_share_metrics_share_one_fixed_colour_scale() -> None:
     assert entropy.get_clim() == (0.0, 1.2)  # the data's own range
 
 
+@pytest.mark.parametrize(("n_layers", "n_heads"), [(2, 3), (6, 12), (30, 9), (48, 40)])
+def test_overview_is_laid_out_to_fit_without_cropping(n_layers: int, n_heads: int) -> None:
+    """The overview is saved uncropped (`fits`), so its own layout must keep every text and map inside the
+    figure, and no two panels' texts, maps or colour bars may overlap: for tiny, MiniLM, SmolLM2 and a
+    48-layer × 40-head model (more than 40 rows or columns are drawn at the 40 size)."""
+    rng = np.random.default_rng(0)
+    heads = pd.DataFrame([{"layer": layer, "head": head, "n_rows": 10, **{m: rng.random() * 30 for m in METRICS}}
+                          for layer in range(n_layers) for head in range(n_heads)])
+    figure = plots.head_metrics_overview_figure(heads, "a model: per-head metrics over the corpus")
+    assert getattr(figure, "fits", False)
+    renderer = figure.canvas.get_renderer()
+    figure.draw(renderer)
+    inside = figure.bbox
+    drawn = figure.get_tightbbox(renderer).transformed(figure.dpi_scale_trans)  # inches → display
+    assert inside.x0 - 1 <= drawn.x0 and drawn.x1 <= inside.x1 + 1 and inside.y0 - 1 <= drawn.y0, drawn
+    assert drawn.y1 <= inside.y1 + 1, drawn
+    maps = [ax for ax in figure.axes if not hasattr(ax, "_colorbar")]
+    assert len(maps) == len(plots.plotted_metrics(heads))
+    # each panel = its map, its colour bar, and their titles, labels and tick labels
+    panels = [ax.get_tightbbox(renderer).union([ax.get_tightbbox(renderer), bar.get_tightbbox(renderer)])
+              for ax, bar in zip(maps, [ax for ax in figure.axes if hasattr(ax, "_colorbar")], strict=True)]
+    for i, one in enumerate(panels):
+        for other in panels[i + 1:]:
+            assert not one.overlaps(other), (one, other)
+    title = figure._suptitle.get_window_extent(renderer)
+    assert not any(title.overlaps(panel) for panel in panels)
+
+
 def test_default_head_is_the_sharpest_that_is_not_positional() -> None:
     table = hand_heads_table()
     for metric in ("previous_token", "self", "first_token", "cls", "sep"):
@@ -360,3 +388,61 @@ def test_a_run_ends_with_the_overview_in_png_and_svg_on_request(bert_run: Path, 
     write_extras(run, RunConfig(report=False, plot_formats=["png", "svg"]))
     svg = (run / "plots" / "heads_overview.svg").read_text()
     assert "mean row entropy (nats)" in svg and "attention to [CLS]" in svg  # every metric's panel is titled
+
+
+def test_extras_write_the_same_report_and_figures_on_one_cpu_or_side_by_side(
+    bert_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With two CPUs the report is written by a helper process while the figures are drawn; with one, one after
+    the other. Either way the same report and the same figures."""
+    from extractor.corpus.config import RunConfig
+    from extractor.presentation import extras
+
+    written = {}
+    for cpus in (1, 2):
+        run = tmp_path / f"cpus{cpus}" / "run"  # the report names its folder
+        shutil.copytree(bert_run, run)
+        (run / "report.html").unlink(missing_ok=True)
+        shutil.rmtree(run / "plots", ignore_errors=True)
+        monkeypatch.setattr(extras, "available_cpus", lambda cpus=cpus: cpus)
+        assert extras.write_extras(run, RunConfig()) == ["report", "figures"]
+        written[cpus] = ((run / "report.html").read_text(), sorted(p.name for p in (run / "plots").iterdir()))
+    assert "heads_overview.png" in written[2][1] and "<html" in written[2][0][:300].lower()
+    assert written[1] == written[2]
+
+
+def test_a_figure_error_does_not_lose_the_helpers_report(
+    bert_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Side by side: the figures fail in this process; the report written by the helper is still finished and
+    in place, and the figures' error is the one raised."""
+    from extractor.corpus.config import RunConfig
+    from extractor.presentation import extras
+
+    run = tmp_path / "run"
+    shutil.copytree(bert_run, run)
+    (run / "report.html").unlink(missing_ok=True)
+
+    def broken(folder: Path, config: RunConfig) -> None:
+        raise UserError("a figure failed")
+
+    monkeypatch.setattr(extras, "available_cpus", lambda: 2)
+    monkeypatch.setattr(extras, "draw_figures", broken)
+    with pytest.raises(UserError, match="a figure failed"):
+        extras.write_extras(run, RunConfig())
+    assert (run / "report.html").is_file()
+    assert not list(run.glob("report.html*.tmp"))
+
+
+def test_a_helper_that_dies_is_one_line_that_says_how_to_write_the_report(tmp_path: Path) -> None:
+    from concurrent.futures import Future
+    from concurrent.futures.process import BrokenProcessPool
+
+    from extractor.presentation.extras import report_result
+
+    died: Future[None] = Future()
+    died.set_exception(BrokenProcessPool("A process in the process pool was terminated abruptly"))
+    with pytest.raises(UserError) as error:
+        report_result(died, tmp_path)
+    assert str(error.value) == (f"the process writing '{tmp_path / 'report.html'}' died; write it with: "
+                                f"extractor report {tmp_path}")

@@ -19,7 +19,18 @@ import signal
 FAULT_VARIABLE = "EXTRACTOR_FAULT_AT"
 
 
+_killed_with_this_process: list[int] = []
+
+
+def kill_with_this_process(pid: int) -> None:
+    """In a helper process of a run (the report's): a fault here kills the run's own process `pid` first, as
+    a kill of the whole run would."""
+    _killed_with_this_process.append(pid)
+
+
 def checkpoint(phase: str) -> None:
     """Kill this process now if $EXTRACTOR_FAULT_AT names `phase` (a no-op otherwise)."""
     if os.environ.get(FAULT_VARIABLE) == phase:
+        for pid in _killed_with_this_process:
+            os.kill(pid, signal.SIGKILL)
         os.kill(os.getpid(), signal.SIGKILL)

@@ -88,7 +88,7 @@ def figure_formats(formats: Sequence[str]) -> Iterator[None]:
 
 def save_figure(figure: Figure, out_dir: str | Path, stem: str) -> list[Path]:
     """Write `figure` as OUT/stem.png and OUT/stem.svg (the formats `figure_formats` chose; each through a
-    temporary name); returns the paths."""
+    temporary name), cropped to what is drawn unless the figure says it `fits` as laid out; returns the paths."""
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / f"{stem}.{fmt}" for fmt in _formats.get()]
@@ -96,7 +96,7 @@ def save_figure(figure: Figure, out_dir: str | Path, stem: str) -> list[Path]:
     with matplotlib.rc_context({"svg.fonttype": "none"}):
         # The tight bounding box is found once, by one draw, and both formats are cropped to it: `bbox_inches=
         # "tight"` would draw each figure twice per format (4 draws instead of 3).
-        bbox = tight_bbox(figure)
+        bbox = None if getattr(figure, "fits", False) else tight_bbox(figure)
         for path in paths:
             partial = path.with_name(f".{path.name}.tmp")
             figure.savefig(partial, dpi=DPI, bbox_inches=bbox, format=path.suffix[1:])
@@ -181,27 +181,37 @@ def plotted_metrics(heads: pd.DataFrame) -> list[str]:
 
 def head_metrics_overview_figure(heads: pd.DataFrame, title: str) -> Figure:
     """Every metric of a heads table as a small layer × head map, side by side: which heads stand out on which
-    metric, at a glance (shares and scores on 0..1, entropy and distance on their own range)."""
+    metric, at a glance (shares and scores on 0..1, entropy and distance on their own range).
+
+    Laid out in inches, with room for each map's title, labels, ticks and colour bar, so it needs no
+    `tight_layout` and no cropping (`fits`): one draw to save instead of three (about a second on MiniLM).
+    """
     metrics = plotted_metrics(heads)
     n_cols = min(4, max(1, len(metrics)))
     n_rows = -(-len(metrics) // n_cols)
     n_layers, n_heads = heads["layer"].nunique(), heads["head"].nunique()
-    panel = (2.6 + 0.1 * min(n_heads, 40), 1.0 + 0.1 * min(n_layers, 40))
-    figure = new_figure((n_cols * panel[0], n_rows * panel[1] + 0.5))
-    axes = figure.subplots(n_rows, n_cols, squeeze=False)
-    for ax, metric in zip(axes.flat, metrics, strict=False):
-        bounded = metric not in UNBOUNDED_METRICS
+    map_w, map_h = 1.9 + 0.1 * min(n_heads, 40), 0.55 + 0.1 * min(n_layers, 40)  # the map itself
+    # around each map: its title above; ticks and "layer" left; ticks and "head" below; its colour bar right
+    left, above, below, bar_gap, bar, right = 0.5, 0.3, 0.4, 0.06, 0.1, 0.4
+    cell_w, cell_h = left + map_w + bar_gap + bar + right, above + map_h + below
+    top, margin = 0.5, 0.05  # the title of the figure; the edge
+    width, height = 2 * margin + n_cols * cell_w, top + n_rows * cell_h + margin
+    figure = new_figure((width, height))
+    figure.fits = True  # type: ignore[attr-defined]  # save_figure: nothing to crop
+    for index, metric in enumerate(metrics):
+        row, col = divmod(index, n_cols)
+        x, y = margin + col * cell_w + left, height - top - row * cell_h - above - map_h  # map's lower left
+        ax = figure.add_axes((x / width, y / height, map_w / width, map_h / height))
+        bar_ax = figure.add_axes(((x + map_w + bar_gap) / width, y / height, bar / width, map_h / height))
+        low, high = (None, None) if metric in UNBOUNDED_METRICS else (0.0, 1.0)
         image = ax.imshow(metric_grid(heads, metric).to_numpy(), aspect="auto", cmap=SEQUENTIAL,
-                          interpolation="nearest", **({"vmin": 0.0, "vmax": 1.0} if bounded else {}))
+                          interpolation="nearest", vmin=low, vmax=high)
         ax.set_title(METRIC_LABELS.get(metric, metric), fontsize=7)
-        ax.set_xlabel("head", fontsize=6)
-        ax.set_ylabel("layer", fontsize=6)
+        ax.set_xlabel("head", fontsize=6, labelpad=1)
+        ax.set_ylabel("layer", fontsize=6, labelpad=1)
         ax.tick_params(labelsize=5)
-        figure.colorbar(image, ax=ax, fraction=0.05, pad=0.02).ax.tick_params(labelsize=5)
-    for ax in list(axes.flat)[len(metrics):]:
-        ax.set_visible(False)
-    figure.suptitle(title, fontsize=10)
-    figure.tight_layout()
+        figure.colorbar(image, cax=bar_ax).ax.tick_params(labelsize=5)
+    figure.suptitle(title, fontsize=10, y=1 - 0.15 / height, va="top")
     return figure
 
 
