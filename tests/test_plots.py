@@ -434,15 +434,21 @@ def test_a_figure_error_does_not_lose_the_helpers_report(
     assert not list(run.glob("report.html*.tmp"))
 
 
-def test_a_helper_that_dies_is_one_line_that_says_how_to_write_the_report(tmp_path: Path) -> None:
-    from concurrent.futures import Future
-    from concurrent.futures.process import BrokenProcessPool
+@pytest.mark.parametrize(
+    ("code", "message"),
+    [("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", "died (exit status -9); write it with: "),
+     ("import sys; print('error: the report needs more room; raise --max-mb', file=sys.stderr); sys.exit(2)",
+      "the report needs more room; raise --max-mb")],
+)
+def test_the_helpers_failure_is_one_line(tmp_path: Path, code: str, message: str) -> None:
+    """A helper killed is one line that says how to write the report; a helper's own one-line error is
+    raised as it is."""
+    import subprocess
+    import sys
 
     from extractor.presentation.extras import report_result
 
-    died: Future[None] = Future()
-    died.set_exception(BrokenProcessPool("A process in the process pool was terminated abruptly"))
+    helper = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
     with pytest.raises(UserError) as error:
-        report_result(died, tmp_path)
-    assert str(error.value) == (f"the process writing '{tmp_path / 'report.html'}' died; write it with: "
-                                f"extractor report {tmp_path}")
+        report_result(helper, tmp_path)
+    assert message in str(error.value) and "\n" not in str(error.value)

@@ -201,18 +201,27 @@ def test_block_failing_twice_is_reported_and_resume_completes(
     assert_same_tables(output, local_run, limit=FAULT_LIMIT)
 
 
+def faulty_run(
+    faults: Callable[..., list[Path]], tmp_path: Path, fault: tuple[int, int, str], exit_code: int
+) -> tuple[Path, str]:
+    """A Ray run over the first FAULT_LIMIT documents with `fault` (block, times, kind) armed: it exits with
+    `exit_code` after the fault fired `times` times; its output folder and the last line of its stderr."""
+    (markers,) = faults(fault)
+    output = tmp_path / "run"
+    result = run_cli(output, "--limit", str(FAULT_LIMIT), engine="ray")
+    assert result.exit_code == exit_code, result.output
+    assert len(list(markers.iterdir())) == fault[1], "the fault did not fire as often as armed"
+    return output, result.stderr.strip().splitlines()[-1]
+
+
 def test_a_block_lost_with_its_worker_runs_again_on_a_new_pool(
     ray_instance: str, local_run: Path, tmp_path: Path, faults: Callable[..., list[Path]]
 ) -> None:
     """Block 1's worker dies twice (Ray's restart of the actor used its one retry): the block is lost with its
     worker, as on a lost node, and runs once more on a new pool. The run completes, saying so in one warning
     line, with every document once and the local engine's tables."""
-    (markers,) = faults((1, 2, "exit"))
-    output = tmp_path / "run"
-    result = run_cli(output, "--limit", str(FAULT_LIMIT), engine="ray")
-    assert result.exit_code == 0, result.output
-    assert len(list(markers.iterdir())) == 2, "the worker did not die twice"
-    assert result.stderr.strip().splitlines()[-1] == (
+    output, last_line = faulty_run(faults, tmp_path, (1, 2, "exit"), exit_code=0)
+    assert last_line == (
         "warning: 1 block(s) lost with their worker (a crash, or a lost node); running them once more on a new pool")
     assert_each_document_once(output, FAULT_LIMIT)
     assert_same_tables(output, local_run, limit=FAULT_LIMIT)
@@ -223,12 +232,8 @@ def test_a_block_whose_worker_keeps_dying_is_reported_after_the_new_pool(
 ) -> None:
     """A block that kills its worker on every try (2 on the first pool, 2 on the new one) is reported in one
     line that says so; block 0 stays committed."""
-    (markers,) = faults((1, 4, "exit"))
-    output = tmp_path / "run"
-    result = run_cli(output, "--limit", str(FAULT_LIMIT), engine="ray")
-    assert result.exit_code == 2, result.output
-    assert len(list(markers.iterdir())) == 4, "the worker did not die four times"
-    assert result.stderr.strip().splitlines()[-1] == (
+    output, last_line = faulty_run(faults, tmp_path, (1, 4, "exit"), exit_code=2)
+    assert last_line == (
         "error: 1 of 2 blocks failed (block 1 (doc_id 16–31): its worker died 2 times, then 2 times on a new pool); "
         "every other block is committed: run the same command with --resume to finish")
     committed = set()

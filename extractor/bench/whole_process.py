@@ -98,3 +98,18 @@ def format_whole(result: dict[str, Any], model: str) -> str:
             f"by-hand script {result['by_hand_s']:.1f}s, `extractor run` (topk, verification, metrics, "
             f"{result['figures']} figures, report) {result['extractor_s']:.1f}s → ratio {result['ratio']:.2f} "
             "(best of 2 each)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m extractor.bench.whole_process [--model M] [--docs N]`: only the whole-process comparison."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="minilm")
+    parser.add_argument("--docs", type=int, default=400, help="real paragraphs (default 400)")
+    args = parser.parse_args(argv)
+    print(format_whole(whole_process(args.model, args.docs), args.model))
+
+
+if __name__ == "__main__":
+    main()
