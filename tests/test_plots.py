@@ -452,3 +452,19 @@ def test_the_helpers_failure_is_one_line(tmp_path: Path, code: str, message: str
     with pytest.raises(UserError) as error:
         report_result(helper, tmp_path)
     assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_the_helper_imports_this_checkout_unless_the_package_is_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """From a checkout (or an editable install) the helper gets the checkout first on its PYTHONPATH, before
+    what was there; installed in site-packages, the environment is passed unchanged (site-packages then stays
+    after the standard library)."""
+    import os
+    import site
+
+    from extractor.presentation import extras
+
+    root = Path(extras.__file__).resolve().parents[2]
+    monkeypatch.setenv("PYTHONPATH", "/somewhere/else")
+    assert extras.helper_environment()["PYTHONPATH"] == os.pathsep.join([str(root), "/somewhere/else"])
+    monkeypatch.setattr(site, "getsitepackages", lambda: [str(root)])
+    assert extras.helper_environment() == dict(os.environ)

@@ -9,6 +9,7 @@ the report: not multiprocessing's spawn, which would run the caller's own script
 from __future__ import annotations
 
 import os
+import site
 import subprocess
 import sys
 import threading
@@ -70,11 +71,15 @@ def report_result(helper: subprocess.Popen[str], folder: Path) -> None:
 
 
 def helper_environment() -> dict[str, str]:
-    """This process's environment, with the folder this `extractor` package was imported from first on the
-    helper's path (an uninstalled checkout works too)."""
-    package_root = str(Path(__file__).resolve().parents[2])
+    """This process's environment; when this `extractor` package is not installed in site-packages (a checkout
+    on the path, an editable install), its folder goes first on the helper's PYTHONPATH, so the helper runs
+    the same code. An installed package is left to site-packages' place after the standard library."""
+    package_root = Path(__file__).resolve().parents[2]
+    installed = {Path(p).resolve() for p in [*site.getsitepackages(), site.getusersitepackages()]}
+    if package_root in installed:
+        return dict(os.environ)
     path = os.environ.get("PYTHONPATH")
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([package_root, path] if path else [package_root])}
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(package_root), path] if path else [str(package_root)])}
 
 
 def available_cpus() -> int:
