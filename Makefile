@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test setup browser bench clean lint
+.PHONY: run test setup browser bench bench-gpu clean lint
 
 setup: $(STAMP)
 
@@ -33,6 +33,12 @@ browser:
 
 bench: $(STAMP)
 	$(BIN)/python -m extractor.bench
+
+# One short scripted call for a machine with a CUDA GPU (needs a CUDA build of torch): the cases on the GPU,
+# a quarter of each corpus, without SmolLM2 and the whole-process comparison; figures also in outputs/bench-gpu.json.
+bench-gpu: $(STAMP)
+	mkdir -p outputs
+	$(BIN)/python -m extractor.bench --device cuda --quick --no-smollm2 --whole 0 --json outputs/bench-gpu.json
 
 lint: $(STAMP)
 	$(BIN)/ruff check extractor tests

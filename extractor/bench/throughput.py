@@ -1,6 +1,7 @@
 """Benchmark: what the extractor costs next to the model's own forward pass, measured side by side.
 
     python -m extractor.bench [--model minilm] [--quick] [--json FILE] [--steps-only] [--no-smollm2] [--whole N]
+                              [--device cpu|cuda|cuda:N]
 
 Cases, on the same inputs and the same batches (length bucketing, token budget):
   (a) Hugging Face forward, sdpa, no attentions             the floor
@@ -22,6 +23,10 @@ Then, in the same run, where the time goes: each step of a run timed alone on on
 
 And the whole process side by side (`extractor.bench.whole_process`): a careful by-hand Hugging Face script and
 `extractor run` (figures and report included), each a fresh process, on N real paragraphs (default 400; 0 skips).
+
+On a GPU (`--device cuda`, `make bench-gpu`): the cases run there (model, batches, the run's tensors; (b) still
+copies every attention to host memory, as a user would), each timed to the end of the device's work, with the
+device's peak memory beside the process's RSS; the step profile and the whole-process comparison stay on the CPU.
 
 Optional, with --ray [ADDRESS]: the 128-token corpus through `extractor run --engine ray` on 1 and on 2 workers
 (ADDRESS: a running cluster, e.g. auto or HOST:PORT; 'local': a new local instance per run) and the speed-up.
@@ -93,8 +98,11 @@ def folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def run_case(case: str, model: str, corpus_file: str, max_length: int, batch_size: int, token_budget: int) -> dict[str, Any]:
-    """Run one case in this process; returns seconds, tokens, documents, bytes written."""
+def run_case(
+    case: str, model: str, corpus_file: str, max_length: int, batch_size: int, token_budget: int, device: str = "cpu",
+) -> dict[str, Any]:
+    """Run one case in this process on `device`; returns seconds, tokens, documents, bytes written (and on CUDA
+    the device's peak memory)."""
     import torch
 
     from extractor.api import run_extraction
@@ -105,13 +113,14 @@ def run_case(case: str, model: str, corpus_file: str, max_length: int, batch_siz
 
     torch.set_grad_enabled(False)
     texts = [t for t in Path(corpus_file).read_text(encoding="utf-8").splitlines() if t.strip()]
-    loaded = load_model(model)
+    loaded = load_model(model, device)
     if case in ("a", "b"):
         from transformers import AutoModel
 
         source = loaded.provenance["resolved_path"] or model
         implementation = "sdpa" if case == "a" else "eager"
         hf = AutoModel.from_pretrained(source, attn_implementation=implementation, dtype=torch.float32).eval()
+        hf = hf.to(device)
         start = time.perf_counter()
         docs = [truncate(d, max_length) for d in tokenize(loaded.tokenizer, texts)]
         # the same batches as the run cases: same budgets as RunConfig's defaults
@@ -119,25 +128,43 @@ def run_case(case: str, model: str, corpus_file: str, max_length: int, batch_siz
                             attention_budget=RunConfig().attention_budget)
         with torch.inference_mode():
             for group in plan:
-                batch = collate([docs[g] for g in group], loaded.tokenizer.pad_token_id)
+                batch = collate([docs[g] for g in group], loaded.tokenizer.pad_token_id, device)
                 out = hf(**batch.model_inputs, output_attentions=case == "b")
                 if case == "b":
                     # what a user does by hand: bring every attention matrix to host memory as NumPy
-                    _ = [a.numpy() for a in out.attentions]
+                    _ = [a.cpu().numpy() for a in out.attentions]
+        synchronize(device)
         seconds = time.perf_counter() - start
-        return {"seconds": seconds, "tokens": sum(d.n_tokens for d in docs), "documents": len(docs), "bytes": 0}
+        return {"seconds": seconds, "tokens": sum(d.n_tokens for d in docs), "documents": len(docs), "bytes": 0,
+                **device_peak(device)}
     storage, bucketing, measures = RUN_CASES[case]
     out_dir = Path(tempfile.mkdtemp(prefix=f"bench-{case}-"))
     config = RunConfig(model=model, input=corpus_file, output=str(out_dir), storage=storage, max_length=max_length,
                        batch_size=batch_size, token_budget=token_budget, bucketing=bucketing,
-                       measures=measures or RunConfig().measures, plots=False, report=False)
+                       measures=measures or RunConfig().measures, plots=False, report=False, device=device)
     start = time.perf_counter()
     manifest = run_extraction(config, overwrite=True, quiet=True, loaded=loaded)
+    synchronize(device)
     seconds = time.perf_counter() - start
     written = folder_bytes(out_dir)
     shutil.rmtree(out_dir, ignore_errors=True)
     return {"seconds": seconds, "tokens": manifest["counts"]["tokens_processed"],
-            "documents": manifest["counts"]["records"], "bytes": written}
+            "documents": manifest["counts"]["records"], "bytes": written, **device_peak(device)}
+
+
+def synchronize(device: str) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously), so that a timer stops at its end."""
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def device_peak(device: str) -> dict[str, float]:
+    """On CUDA, the device's peak allocated memory in MB ({} on the CPU)."""
+    import torch
+
+    return {"device_peak_mb": torch.cuda.max_memory_allocated(device) / 2**20} if device.startswith("cuda") else {}
 
 
 def ray_run_seconds(model: str, corpus_file: str, max_length: int, workers: int, address: str) -> float:
@@ -164,10 +191,14 @@ def ray_scaling(model: str, corpus_file: str, max_length: int, address: str) -> 
             f"speed-up {one / two:.2f}x (wall time, Ray start and model loads included)")
 
 
-def measure(case: str, model: str, corpus_file: str, max_length: int, batch_size: int, token_budget: int, threads: int | None) -> dict[str, Any]:
+def measure(
+    case: str, model: str, corpus_file: str, max_length: int, batch_size: int, token_budget: int, threads: int | None,
+    device: str = "cpu",
+) -> dict[str, Any]:
     """Run a case in a fresh subprocess; adds its peak RSS."""
     args = [sys.executable, "-m", "extractor.bench.throughput", "--worker", case, "--model", model, "--corpus", corpus_file,
-            "--max-length", str(max_length), "--batch-size", str(batch_size), "--token-budget", str(token_budget)]
+            "--max-length", str(max_length), "--batch-size", str(batch_size), "--token-budget", str(token_budget),
+            "--device", device]
     env = dict(os.environ)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
@@ -175,6 +206,19 @@ def measure(case: str, model: str, corpus_file: str, max_length: int, batch_size
     if proc.returncode != 0:
         raise RuntimeError(f"case {case} failed:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def check_device(device: str) -> None:
+    """A device this machine has, or one line that says why not (exit 2)."""
+    import torch
+
+    if device == "cpu":
+        return
+    problem = "choose cpu, cuda or cuda:N" if not device.startswith("cuda") else \
+        f"this machine has no CUDA device (torch {torch.__version__})" if not torch.cuda.is_available() else None
+    if problem:
+        print(f"error: --device {device}: {problem}", file=sys.stderr)
+        sys.exit(2)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -189,6 +233,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-smollm2", action="store_true", help="leave out the SmolLM2 cases (b), (c), (e)")
     parser.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
                         help="also time the ray engine on 1 and 2 workers (ADDRESS: auto, HOST:PORT, or local)")
+    parser.add_argument("--device", default="cpu", help="where the cases run: cpu (default), cuda or cuda:N")
     parser.add_argument("--whole", type=int, default=400, metavar="N",
                         help="whole-process comparison with a by-hand script on N real paragraphs (0: skip)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -205,13 +250,15 @@ def main(argv: list[str] | None = None) -> None:
             texts = [t for t in Path(args.corpus).read_text(encoding="utf-8").splitlines() if t.strip()]
             print(json.dumps(profile_batch(args.model, texts, args.max_length)))
             return
-        result = run_case(args.worker, args.model, args.corpus, args.max_length, args.batch_size, args.token_budget)
+        result = run_case(args.worker, args.model, args.corpus, args.max_length, args.batch_size, args.token_budget,
+                          args.device)
         result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps(result))
         return
 
     from extractor.core.models import load_model
 
+    check_device(args.device)
     loaded = load_model(args.model)
     tokenizer = loaded.tokenizer
     scale = 4 if args.quick else 1
@@ -242,7 +289,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for name, (path, max_length, cases, model) in corpora.items():
         for case in "" if args.steps_only else cases:
-            result = measure(case, model, str(path), max_length, args.batch_size, args.token_budget, args.threads)
+            result = measure(case, model, str(path), max_length, args.batch_size, args.token_budget, args.threads,
+                             args.device)
             result.update(corpus=name, case=case, model=model)
             rows.append(result)
             print(f"  measured {name:<14} ({case}) {result['seconds']:.2f}s", file=sys.stderr, flush=True)
@@ -284,20 +332,27 @@ def format_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
 
     by_key = {(r["corpus"], r["case"]): r for r in rows}
     models = f" (len128/{SMOLLM2}: {SMOLLM2})" if (f"len128/{SMOLLM2}", "b") in by_key else ""
+    device = args.device
+    if device.startswith("cuda"):
+        device = f"{device} ({torch.cuda.get_device_name(device)})"
+    on_gpu = any("device_peak_mb" in r for r in rows)
     lines = [
         f"model {args.model}{models}; batch_size {args.batch_size}, token_budget {args.token_budget}; torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads; {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        f"{torch.get_num_threads()} threads; {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
+        f"cases on {device}",
         "",
-        "| corpus | case | tokens/s | ratio to (b) | peak RSS MB | bytes written / doc | docs |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| corpus | case | tokens/s | ratio to (b) | peak RSS MB |" + (" device peak MB |" if on_gpu else "")
+        + " bytes written / doc | docs |",
+        "|---|---|---:|---:|---:|" + ("---:|" if on_gpu else "") + "---:|---:|",
     ]
     for r in rows:
         rate = r["tokens"] / r["seconds"]
         base = by_key.get((r["corpus"], "b"))
         ratio = rate / (base["tokens"] / base["seconds"]) if base else float("nan")
+        peak = f" {r.get('device_peak_mb', float('nan')):.0f} |" if on_gpu else ""
         lines.append(
-            f"| {r['corpus']} | ({r['case']}) {CASES[r['case']]} | {rate:,.0f} | {ratio:.2f} | {r['peak_rss_mb']:.0f} | "
-            f"{r['bytes'] / max(r['documents'], 1):,.0f} | {r['documents']} |"
+            f"| {r['corpus']} | ({r['case']}) {CASES[r['case']]} | {rate:,.0f} | {ratio:.2f} | {r['peak_rss_mb']:.0f} |"
+            f"{peak} {r['bytes'] / max(r['documents'], 1):,.0f} | {r['documents']} |"
         )
     lines.append("")
     for case in "bc":
