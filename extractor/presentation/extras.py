@@ -31,7 +31,7 @@ def write_extras(folder: Path, config: RunConfig, only_missing: bool = False) ->
     """
     report = config.report and not (only_missing and (folder / "report.html").is_file())
     plots = config.plots and not (only_missing and (folder / "plots").is_dir())
-    if report and plots and available_cpus() > 1:
+    if report and plots and available_cpus() > 1 and sys.executable:  # (an embedded Python may have none)
         helper = subprocess.Popen([sys.executable, "-m", __name__, str(folder), str(os.getpid())],
                                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                   text=True, env=helper_environment())
