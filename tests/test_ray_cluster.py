@@ -236,10 +236,6 @@ def assert_same_as_local(output: Path, local_output: Path) -> None:
         pd.testing.assert_frame_equal(ours, theirs, check_exact=False, rtol=1e-5, atol=1e-5, obj=name)
 
 
-def block_nodes_so_far(output: Path) -> dict[str, str]:
-    return json.loads((output / "manifest.json").read_text())["provenance"].get(BLOCK_NODES, {})
-
-
 def block_nodes(output: Path) -> dict[str, str]:
     manifest = json.loads((output / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["config"]["engine"] == "ray"

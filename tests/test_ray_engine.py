@@ -173,6 +173,14 @@ def test_failed_workers_are_retried(
     assert_same_tables(output, local_run, limit=FAULT_LIMIT)
 
 
+def assert_block_0_and_part_of_block_1_committed(output: Path) -> None:
+    """After block 1 failed part-way: its commit records hold all of block 0 and some of block 1."""
+    committed = set()
+    for marker in (output / "_parts").glob("*.done"):
+        committed.update(json.loads(marker.read_text())["doc_ids"])
+    assert set(range(16)) < committed < set(range(FAULT_LIMIT)), "block 0 and part of block 1 stay committed"
+
+
 def test_block_failing_twice_is_reported_and_resume_completes(
     ray_instance: str, local_run: Path, tmp_path: Path, faults: Callable[..., list[Path]],
     monkeypatch: pytest.MonkeyPatch,
@@ -188,10 +196,7 @@ def test_block_failing_twice_is_reported_and_resume_completes(
     assert message.startswith("error: 1 of 2 blocks failed (block 1 (doc_id 16–31): RuntimeError: injected")
     assert message.endswith("every other block is committed: run the same command with --resume to finish")
     assert json.loads((output / "manifest.json").read_text())["status"] == "running"
-    committed = set()
-    for marker in (output / "_parts").glob("*.done"):
-        committed.update(json.loads(marker.read_text())["doc_ids"])
-    assert set(range(16)) < committed < set(range(FAULT_LIMIT)), "block 0 and part of block 1 stay committed"
+    assert_block_0_and_part_of_block_1_committed(output)
 
     monkeypatch.delenv(FAULT_ENV)
     result = run_cli(output, "--limit", str(FAULT_LIMIT), "--resume", engine="ray")
@@ -236,10 +241,7 @@ def test_a_block_whose_worker_keeps_dying_is_reported_after_the_new_pool(
     assert last_line == (
         "error: 1 of 2 blocks failed (block 1 (doc_id 16–31): its worker died 2 times, then 2 times on a new pool); "
         "every other block is committed: run the same command with --resume to finish")
-    committed = set()
-    for marker in (output / "_parts").glob("*.done"):
-        committed.update(json.loads(marker.read_text())["doc_ids"])
-    assert set(range(16)) < committed < set(range(FAULT_LIMIT)), "block 0 and part of block 1 stay committed"
+    assert_block_0_and_part_of_block_1_committed(output)
 
 
 def test_a_check_that_needs_the_model_is_one_line_from_the_workers(ray_instance: str, tmp_path: Path) -> None:

@@ -113,7 +113,8 @@ def run_case(
 
     torch.set_grad_enabled(False)
     texts = [t for t in Path(corpus_file).read_text(encoding="utf-8").splitlines() if t.strip()]
-    loaded = load_model(model, device)
+    # (a), (b): only the tokenizer and the weights' folder, so the extractor's own copy stays off the device
+    loaded = load_model(model, "cpu" if case in ("a", "b") else device)
     if case in ("a", "b"):
         from transformers import AutoModel
 
@@ -212,13 +213,12 @@ def check_device(device: str) -> None:
     """A device this machine has, or one line that says why not (exit 2)."""
     import torch
 
-    if device == "cpu":
+    if device == "cpu" or (device.startswith("cuda") and torch.cuda.is_available()):
         return
-    problem = "choose cpu, cuda or cuda:N" if not device.startswith("cuda") else \
-        f"this machine has no CUDA device (torch {torch.__version__})" if not torch.cuda.is_available() else None
-    if problem:
-        print(f"error: --device {device}: {problem}", file=sys.stderr)
-        sys.exit(2)
+    problem = ("choose cpu, cuda or cuda:N" if not device.startswith("cuda")
+               else f"this machine has no CUDA device (torch {torch.__version__})")
+    print(f"error: --device {device}: {problem}", file=sys.stderr)
+    sys.exit(2)
 
 
 def main(argv: list[str] | None = None) -> None:

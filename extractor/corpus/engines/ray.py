@@ -323,8 +323,7 @@ def block_results(
     dataset = ray.data.from_items([b.row() for b in blocks], override_num_blocks=len(blocks))
     # One block in flight per actor: a crash then costs only the block it was running its retry.
     size = min(config.workers, len(blocks))
-    pool = (ray.data.ActorPoolStrategy(min_size=1, max_size=size, max_tasks_in_flight_per_actor=1) if fresh_pool
-            else ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=1))
+    pool = ray.data.ActorPoolStrategy(min_size=1 if fresh_pool else size, max_size=size, max_tasks_in_flight_per_actor=1)
     results = dataset.map_batches(
         BlockWorker,
         fn_constructor_kwargs={"config": worker_config(config, output), "fault": os.environ.get(FAULT_ENV)},
