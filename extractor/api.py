@@ -8,6 +8,7 @@ Python argument to change (`model=`, `measures=`), never a command-line flag.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import re
 from collections.abc import Callable, Sequence
@@ -35,7 +36,7 @@ from extractor.errors import UserError, quoted
 from extractor.heads.metrics import HeadStats
 from extractor.presentation import notebook
 from extractor.presentation.explain import normalise_token
-from extractor.presentation.extras import write_extras
+from extractor.presentation.extras import FigureHelper, write_extras
 
 LEVELS = ("token", "word")
 
@@ -338,8 +339,10 @@ def _loaded_model(model: Any, tokenizer: Any, device: str | None, atol: float) -
 def run_extraction(
     config: RunConfig, resume: bool = False, overwrite: bool = False, quiet: bool = False,
     loaded: LoadedModel | None = None, after_part: Callable[[Part], None] | None = None,
+    figure_helper: FigureHelper | None = None,
 ) -> dict:
     """A corpus run (see `extractor.corpus.run.run_corpus`) followed by its report and figures, as `config`
-    asks; returns the manifest. `--resume` of a complete run writes the report and figures that are missing."""
+    asks; returns the manifest. `--resume` of a complete run writes the report and figures that are missing.
+    `figure_helper`: a helper process started before the run (`FigureHelper.start`) that draws the figures."""
     return run_corpus(config, resume=resume, overwrite=overwrite, quiet=quiet, loaded=loaded, after_part=after_part,
-                      extras=write_extras)
+                      extras=functools.partial(write_extras, helper=figure_helper))

@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 
 import shutil  # noqa: E402
+import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
@@ -20,6 +21,7 @@ from extractor.api import extract  # noqa: E402
 from extractor.cli import app  # noqa: E402
 from extractor.corpus import run_folder as outputs
 from extractor.errors import UserError  # noqa: E402
+from extractor.heads.clustering import cluster_heads  # noqa: E402
 from extractor.heads.metrics import METRICS  # noqa: E402
 from extractor.presentation import plots
 
@@ -44,7 +46,7 @@ def minilm_run(tmp_path_factory: pytest.TempPathFactory, minilm) -> Path:
 
 
 def heatmap_meshes(ax) -> int:
-    """Number of seaborn heatmap meshes drawn on `ax` (0 for a colour bar's axes)."""
+    """Number of heatmap meshes (seaborn's) drawn on `ax` (0 for a colour bar's axes)."""
     if hasattr(ax, "_colorbar"):
         return 0
     return sum(type(c).__name__ == "QuadMesh" for c in ax.collections)
@@ -126,19 +128,79 @@ def test_attention_vs_value_norm_side_by_side_on_row_shares() -> None:
     assert left.images[0].get_clim() == right.images[0].get_clim() == (0.0, 1.0)  # one fixed 0..1 scale
 
 
+def images_by_size(figure) -> list:
+    """The figure's axes that hold an image, largest image first (colour bars' own axes left out)."""
+    axes = [ax for ax in figure.axes if ax.images and not hasattr(ax, "_colorbar")]
+    return sorted(axes, key=lambda ax: -ax.images[0].get_array().shape[0] * ax.images[0].get_array().shape[1])
+
+
 def test_clustermap_labels_every_head(bert_run: Path) -> None:
-    figure = plots.similarity_clustermap_figure(outputs.read_similarity(bert_run), "tiny: head similarity")
-    cells = {ax: sum(c.get_array().size for c in ax.collections if type(c).__name__ == "QuadMesh")
-             for ax in figure.axes if heatmap_meshes(ax)}
-    heatmap = max(cells, key=cells.__getitem__)  # the 8 × 8 heatmap, not the 8 × 1 layer strips
+    similarity = outputs.read_similarity(bert_run)
+    figure = plots.similarity_clustermap_figure(similarity, "tiny: head similarity")
+    clustering = cluster_heads(similarity)
+    heatmap, *strips = images_by_size(figure)  # the 8 × 8 heatmap, then the 8 × 1 layer strips and the key
     labels = [t.get_text() for t in heatmap.get_yticklabels()]
+    assert labels == [clustering.labels[i] for i in clustering.order]  # every head, in the tree's leaf order
+    assert [t.get_text() for t in heatmap.get_xticklabels()] == labels
     assert set(labels) == {f"L{layer}H{head}" for layer in range(2) for head in range(4)}
-    assert heatmap.collections[0].get_array().size == 64
-    # the layer strip beside the rows: one colour per layer, in the rows' (clustered) order
-    strips = [ax for ax in cells if ax is not heatmap]
-    assert len(strips) == 2 and all(cells[ax] == 8 for ax in strips)  # a row strip and a column strip
-    legend = figure.legends[0]
-    assert [t.get_text() for t in legend.get_texts()] == ["layer 0", "layer 1"]
+    np.testing.assert_allclose(heatmap.images[0].get_array(),
+                               clustering.divergence[np.ix_(clustering.order, clustering.order)])
+    # the layer strips beside the rows and above the columns: each head's layer colour, in the rows' order
+    colours = plots.layer_colours(2)
+    expected = colours[[plots.layer_of(label) for label in labels]]
+    row_strip = next(ax for ax in strips if ax.images[0].get_array().shape[:2] == (8, 1))
+    column_strip = next(ax for ax in strips if ax.images[0].get_array().shape[:2] == (1, 8))
+    np.testing.assert_allclose(row_strip.images[0].get_array()[:, 0], expected)
+    np.testing.assert_allclose(column_strip.images[0].get_array()[0], expected)
+    # the strip's key names each layer, and each band has its layer's colour
+    key = next(ax for ax in strips if ax.images[0].get_array().shape[:2] == (2, 1))
+    assert [t.get_text() for t in key.get_yticklabels()] == ["0", "1"]
+    np.testing.assert_allclose(key.images[0].get_array()[::-1, 0], colours)
+    # one dendrogram on the top and one on the left, each with a link per merge
+    trees = [ax for ax in figure.axes if ax.collections and not ax.images and not hasattr(ax, "_colorbar")]
+    assert len(trees) == 2 and all(len(ax.collections[0].get_segments()) == 7 for ax in trees)
+
+
+def similarity_table(n_layers: int, n_heads: int) -> pd.DataFrame:
+    """A head_similarity table of random symmetric divergences for n_layers × n_heads heads."""
+    heads = [(layer, head) for layer in range(n_layers) for head in range(n_heads)]
+    rng = np.random.default_rng(0)
+    divergence = rng.random((len(heads), len(heads)))
+    divergence = divergence + divergence.T
+    return pd.DataFrame([{"layer_a": a[0], "head_a": a[1], "layer_b": b[0], "head_b": b[1],
+                          "js_divergence": 0.0 if i == j else divergence[i, j]}
+                         for i, a in enumerate(heads) for j, b in enumerate(heads)])
+
+
+def assert_laid_out(figure, panels: list) -> None:
+    """Nothing leaves the figure, and no two of `panels` (display boxes) nor the title overlap."""
+    renderer = figure.canvas.get_renderer()
+    inside = figure.bbox
+    drawn = figure.get_tightbbox(renderer).transformed(figure.dpi_scale_trans)  # inches → display
+    assert inside.x0 - 1 <= drawn.x0 and drawn.x1 <= inside.x1 + 1 and inside.y0 - 1 <= drawn.y0, drawn
+    assert drawn.y1 <= inside.y1 + 1, drawn
+    for i, one in enumerate(panels):
+        for other in panels[i + 1:]:
+            assert not one.overlaps(other), (one, other)
+    title = figure._suptitle.get_window_extent(renderer)
+    assert not any(title.overlaps(panel) for panel in panels)
+
+
+@pytest.mark.parametrize(("n_layers", "n_heads"), [(1, 2), (2, 4), (6, 12), (30, 9)])
+def test_clustermap_is_laid_out_to_fit_without_cropping(n_layers: int, n_heads: int) -> None:
+    """Saved uncropped (`fits`): the tree, strips, heatmap with its tick labels, both colour keys and the title
+    stay inside the figure and apart, from two heads (no tree) to SmolLM2's 270."""
+    figure = plots.similarity_clustermap_figure(similarity_table(n_layers, n_heads), "a model: head similarity")
+    assert getattr(figure, "fits", False)
+    renderer = figure.canvas.get_renderer()
+    figure.draw(renderer)
+    heatmap = images_by_size(figure)[0]
+    bars = [ax for ax in figure.axes if hasattr(ax, "_colorbar")]
+    key = next(ax for ax in images_by_size(figure) if ax.images[0].get_array().shape[:2] == (n_layers, 1)
+               and ax.get_yticklabels())
+    trees = [ax for ax in figure.axes if ax.collections and not ax.images and not hasattr(ax, "_colorbar")]
+    assert len(trees) == (2 if n_layers * n_heads > 2 else 0)
+    assert_laid_out(figure, [ax.get_tightbbox(renderer) for ax in [heatmap, *bars, key, *trees]])
 
 
 def test_share_metrics_share_one_fixed_colour_scale() -> None:
@@ -164,20 +226,12 @@ def test_overview_is_laid_out_to_fit_without_cropping(n_layers: int, n_heads: in
     assert getattr(figure, "fits", False)
     renderer = figure.canvas.get_renderer()
     figure.draw(renderer)
-    inside = figure.bbox
-    drawn = figure.get_tightbbox(renderer).transformed(figure.dpi_scale_trans)  # inches → display
-    assert inside.x0 - 1 <= drawn.x0 and drawn.x1 <= inside.x1 + 1 and inside.y0 - 1 <= drawn.y0, drawn
-    assert drawn.y1 <= inside.y1 + 1, drawn
     maps = [ax for ax in figure.axes if not hasattr(ax, "_colorbar")]
     assert len(maps) == len(plots.plotted_metrics(heads))
     # each panel = its map, its colour bar, and their titles, labels and tick labels
     panels = [ax.get_tightbbox(renderer).union([ax.get_tightbbox(renderer), bar.get_tightbbox(renderer)])
               for ax, bar in zip(maps, [ax for ax in figure.axes if hasattr(ax, "_colorbar")], strict=True)]
-    for i, one in enumerate(panels):
-        for other in panels[i + 1:]:
-            assert not one.overlaps(other), (one, other)
-    title = figure._suptitle.get_window_extent(renderer)
-    assert not any(title.overlaps(panel) for panel in panels)
+    assert_laid_out(figure, panels)
 
 
 def test_default_head_is_the_sharpest_that_is_not_positional() -> None:
@@ -393,7 +447,7 @@ def test_a_run_ends_with_the_overview_in_png_and_svg_on_request(bert_run: Path, 
 def test_extras_write_the_same_report_and_figures_on_one_cpu_or_side_by_side(
     bert_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With two CPUs the report is written by a helper process while the figures are drawn; with one, one after
+    """With two CPUs the figures are drawn by a helper process while the report is written; with one, one after
     the other. Either way the same report and the same figures."""
     from extractor.corpus.config import RunConfig
     from extractor.presentation import extras
@@ -405,52 +459,109 @@ def test_extras_write_the_same_report_and_figures_on_one_cpu_or_side_by_side(
         (run / "report.html").unlink(missing_ok=True)
         shutil.rmtree(run / "plots", ignore_errors=True)
         monkeypatch.setattr(extras, "available_cpus", lambda cpus=cpus: cpus)
+        assert (extras.FigureHelper.start() is None) == (cpus == 1)
         assert extras.write_extras(run, RunConfig()) == ["report", "figures"]
         written[cpus] = ((run / "report.html").read_text(), sorted(p.name for p in (run / "plots").iterdir()))
     assert "heads_overview.png" in written[2][1] and "<html" in written[2][0][:300].lower()
     assert written[1] == written[2]
 
 
-def test_a_figure_error_does_not_lose_the_helpers_report(
-    bert_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Side by side: the figures fail in this process; the report written by the helper is still finished and
-    in place, and the figures' error is the one raised."""
-    from extractor.corpus.config import RunConfig
-    from extractor.presentation import extras
-
+def fresh_run(bert_run: Path, tmp_path: Path) -> Path:
+    """A copy of the run folder without its report and figures."""
     run = tmp_path / "run"
     shutil.copytree(bert_run, run)
     (run / "report.html").unlink(missing_ok=True)
+    shutil.rmtree(run / "plots", ignore_errors=True)
+    return run
 
-    def broken(folder: Path, config: RunConfig) -> None:
-        raise UserError("a figure failed")
+
+def test_a_helper_started_early_waits_then_draws_the_figures(
+    bert_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`extractor run` starts the helper before the run: it gets ready and waits (drawing nothing) until it is
+    told the folder, then draws; one told nothing ends when its stdin closes, and `dismiss` ends it at once."""
+    from extractor.corpus.config import RunConfig
+    from extractor.presentation import extras
+
+    run = fresh_run(bert_run, tmp_path)
+    monkeypatch.setattr(extras, "available_cpus", lambda: 2)
+    helper = extras.FigureHelper.start()
+    assert helper is not None
+    time.sleep(1.0)
+    assert helper.process.poll() is None and not (run / "plots").exists()  # waiting
+    assert extras.write_extras(run, RunConfig(), helper=helper) == ["report", "figures"]
+    assert helper.process.returncode == 0 and (run / "plots" / "heads_overview.png").is_file()
+    assert (run / "report.html").is_file()
+    idle = extras.FigureHelper.start()
+    assert idle is not None and idle.process.stdin is not None
+    idle.process.stdin.close()  # the run ended without asking for figures
+    assert idle.process.wait(timeout=60) == 0
+    waiting = extras.FigureHelper.start()
+    assert waiting is not None
+    waiting.dismiss()
+    assert waiting.process.returncode is not None
+    # a helper started for a run that then needs only the report is dismissed, and the report written here
+    (run / "report.html").unlink()
+    unused = extras.FigureHelper.start()
+    assert extras.write_extras(run, RunConfig(plots=False), helper=unused) == ["report"]
+    assert unused is not None and unused.process.returncode is not None and (run / "report.html").is_file()
+
+
+def test_a_figure_error_does_not_lose_the_report(
+    bert_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Side by side: the figures fail in the helper (here: a format it cannot write); the report is still
+    finished and in place, and the figures' one-line error is the one raised."""
+    from extractor.corpus.config import RunConfig
+    from extractor.presentation import extras
+
+    run = fresh_run(bert_run, tmp_path)
+    monkeypatch.setattr(extras, "available_cpus", lambda: 2)
+    unwritable = RunConfig.model_construct(**{**RunConfig().model_dump(), "plot_formats": ["bmp"]})
+    with pytest.raises(UserError, match="figure formats must be one or more of png, svg") as error:
+        extras.write_extras(run, unwritable)
+    assert "\n" not in str(error.value)
+    assert (run / "report.html").is_file() and not list(run.glob("report.html*.tmp"))
+
+
+def test_a_report_error_is_raised_after_the_figures_finish(
+    bert_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The report fails in this process: the helper's figures still finish, and the report's error is raised."""
+    from extractor.corpus.config import RunConfig
+    from extractor.presentation import extras, report
+
+    run = fresh_run(bert_run, tmp_path)
+
+    def broken(folder: Path) -> None:
+        raise UserError("the report failed")
 
     monkeypatch.setattr(extras, "available_cpus", lambda: 2)
-    monkeypatch.setattr(extras, "draw_figures", broken)
-    with pytest.raises(UserError, match="a figure failed"):
+    monkeypatch.setattr(report, "write_report", broken)
+    with pytest.raises(UserError, match="the report failed"):
         extras.write_extras(run, RunConfig())
-    assert (run / "report.html").is_file()
-    assert not list(run.glob("report.html*.tmp"))
+    assert (run / "plots" / "heads_overview.png").is_file()
 
 
 @pytest.mark.parametrize(
     ("code", "message"),
-    [("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", "died (exit status -9); write it with: "),
-     ("import sys; print('error: the report needs more room; raise --max-mb', file=sys.stderr); sys.exit(2)",
-      "the report needs more room; raise --max-mb")],
+    [("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", "died (exit status -9); draw them with: "),
+     ("import sys; print('error: figure formats must be one or more of png, svg', file=sys.stderr); sys.exit(2)",
+      "figure formats must be one or more of png, svg")],
 )
 def test_the_helpers_failure_is_one_line(tmp_path: Path, code: str, message: str) -> None:
-    """A helper killed is one line that says how to write the report; a helper's own one-line error is
+    """A helper killed is one line that says how to draw the figures; a helper's own one-line error is
     raised as it is."""
     import subprocess
     import sys
 
-    from extractor.presentation.extras import report_result
+    from extractor.presentation.extras import FigureHelper
 
-    helper = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
+    helper = FigureHelper(subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                                           stderr=subprocess.PIPE, text=True))
+    helper.draw(tmp_path, ["png"])
     with pytest.raises(UserError) as error:
-        report_result(helper, tmp_path)
+        helper.result(tmp_path)
     assert message in str(error.value) and "\n" not in str(error.value)
 
 

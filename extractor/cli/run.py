@@ -60,12 +60,20 @@ def run(
     **flags: Any,
 ) -> None:
     """Extract, verify and store every head's associations over a corpus (streamed, resumable)."""
-    from extractor.api import run_extraction
+    from extractor.presentation.extras import FigureHelper
 
     if isinstance(flags.get("measures"), str):
         flags["measures"] = comma_separated(flags["measures"])
     settings = load_config(config, flags, parse_set(set_ or []))
-    manifest = run_extraction(settings, resume=resume, overwrite=overwrite, quiet=quiet)
+    # started before torch is imported: its own imports use the CPU that this start-up leaves idle
+    helper = FigureHelper.start() if settings.plots and settings.report else None
+    try:
+        from extractor.api import run_extraction
+
+        manifest = run_extraction(settings, resume=resume, overwrite=overwrite, quiet=quiet, figure_helper=helper)
+    finally:
+        if helper is not None:
+            helper.dismiss()
     if manifest.get("verification", {}).get("passed") is False:
         failing = ", ".join(manifest["verification"]["failing_heads"])
         raise fail(f"verification failed for {failing} (see verification.parquet)", code=1)

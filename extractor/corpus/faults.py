@@ -23,7 +23,7 @@ _killed_with_this_process: list[int] = []
 
 
 def kill_with_this_process(pid: int) -> None:
-    """In a helper process of a run (the report's): a fault here kills the run's own process `pid` first, as
+    """In a helper process of a run (the figures'): a fault here kills the run's own process `pid` first, as
     a kill of the whole run would."""
     _killed_with_this_process.append(pid)
 

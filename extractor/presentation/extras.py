@@ -1,19 +1,25 @@
 """What a finished run adds to its folder for people to look at: the HTML report and the default figures.
 
-With both asked for and more than one CPU, the report is written by a helper process while this one draws
-the figures (each is single-threaded Python: side by side they take the time of the longer, not the sum).
-The helper is `python -m extractor.presentation.extras FOLDER RUN_PID`, a fresh interpreter that imports only
-the report: not multiprocessing's spawn, which would run the caller's own script again in the helper.
+With both asked for and more than one CPU, the figures are drawn by a helper process while this one writes the
+report (each is single-threaded Python: side by side they take the time of the longer, not the sum). The
+helper is `python -m extractor.presentation.extras RUN_PID`, a fresh interpreter (not multiprocessing's spawn,
+which would run the caller's own script again in the helper). `extractor run` starts it before it imports
+torch, so the helper's own imports (matplotlib, the plotting module, a first draw that loads the fonts) use the
+CPU that the run's start-up leaves idle; it then waits, without using any CPU, until the run's tables are final
+and it is told the folder and the formats (one JSON line on its stdin), or until its stdin closes (no figures
+needed: it ends).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import site
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from extractor.corpus.config import RunConfig
@@ -22,52 +28,108 @@ from extractor.errors import UserError
 HELPER_FAILED = 2  # the helper's exit status after a UserError (its one line is on its stderr)
 
 
-def write_extras(folder: Path, config: RunConfig, only_missing: bool = False) -> list[str]:
+class FigureHelper:
+    """A helper process that draws one run's default figures (see the module docstring)."""
+
+    def __init__(self, process: subprocess.Popen[str]) -> None:
+        self.process = process
+
+    @classmethod
+    def start(cls) -> FigureHelper | None:
+        """A waiting helper, or None where one would not pay: one CPU, or a Python that does not know its own
+        executable (an embedded one)."""
+        if available_cpus() < 2 or not sys.executable:
+            return None
+        process = subprocess.Popen([sys.executable, "-m", __name__, str(os.getpid())], stdin=subprocess.PIPE,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                   env=helper_environment())
+        return cls(process)
+
+    def draw(self, folder: Path, formats: Sequence[str]) -> None:
+        """Tell the helper to draw `folder`'s figures in `formats`; it starts at once."""
+        assert self.process.stdin is not None
+        try:
+            self.process.stdin.write(json.dumps({"folder": str(folder), "formats": list(formats)}) + "\n")
+            self.process.stdin.close()
+        except OSError:  # the helper is gone already: `result` says so in one line
+            pass
+
+    def result(self, folder: Path) -> None:
+        """Wait for the figures: the helper's one-line error raised here, or one line if the helper died."""
+        assert self.process.stderr is not None
+        try:
+            stderr = self.process.stderr.read()  # to its end: the helper has ended, or closed it
+            self.process.wait()
+        except BaseException:  # Ctrl-C while waiting: the helper goes too
+            self.process.kill()
+            raise
+        if self.process.returncode == HELPER_FAILED and stderr.startswith("error: "):
+            raise UserError(stderr.strip().splitlines()[-1].removeprefix("error: "))
+        if self.process.returncode != 0:
+            raise UserError(f"the process drawing the figures into '{folder / 'plots'}' died (exit status "
+                            f"{self.process.returncode}); draw them with: extractor plot {folder}")
+
+    def dismiss(self) -> None:
+        """End the helper now (no figures to draw, or the run stops); a finished helper is left as it is."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        for stream in (self.process.stdin, self.process.stderr):
+            if stream is not None:
+                stream.close()
+
+
+def write_extras(folder: Path, config: RunConfig, only_missing: bool = False,
+                 helper: FigureHelper | None = None) -> list[str]:
     """OUTPUT/report.html and OUTPUT/plots/ (as `config.report` and `config.plots` ask); returns what was written.
 
-    A problem with a figure cannot lose the report: it is finished (and its own error raised first) before the
-    figures' error is. Each is moved into place whole, so an interrupted run leaves the finished report or
-    figures, or none (then `--resume` writes them).
+    `helper`: a helper started earlier (`FigureHelper.start`), which draws the figures while this process writes
+    the report; without one, one is started here when both are asked for. A problem with a figure cannot lose
+    the report: it is finished (and its own error raised first) before the figures' error is. Each is moved
+    into place whole, so an interrupted run leaves the finished report or figures, or none (then `--resume`
+    writes them).
     """
+    from extractor.presentation.report import write_report
+
     report = config.report and not (only_missing and (folder / "report.html").is_file())
     plots = config.plots and not (only_missing and (folder / "plots").is_dir())
-    if report and plots and available_cpus() > 1 and sys.executable:  # (an embedded Python may have none)
-        helper = subprocess.Popen([sys.executable, "-m", __name__, str(folder), str(os.getpid())],
-                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                  text=True, env=helper_environment())
+    if report and plots:
+        helper = helper or FigureHelper.start()
+    if helper is not None and not (report and plots):
+        helper.dismiss()
+        helper = None
+    if helper is not None:
+        helper.draw(folder, config.plot_formats)
         try:
-            draw_figures(folder, config)
-        finally:
-            report_result(helper, folder)
+            write_report(folder)
+        except UserError:
+            _finish(helper)  # the figures still finish; the report's error is the one raised
+            raise
+        except BaseException:  # Ctrl-C, or a bug: the helper goes too
+            helper.dismiss()
+            raise
+        helper.result(folder)
         return ["report", "figures"]
     if report:
-        from extractor.presentation.report import write_report
-
         write_report(folder)
     if plots:
-        draw_figures(folder, config)
+        draw_figures(folder, config.plot_formats)
     return ["report"] * report + ["figures"] * plots
 
 
-def draw_figures(folder: Path, config: RunConfig) -> None:
+def _finish(helper: FigureHelper) -> None:
+    """Let the figures finish after the report failed; their own outcome is not raised (the report's is)."""
+    try:
+        helper.result(Path())
+    except UserError:
+        pass
+
+
+def draw_figures(folder: Path, formats: Sequence[str]) -> None:
     from extractor.presentation.plots import figure_formats, write_default_plots
 
-    with figure_formats(config.plot_formats):  # the overview of the head metrics; `extractor plot` adds one
+    with figure_formats(formats):  # the overview of the head metrics; `extractor plot` adds one
         write_default_plots(folder, per_metric=False)  # annotated heatmap per metric
-
-
-def report_result(helper: subprocess.Popen[str], folder: Path) -> None:
-    """Wait for the helper's report: its one-line error raised here, or one line if the helper died."""
-    try:
-        _, stderr = helper.communicate()
-    except BaseException:  # Ctrl-C while waiting: the helper goes too
-        helper.kill()
-        raise
-    if helper.returncode == HELPER_FAILED and stderr.startswith("error: "):
-        raise UserError(stderr.strip().splitlines()[-1].removeprefix("error: "))
-    if helper.returncode != 0:
-        raise UserError(f"the process writing '{folder / 'report.html'}' died (exit status {helper.returncode}); "
-                        f"write it with: extractor report {folder}")
 
 
 def helper_environment() -> dict[str, str]:
@@ -94,16 +156,31 @@ def end_with(run_pid: int, every: float = 0.1) -> None:
     os._exit(1)
 
 
-def helper_main(folder: str, run_pid: int) -> int:
-    """The helper process: write the report. It ends as soon as the run's process is gone (a killed run leaves
-    nothing running), and a fault injected at phase 'report' kills the run with it."""
+def warm_up() -> None:
+    """Import the plotting code and draw a small figure with text once: what a first figure costs besides its
+    own drawing (the fonts are loaded then), paid while the run is still starting."""
+    from extractor.presentation.plots import new_figure
+
+    figure = new_figure((1, 1))
+    figure.add_subplot().set_title("warm-up")
+    figure.canvas.draw()  # type: ignore[attr-defined]
+
+
+def helper_main(run_pid: int) -> int:
+    """The helper process: get ready, then draw the figures its stdin asks for (nothing if it closes first). It
+    ends as soon as the run's process is gone (a killed run leaves nothing running), and a fault injected at
+    phase 'figures' kills the run with it."""
     from extractor.corpus import faults
-    from extractor.presentation.report import write_report
 
     threading.Thread(target=end_with, args=(run_pid,), daemon=True).start()
     faults.kill_with_this_process(run_pid)
+    warm_up()
+    request = sys.stdin.readline()
+    if not request:
+        return 0
+    asked = json.loads(request)
     try:
-        write_report(folder)
+        draw_figures(Path(asked["folder"]), asked["formats"])
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return HELPER_FAILED
@@ -111,4 +188,4 @@ def helper_main(folder: str, run_pid: int) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(helper_main(sys.argv[1], int(sys.argv[2])))
+    sys.exit(helper_main(int(sys.argv[1])))

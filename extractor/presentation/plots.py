@@ -1,9 +1,8 @@
-"""Figures (seaborn/matplotlib, headless), each written as PNG and SVG.
+"""Figures (matplotlib, headless; seaborn for the annotated per-metric heatmaps), each written as PNG and SVG.
 
 Every figure has a `*_figure(...) -> Figure` builder (testable: count its panels) and a `plot_*(..., out_dir)`
 writer that returns the written paths. Figures are built with matplotlib's object API on an Agg canvas
-(`new_figure`), which draws without any GUI backend; only seaborn's clustermap goes through pyplot, and its
-figure is closed after saving. A figure without a canvas makes every text-extent query (seaborn's tick-label
+(`new_figure`), which draws without any GUI backend and without pyplot. A figure without a canvas makes every text-extent query (seaborn's tick-label
 overlap check, constrained layout) render the whole figure again: 7 GB and 39 s for three 60-token figures,
 against a few hundred MB on a canvas. Sides are capped and labels thinned, so memory stays bounded at 512
 tokens; the cell meshes are rasterised in SVG (one image instead of n² paths).
@@ -23,10 +22,8 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 import pandas as pd
-import seaborn as sns
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.patches import Patch
 from matplotlib.transforms import Bbox
 
 from extractor.corpus.faults import checkpoint
@@ -146,6 +143,8 @@ UNBOUNDED_METRICS = ("entropy", "mean_distance")
 
 def head_metric_figure(heads: pd.DataFrame, metric: str, title: str, diverging: bool = False) -> Figure:
     """A layer × head heatmap of one metric, annotated when small enough to read, with a colour bar."""
+    import seaborn as sns  # here, not at the top: a run's default figures do without it (0.5 s of imports)
+
     grid = metric_grid(heads, metric)  # [layer, head]
     n_layers, n_heads = grid.shape
     figure = new_figure((max(5.0, 0.55 * n_heads + 2.5), max(3.0, 0.45 * n_layers + 1.6)))
@@ -234,45 +233,105 @@ def plot_head_metric_heatmaps(
 # --- head similarity ----------------------------------------------------------------------------------------
 
 
+def layer_colours(n_layers: int) -> np.ndarray:
+    """[layer, RGBA]: one colour per layer, in order along a perceptually ordered map (neighbours look alike)."""
+    return matplotlib.colormaps["turbo"](np.linspace(0.08, 0.92, n_layers)) if n_layers > 1 \
+        else matplotlib.colormaps["turbo"]([0.5])
+
+
+def _dendrogram(ax, tree: np.ndarray, n: int, orientation: str) -> None:
+    """Draw scipy's dendrogram of `tree` on `ax`, its leaves at the heatmap's cell centres 0..n−1: on top
+    (`orientation` "top", root up) or on the left ("left", root left, leaf 0 at the top as in the image)."""
+    from matplotlib.collections import LineCollection
+    from scipy.cluster.hierarchy import dendrogram
+
+    shape = dendrogram(tree, no_plot=True)
+    height = max((max(d) for d in shape["dcoord"]), default=1.0) or 1.0
+    segments = []
+    for across, up in zip(shape["icoord"], shape["dcoord"], strict=True):
+        leaf_axis = np.asarray(across) / 10.0 - 0.5  # scipy puts leaf i at 10·i + 5
+        points = np.column_stack([leaf_axis, up] if orientation == "top" else [up, leaf_axis])
+        segments.append(points)
+    ax.add_collection(LineCollection(segments, colors="0.25", linewidths=0.6))
+    if orientation == "top":
+        ax.set_xlim(-0.5, n - 0.5)
+        ax.set_ylim(0, height * 1.02)
+    else:
+        ax.set_ylim(n - 0.5, -0.5)
+        ax.set_xlim(height * 1.02, 0)
+    ax.set_axis_off()
+
+
 def similarity_clustermap_figure(similarity: pd.DataFrame, title: str) -> Figure:
-    """Seaborn clustermap of the heads' mean JS divergence, in hierarchical-clustering order."""
+    """The heads' mean JS divergence [head, head] in hierarchical-clustering order, with the dendrogram on the
+    top and the left and a layer colour strip beside the rows and the columns (matplotlib only).
+
+    Laid out in inches (`fits`, like the overview): the heatmap's side grows with the number of heads; its
+    tick labels (every head) are on the right and below, the colour bar and the strip's legend above the row
+    dendrogram and beside the column dendrogram.
+    """
     clustering = cluster_heads(similarity)
     n = len(clustering.labels)
-    frame = pd.DataFrame(clustering.divergence, index=clustering.labels, columns=clustering.labels)
-    linkage = clustering.linkage if n > 2 else None
-    side = _side(n, per_label=0.16, low=6.0, high=26.0)
-    layers = [layer_of(label) for label in clustering.labels]
-    palette = sns.color_palette("husl", max(layers) + 1)
-    strip = pd.Series([palette[layer] for layer in layers], index=clustering.labels, name="layer")
-    grid = sns.clustermap(
-        frame,
-        row_linkage=linkage,
-        col_linkage=linkage,
-        row_cluster=linkage is not None,
-        col_cluster=linkage is not None,
-        row_colors=strip,
-        col_colors=strip,
-        cmap="mako_r",
-        vmin=0.0,
-        figsize=(side, side),
-        xticklabels=True,
-        yticklabels=True,
-        cbar_kws={"label": "mean JS divergence (bits)"},
-        dendrogram_ratio=0.12,
-        cbar_pos=(0.035, 0.86, 0.018, 0.12),
-    )
-    # Ticks and label on the colour bar's left, clear of the column dendrogram.
-    grid.ax_cbar.yaxis.set_ticks_position("left")
-    grid.ax_cbar.yaxis.set_label_position("left")
-    grid.ax_heatmap.tick_params(labelsize=_tick_size(n, side * 0.8))
-    grid.ax_heatmap.set_xlabel("head")
-    grid.ax_heatmap.set_ylabel("head")
-    # A legend for the layer strip: which colour is which layer.
-    handles = [Patch(color=palette[layer], label=f"layer {layer}") for layer in range(len(palette))]
-    grid.figure.legend(handles=handles, loc="upper right", fontsize=7, ncols=max(1, len(handles) // 12),
-                       title="layer strip", title_fontsize=7, frameon=False)
-    grid.figure.suptitle(title, fontsize=11, y=1.01)
-    return grid.figure
+    clustered = n > 2
+    order = clustering.order if clustered else list(range(n))
+    labels = [clustering.labels[i] for i in order]
+    layers = [layer_of(label) for label in labels]
+    colours = layer_colours(max(layers) + 1)
+    side = _side(n, per_label=0.16, low=4.5, high=22.0)  # the heatmap itself
+    font = _tick_size(n, side)
+    label_room = 0.1 + 0.62 * font / 72 * max(len(label) for label in labels)  # tick labels' length, in inches
+    dendro = 0.12 * side + 0.3  # left blank when there is no tree (two heads or fewer)
+    strip, gap = 0.14, 0.04
+    left, top, axis_title, edge = 0.2, 0.55, 0.25, 0.1
+    head_room = max(dendro + strip + gap, 1.35)  # the colour bars sit beside the column dendrogram
+    width = left + dendro + strip + gap + side + label_room + axis_title + edge
+    height = top + head_room + side + label_room + axis_title + edge
+    figure = new_figure((width, height))
+    figure.fits = True  # type: ignore[attr-defined]  # save_figure: nothing to crop
+
+    def axes(x: float, y: float, w: float, h: float):  # noqa: ANN202 - a box in inches from the lower left
+        return figure.add_axes((x / width, y / height, w / width, h / height))
+
+    x0, y0 = left + dendro + strip + gap, edge + axis_title + label_room  # the heatmap's lower left
+    heatmap = axes(x0, y0, side, side)
+    image = heatmap.imshow(clustering.divergence[np.ix_(order, order)], cmap="magma_r", vmin=0.0,
+                           interpolation="nearest", aspect="auto", rasterized=True)
+    heatmap.set_xticks(range(n), labels, fontsize=font, rotation=90)
+    heatmap.set_yticks(range(n), labels, fontsize=font)
+    heatmap.yaxis.tick_right()
+    heatmap.yaxis.set_label_position("right")
+    heatmap.tick_params(length=2, pad=1)
+    heatmap.set_xlabel("head")
+    heatmap.set_ylabel("head")
+    rows = axes(x0 - gap - strip, y0, strip, side)  # the layer strip beside the rows ...
+    rows.imshow(colours[layers][:, None], aspect="auto", interpolation="nearest")
+    columns = axes(x0, y0 + side + gap, side, strip)  # ... and above the columns
+    columns.imshow(colours[layers][None, :], aspect="auto", interpolation="nearest")
+    for ax in (rows, columns):
+        ax.set_axis_off()
+    if clustered:
+        _dendrogram(axes(left, y0, dendro - 0.05, side), clustering.linkage, n, "left")
+        _dendrogram(axes(x0, y0 + side + gap + strip + gap, side, dendro - 0.05), clustering.linkage, n, "top")
+    bar_y, bar_h = y0 + side + gap + 0.18, head_room - 0.3  # clear of the tree below and the title above
+    bar = axes(left + 0.45, bar_y, 0.12, bar_h)  # top left: the divergence scale, labelled on its left
+    figure.colorbar(image, cax=bar)
+    bar.tick_params(labelsize=6)
+    bar.set_ylabel("mean JS divergence\n(bits)", fontsize=7)
+    bar.yaxis.set_ticks_position("left")
+    bar.yaxis.set_label_position("left")
+    # top right: which strip colour is which layer, one band per layer (any number of layers fits)
+    n_layers = len(colours)
+    strip_key = axes(x0 + side + 0.15, bar_y, 0.12, bar_h)
+    strip_key.imshow(colours[::-1][:, None], aspect="auto", interpolation="nearest",
+                     extent=(0, 1, -0.5, n_layers - 0.5))
+    shown = [layer for layer in range(n_layers) if layer % max(1, -(-n_layers // 12)) == 0]
+    strip_key.set_xticks([])
+    strip_key.set_yticks(shown, [str(layer) for layer in shown], fontsize=6)
+    strip_key.yaxis.tick_right()
+    strip_key.yaxis.set_label_position("right")
+    strip_key.set_ylabel("layer strip", fontsize=7)
+    figure.suptitle(title, fontsize=11, y=1 - 0.12 / height, va="top")
+    return figure
 
 
 def layer_of(label: str) -> int:
@@ -284,13 +343,7 @@ def plot_similarity_clustermap(
     similarity: pd.DataFrame, out_dir: str | Path, title: str, stem: str = "head_similarity_clustermap"
 ) -> list[Path]:
     """The head-similarity clustermap → OUT/<stem>.png/.svg."""
-    import matplotlib.pyplot as plt  # clustermap draws through pyplot; close its figure after saving
-
-    figure = similarity_clustermap_figure(similarity, title)
-    try:
-        return save_figure(figure, out_dir, stem)
-    finally:
-        plt.close(figure)
+    return save_figure(similarity_clustermap_figure(similarity, title), out_dir, stem)
 
 
 # --- which measure to trust -----------------------------------------------------------------------------------
@@ -305,6 +358,8 @@ def agreement_reference(agreement: pd.DataFrame) -> str:
 def agreement_figure(agreement: pd.DataFrame, title: str) -> Figure:
     """Per layer, each measure's mean per-row Spearman ρ with the reference measure (agreement.parquet), on a
     fixed −1..1 scale: a [measure, layer] heatmap, annotated."""
+    import seaborn as sns
+
     reference = agreement_reference(agreement)
     pairs = agreement[(agreement["measure_a"] == reference) | (agreement["measure_b"] == reference)].copy()
     pairs["measure"] = pairs["measure_a"].where(pairs["measure_b"] == reference, pairs["measure_b"])
