@@ -91,3 +91,79 @@ def test_limits_beyond_the_row_zero_width_rows_and_nan_leave_clean_slots() -> No
     assert not torch.isnan(top_values).any()
     empty = topk_rows(torch.zeros(4, 0), torch.zeros(4, dtype=torch.long), 8)
     assert [tuple(t.shape) for t in empty] == [(4, 0), (4, 0), (4,)]
+
+
+def sort_each_row(
+    values: torch.Tensor, starts: torch.Tensor, limits: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The contract by a stable sort of each row's visible keys [start, limit), NaN left out: values, keys, counts."""
+    rows = values.reshape(-1, values.shape[-1])
+    top_values, top_keys = torch.zeros(rows.shape[0], k), torch.zeros(rows.shape[0], k, dtype=torch.long)
+    counts = torch.zeros(rows.shape[0], dtype=torch.long)
+    for r, (start, limit) in enumerate(zip(starts.reshape(-1).tolist(), limits.reshape(-1).tolist(), strict=True)):
+        keys = torch.arange(start, limit)
+        keys = keys[~rows[r, start:limit].isnan()]
+        order = rows[r, keys].sort(descending=True, stable=True).indices[:k]  # equal values: the earlier key first
+        counts[r] = len(order)
+        top_values[r, : len(order)], top_keys[r, : len(order)] = rows[r, keys[order]], keys[order]
+    return top_values, top_keys, counts
+
+
+def assert_matches_a_sort(values: torch.Tensor, starts: torch.Tensor, limits: torch.Tensor, k: int) -> None:
+    rows, n = values.reshape(-1, values.shape[-1]), values.shape[-1]
+    top_values, top_keys, counts = topk_rows(rows, limits.reshape(-1), k, use_numba=True, starts=starts.reshape(-1))
+    expected_values, expected_keys, expected_counts = sort_each_row(rows, starts, limits, min(k, n))
+    assert torch.equal(counts, expected_counts)
+    assert torch.equal(top_keys, expected_keys)
+    assert torch.equal(top_values.view(torch.int32), expected_values.view(torch.int32))  # bit for bit: -0.0 stays
+
+
+@pytest.mark.parametrize("k", [1, 3, 8, 9, 16])
+def test_wide_rows_with_windows_match_a_sort(k: int) -> None:
+    """512 keys, peaked like attention, over 600 rows (three chunks of parallel work): the block bound leaves only a
+    few of the 64 blocks to read; windows start inside blocks and leave a short last block."""
+    torch.manual_seed(0)
+    values = torch.softmax(torch.randn(600, 512) * 4, dim=-1)
+    limits = torch.randint(200, 513, (600,))
+    starts = (limits - torch.randint(70, 200, (600,))).clamp_min(0)
+    starts[::3] = 0
+    assert_matches_a_sort(values, starts, limits, k)
+
+
+@pytest.mark.parametrize("k", [1, 3, 8, 12])
+def test_many_ties_at_the_threshold_keep_the_earlier_keys(k: int) -> None:
+    """Four distinct values per row: most blocks share the largest maximum, and the k-th value is tied many times
+    over, so which keys come back is decided by the tie rule alone."""
+    torch.manual_seed(1)
+    values = torch.randint(0, 4, (300, 128)).float() / 4
+    values[:100] = torch.where(values[:100] == 0.75, 0.5, values[:100])  # a row maximum shared by many blocks
+    starts = torch.randint(0, 30, (300,))
+    limits = torch.randint(100, 129, (300,))
+    assert_matches_a_sort(values, starts, limits, k)
+
+
+@pytest.mark.parametrize("k", [1, 5, 8])
+def test_signed_values_and_zeros_of_both_signs(k: int) -> None:
+    """Negative values order below positive ones and -0.0 ties with +0.0 (the earlier key first); the values come
+    back bit for bit."""
+    torch.manual_seed(2)
+    values = torch.randn(200, 96)
+    values[50:] = -values[50:].abs()  # rows whose top k are all zeros, then negative values
+    values[:, ::7] = -0.0
+    values[:, 3::7] = 0.0
+    assert_matches_a_sort(values, torch.zeros(200, dtype=torch.long), torch.full((200,), 96), k)
+
+
+@pytest.mark.parametrize("k", [3, 8, 20])
+def test_rows_holding_nan_or_infinity_get_the_top_of_their_other_keys(k: int) -> None:
+    """A NaN is never selected and never hides a larger key; infinities rank as values."""
+    torch.manual_seed(3)
+    values = torch.rand(6, 200)
+    values[0, 5] = float("nan")  # one NaN in a block holding the row maximum
+    values[0, 6] = 2.0
+    values[1, ::3] = float("nan")
+    values[2, :] = float("nan")
+    values[3, 17] = float("inf")
+    values[4, 40:60] = float("-inf")
+    values[5, :] = float("-inf")
+    assert_matches_a_sort(values, torch.tensor([0, 0, 0, 10, 0, 3]), torch.full((6,), 200), k)

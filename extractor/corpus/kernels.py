@@ -1,12 +1,22 @@
 """Row kernels that torch does slowly on CPU: top-k per row of a pattern, over each row's visible keys only.
 
-`torch.topk` on CPU costs about 4.5 ns per element for k = 8 of 128 keys (it partially sorts a copy of every
-row), which made top-k storage a third of the forward pass. `topk_rows` compiles (numba, cached on disk) a
-two-pass selection instead: the k-th largest of the maxima of blocks of 8 keys is a lower bound of the row's
-k-th largest value, so the second pass only inserts the few keys at or above it (about 2k on MiniLM's rows)
-into a sorted buffer of k. Rows run in parallel. Each row's visible keys are [start, limit) (start > 0 under a
-sliding window), which replaces the masked copy that padding, causal and window masks needed before `torch.topk`.
-On CUDA, or without numba, the same contract runs on torch.
+`torch.topk` on CPU partially sorts a copy of every row. `topk_rows` compiles (numba, cached on disk) a selection
+over each row's visible keys [start, limit) only (start > 0 under a sliding window: this replaces the masked copy
+that padding, causal and window masks needed before `torch.topk`), in three steps that branch little:
+
+1. Blocks of 8 keys and their maxima. The k-th largest block maximum t is a lower bound of the row's k-th largest
+   value (k distinct keys reach it), so every key of the top k lies in a block whose maximum is ≥ t: on attention
+   rows about k blocks.
+2. The keys ≥ t of those blocks (about 2k on attention rows) are copied out, in key order, without a branch.
+3. For k ≤ 8, eight running slots held in registers take each candidate by min/max alone, as one integer that orders
+   by value and then by the earlier key (the float's bits made monotone, above the key's complement): no branch and
+   no tie rule. The keys come back from the slots and the values are read from the row. For k > 8 the candidates go
+   through insertion into a sorted buffer instead (t too comes from inserting the block maxima).
+
+The block maxima and their k-th largest are computed with fast-math, which may assume no NaN or infinity: a row
+whose (vectorised) sum is not finite, or with fewer than k + 1 blocks, takes an exact scan of all its keys instead,
+which skips NaN. Rows run in parallel, in chunks that reuse their scratch arrays. On CUDA, or without numba, the
+same contract runs on torch.
 """
 
 from __future__ import annotations
@@ -22,9 +32,15 @@ except ImportError:  # pragma: no cover - numba is a dependency; this keeps the 
     HAVE_NUMBA = False
 
 
-BLOCK = 8  # keys per block for the first pass's lower bound
+BLOCK = 8  # keys per block for the lower bound
+SLOTS = 8  # k up to this takes the register slots
+CHUNK = 256  # rows per parallel task, sharing one set of scratch arrays
 
 if HAVE_NUMBA:
+    U0, U1, UBLOCK = np.uint64(0), np.uint64(1), np.uint64(BLOCK)  # unsigned indices: no negative-index wraparound
+    LOWEST = np.float32(np.finfo(np.float32).min)
+    LOW32 = np.int64(0xFFFFFFFF)
+    QMIN = np.int64(np.iinfo(np.int64).min)
 
     @njit(inline="always")
     def _insert(top_v, top_k, r, count, k, v, j):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202
@@ -42,35 +58,154 @@ if HAVE_NUMBA:
         top_k[r, pos] = j
         return count
 
+    # The fast-math helpers are plain (not numba-inlined) functions: numba's inline="always" would compile their body
+    # with the caller's flags. LLVM inlines them and keeps their flags.
+    @njit(fastmath={"reassoc"})
+    def _sum(values, r, lo, hi):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202
+        """Sum of values[r, lo:hi], vectorised: not finite if any value is NaN or infinite (or it overflows)."""
+        total = np.float32(0.0)
+        for i in range(lo, hi):
+            total += values[r, i]
+        return total
+
+    @njit(fastmath=True)
+    def _block_max(values, r, lo, hi):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202
+        best = values[r, lo]
+        for i in range(lo + U1, hi):
+            best = max(best, values[r, i])
+        return best
+
+    @njit(fastmath=True)
+    def _max8(values, r, lo):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202
+        """Maximum of the 8 keys from lo, as a tree of independent maxima."""
+        a = max(values[r, lo], values[r, lo + np.uint64(1)])
+        b = max(values[r, lo + np.uint64(2)], values[r, lo + np.uint64(3)])
+        c = max(values[r, lo + np.uint64(4)], values[r, lo + np.uint64(5)])
+        d = max(values[r, lo + np.uint64(6)], values[r, lo + np.uint64(7)])
+        return max(max(a, b), max(c, d))
+
+    @njit(fastmath=True)
+    def _kth_of_8(maxima, m, k, slots):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202
+        """The k-th largest (k ≤ 8) of maxima[:m] (finite): eight descending slots in registers, each new value
+        shifting the smaller ones down by min/max alone."""
+        t0 = t1 = t2 = t3 = t4 = t5 = t6 = t7 = LOWEST
+        for b in range(m):
+            x = maxima[b]
+            t7 = max(min(t6, x), t7)
+            t6 = max(min(t5, x), t6)
+            t5 = max(min(t4, x), t5)
+            t4 = max(min(t3, x), t4)
+            t3 = max(min(t2, x), t3)
+            t2 = max(min(t1, x), t2)
+            t1 = max(min(t0, x), t1)
+            t0 = max(t0, x)
+        slots[0], slots[1], slots[2], slots[3] = t0, t1, t2, t3
+        slots[4], slots[5], slots[6], slots[7] = t4, t5, t6, t7
+        return slots[k - 1]
+
+    @njit
+    def _top_8(bits, keys, found, slots):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202
+        """The 8 largest of the `found` candidates (float32 bits and keys), as descending integers into slots.
+
+        Each candidate is one int64: its float's bits made monotone (negative floats' magnitude bits flipped, and -0.0
+        moved onto +0.0 so that equal floats stay equal) in the high half, the complement of its key in the low half.
+        The order of those integers is the contract's: larger value first, then the earlier key."""
+        q0 = q1 = q2 = q3 = q4 = q5 = q6 = q7 = QMIN
+        for i in range(U0, found):
+            b = np.int64(bits[i])
+            sign = b >> 63
+            x = (((b ^ (sign & 0x7FFFFFFF)) - sign) << 32) | (LOW32 - keys[i])
+            q7 = max(min(q6, x), q7)
+            q6 = max(min(q5, x), q6)
+            q5 = max(min(q4, x), q5)
+            q4 = max(min(q3, x), q4)
+            q3 = max(min(q2, x), q3)
+            q2 = max(min(q1, x), q2)
+            q1 = max(min(q0, x), q1)
+            q0 = max(q0, x)
+        slots[0], slots[1], slots[2], slots[3] = q0, q1, q2, q3
+        slots[4], slots[5], slots[6], slots[7] = q4, q5, q6, q7
+
     @njit(parallel=True, cache=True, boundscheck=False)
     def _topk_kernel(values, starts, limits, k, out_keys, out_values, out_counts):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202
-        rows = values.shape[0]
-        for r in prange(rows):
-            start = starts[r]
-            limit = limits[r]
-            threshold = -np.inf
-            first_block = (start + BLOCK - 1) // BLOCK  # blocks wholly inside [start, limit)
-            n_blocks = limit // BLOCK - first_block
-            if n_blocks >= k:
-                # The k-th largest of the blocks' maxima is ≤ the row's k-th largest value (k distinct keys are
-                # at least that large): a threshold that real attention rows pass at only ~2k keys.
+        rows, n = values.shape
+        n_chunks = (rows + CHUNK - 1) // CHUNK
+        for c in prange(n_chunks):
+            maxima = np.empty(n // BLOCK + 1, dtype=np.float32)
+            chosen = np.empty(n // BLOCK + 1, dtype=np.uint64)
+            cand_v = np.empty(n, dtype=np.float32)
+            cand_bits = cand_v.view(np.int32)
+            cand_k = np.empty(n, dtype=np.int64)
+            max_slots = np.empty(SLOTS, dtype=np.float32)
+            slots = np.empty(SLOTS, dtype=np.int64)
+            first = np.int64(c) * CHUNK
+            for r in range(first, min(rows, first + CHUNK)):
+                start = np.uint64(starts[r])
+                limit = np.uint64(limits[r])
+                width = np.int64(limit - start)
+                m = (width + BLOCK - 1) // BLOCK  # blocks from start, the last one maybe short
+                full = width // BLOCK
+                total = _sum(values, r, start, limit) if m > k else np.float32(np.nan)
                 count = 0
-                for b in range(first_block, first_block + n_blocks):
-                    m = values[r, b * BLOCK]
-                    for i in range(b * BLOCK + 1, (b + 1) * BLOCK):
-                        m = max(m, values[r, i])
-                    if count < k or m > out_values[r, k - 1]:
-                        count = _insert(out_values, out_keys, r, count, k, m, b)
-                threshold = out_values[r, k - 1]
-            count = 0
-            for j in range(start, limit):
-                v = values[r, j]
-                if v >= threshold and (count < k or v > out_values[r, k - 1]):
-                    count = _insert(out_values, out_keys, r, count, k, v, j)
-            for slot in range(count, k):  # rows with fewer than k visible keys (or NaN values): empty slots
-                out_values[r, slot] = 0.0
-                out_keys[r, slot] = 0
-            out_counts[r] = count
+                found = U0
+                if total - total == 0:  # the row is finite (and has more than k blocks)
+                    for b in range(full):
+                        maxima[b] = _max8(values, r, start + np.uint64(b) * UBLOCK)
+                    if full < m:
+                        maxima[full] = _block_max(values, r, start + np.uint64(full) * UBLOCK, limit)
+                    if k <= SLOTS:
+                        threshold = _kth_of_8(maxima, m, k, max_slots)
+                    else:
+                        for b in range(m):
+                            if count < k or maxima[b] > out_values[r, k - 1]:
+                                count = _insert(out_values, out_keys, r, count, k, maxima[b], b)
+                        threshold = out_values[r, k - 1]
+                    n_chosen = 0
+                    for b in range(m):  # the blocks that can hold a key ≥ threshold, without a branch
+                        chosen[n_chosen] = b
+                        n_chosen += maxima[b] >= threshold
+                    for i in range(n_chosen):
+                        lo = start + chosen[i] * UBLOCK
+                        if chosen[i] < np.uint64(full):  # a whole block: a constant trip count, unrolled
+                            for o in range(U0, UBLOCK):
+                                v = values[r, lo + o]
+                                cand_v[found] = v
+                                cand_k[found] = lo + o
+                                found += np.uint64(v >= threshold)
+                        else:
+                            for j in range(lo, limit):
+                                v = values[r, j]
+                                cand_v[found] = v
+                                cand_k[found] = j
+                                found += np.uint64(v >= threshold)
+                if np.int64(found) < k:  # a row not finite or short (a safeguard otherwise): every visible key,
+                    count = 0  # NaN skipped (v >= -inf is false for NaN)
+                    kth = -np.inf
+                    for j in range(start, limit):
+                        v = values[r, j]
+                        if v >= -np.inf and (count < k or v > kth):
+                            count = _insert(out_values, out_keys, r, count, k, v, j)
+                            kth = out_values[r, k - 1]
+                else:  # as always on a finite row with more than k blocks: k blocks hold a key ≥ threshold
+                    if k <= SLOTS:
+                        _top_8(cand_bits, cand_k, found, slots)
+                        for s in range(k):
+                            key = LOW32 - (slots[s] & LOW32)
+                            out_keys[r, s] = key
+                            out_values[r, s] = values[r, key]
+                    else:
+                        count = 0
+                        kth = -np.inf
+                        for i in range(U0, found):
+                            v = cand_v[i]
+                            if count < k or v > kth:
+                                count = _insert(out_values, out_keys, r, count, k, v, cand_k[i])
+                                kth = out_values[r, k - 1]
+                    count = k
+                for slot in range(count, k):  # rows with fewer than k visible keys (or NaN values): empty slots
+                    out_values[r, slot] = 0.0
+                    out_keys[r, slot] = 0
+                out_counts[r] = count
 
 
 def topk_rows(
@@ -86,8 +221,8 @@ def topk_rows(
     (a sliding window), None: 0 for every row. Returns (top_values [..., k],
     top_keys [..., k], counts [...]): slots at or beyond a row's count (rows with fewer than k visible keys)
     hold value 0 and key 0. Ties keep the earlier key first. Limits beyond the row are read as the row's length.
-    NaN values are never selected on the numba path, and a row holding NaN may come back short (torch.topk
-    ranks NaN first instead); softmax patterns hold none.
+    NaN values are never selected on the numba path: a row holding NaN gets the k largest of its other visible keys
+    (torch.topk ranks NaN first instead); softmax patterns hold none.
     """
     n = values.shape[-1]
     k = min(k, n)
