@@ -23,6 +23,7 @@ import pandas as pd
 import torch
 
 from extractor.attribution.analysis import BatchAnalysis, DocAttention
+from extractor.attribution.entropy_kernels import HAVE_NUMBA, js_pair_sums
 from extractor.heads.metrics import checked_attention, checked_batch_attention
 
 # Most float32 elements in one [pair, query chunk, key] block (2 MiB): small enough that the block's several
@@ -38,17 +39,38 @@ def x_log_x(p: torch.Tensor) -> torch.Tensor:
     return p.clamp_min(1e-38).log_().mul_(p).sum(dim=-1, dtype=torch.float64)
 
 
-def js_divergence_sums(patterns: torch.Tensor, block_elements: int = BLOCK_ELEMENTS) -> torch.Tensor:
+def js_divergence_sums(patterns: torch.Tensor, block_elements: int = BLOCK_ELEMENTS,
+                       use_numba: bool | None = None) -> torch.Tensor:
     """patterns [head, query, key] (rows are distributions) → Σ over query rows of JS in bits [head, head].
 
     Per row, JS(p, q) = Σ_k [½ p_k ln p_k + ½ q_k ln q_k] − Σ_k m_k ln m_k (then / ln 2), computed for every
     unordered pair a ≤ b at once and mirrored (JS is symmetric). Identical rows give m = p bit for bit (and the
-    same x_log_x), hence exactly 0. Query rows are processed in chunks so that no [pair, chunk, key] block
-    exceeds `block_elements`; keys that are 0 in every head for a chunk's rows (padding; causal models: keys
-    after the chunk's last query) are skipped, since 0 ln 0 = 0.
+    same Σ m ln m), hence exactly 0. Keys that are 0 in every head (padding; causal models: keys after the query)
+    are skipped, since 0 ln 0 = 0. On the CPU one compiled pass per pair and row (`entropy_kernels.js_pair_sums`,
+    each row up to its last key seen by any head); on CUDA, or without numba (`use_numba` False), torch, with
+    query rows in chunks so that no [pair, chunk, key] block exceeds `block_elements`.
     """
     n_heads, n_query, n_key = patterns.shape
     index_a, index_b = torch.triu_indices(n_heads, n_heads, device=patterns.device)  # [pair]: a ≤ b
+    if use_numba is None:
+        use_numba = HAVE_NUMBA and patterns.device.type == "cpu"
+    if use_numba:
+        p = patterns.float()
+        seen = p.amax(dim=0) > 0  # [query, key]: keys some head attends to
+        limits = (seen * torch.arange(1, n_key + 1)).amax(dim=-1) if n_key else torch.zeros(n_query, dtype=torch.long)
+        upper = torch.from_numpy(js_pair_sums(p.numpy(), limits.numpy(), index_a.numpy(), index_b.numpy()))
+    else:
+        upper = _js_upper_sums(patterns, index_a, index_b, block_elements)
+    total = torch.zeros(n_heads, n_heads, dtype=torch.float64, device=patterns.device)  # [head_a, head_b]
+    total[index_a, index_b] = upper.to(patterns.device)
+    total[index_b, index_a] = upper.to(patterns.device)
+    return total.cpu() / math.log(2)
+
+
+def _js_upper_sums(patterns: torch.Tensor, index_a: torch.Tensor, index_b: torch.Tensor,
+                   block_elements: int) -> torch.Tensor:
+    """torch: Σ over query rows of JS in nats for each pair (index_a, index_b) [pair] float64."""
+    _, n_query, n_key = patterns.shape
     chunk = max(1, block_elements // max(1, index_a.numel() * n_key))
     upper = torch.zeros(index_a.numel(), dtype=torch.float64, device=patterns.device)  # [pair]
     for start in range(0, n_query, chunk):
@@ -60,10 +82,7 @@ def js_divergence_sums(patterns: torch.Tensor, block_elements: int = BLOCK_ELEME
         m = torch.index_select(p, 0, index_a).add_(torch.index_select(p, 0, index_b)).mul_(0.5)  # [pair, chunk, key]
         js = 0.5 * (p_log_p[index_a] + p_log_p[index_b]) - x_log_x(m)  # [pair, chunk]
         upper += js.clamp_min(0).sum(dim=-1)
-    total = torch.zeros(n_heads, n_heads, dtype=torch.float64, device=patterns.device)  # [head_a, head_b]
-    total[index_a, index_b] = upper
-    total[index_b, index_a] = upper
-    return total.cpu() / math.log(2)
+    return upper
 
 
 def sampled_rows(n: int, limit: int | None) -> torch.Tensor:
