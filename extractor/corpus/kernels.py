@@ -85,12 +85,12 @@ if HAVE_NUMBA:
         return max(max(a, b), max(c, d))
 
     @njit(fastmath=True)
-    def _kth_of_8(maxima, m, k, slots):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202
-        """The k-th largest (k ≤ 8) of maxima[:m] (finite): eight descending slots in registers, each new value
-        shifting the smaller ones down by min/max alone."""
-        t0 = t1 = t2 = t3 = t4 = t5 = t6 = t7 = LOWEST
-        for b in range(m):
-            x = maxima[b]
+    def _top_8(xs, n, lowest, slots):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202
+        """The 8 largest of xs[:n] (finite floats, or integers), descending, into slots (`lowest` where n < 8): eight
+        slots in registers, each new value shifting the smaller ones down by min/max alone."""
+        t0 = t1 = t2 = t3 = t4 = t5 = t6 = t7 = lowest
+        for i in range(U0, n):
+            x = xs[i]
             t7 = max(min(t6, x), t7)
             t6 = max(min(t5, x), t6)
             t5 = max(min(t4, x), t5)
@@ -101,30 +101,16 @@ if HAVE_NUMBA:
             t0 = max(t0, x)
         slots[0], slots[1], slots[2], slots[3] = t0, t1, t2, t3
         slots[4], slots[5], slots[6], slots[7] = t4, t5, t6, t7
-        return slots[k - 1]
 
     @njit
-    def _top_8(bits, keys, found, slots):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202
-        """The 8 largest of the `found` candidates (float32 bits and keys), as descending integers into slots.
-
-        Each candidate is one int64: its float's bits made monotone (negative floats' magnitude bits flipped, and -0.0
-        moved onto +0.0 so that equal floats stay equal) in the high half, the complement of its key in the low half.
-        The order of those integers is the contract's: larger value first, then the earlier key."""
-        q0 = q1 = q2 = q3 = q4 = q5 = q6 = q7 = QMIN
+    def _ranked(bits, keys, found, ranks):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202
+        """Each of the `found` candidates (float32 bits and keys) as one int64 whose order is the contract's: larger
+        value first, then the earlier key. High half: the float's bits made monotone (negative floats' magnitude bits
+        flipped, and -0.0 moved onto +0.0 so that equal floats stay equal); low half: the complement of the key."""
         for i in range(U0, found):
             b = np.int64(bits[i])
             sign = b >> 63
-            x = (((b ^ (sign & 0x7FFFFFFF)) - sign) << 32) | (LOW32 - keys[i])
-            q7 = max(min(q6, x), q7)
-            q6 = max(min(q5, x), q6)
-            q5 = max(min(q4, x), q5)
-            q4 = max(min(q3, x), q4)
-            q3 = max(min(q2, x), q3)
-            q2 = max(min(q1, x), q2)
-            q1 = max(min(q0, x), q1)
-            q0 = max(q0, x)
-        slots[0], slots[1], slots[2], slots[3] = q0, q1, q2, q3
-        slots[4], slots[5], slots[6], slots[7] = q4, q5, q6, q7
+            ranks[i] = (((b ^ (sign & 0x7FFFFFFF)) - sign) << 32) | (LOW32 - keys[i])
 
     @njit(parallel=True, cache=True, boundscheck=False)
     def _topk_kernel(values, starts, limits, k, out_keys, out_values, out_counts):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202
@@ -138,6 +124,7 @@ if HAVE_NUMBA:
             cand_k = np.empty(n, dtype=np.int64)
             max_slots = np.empty(SLOTS, dtype=np.float32)
             slots = np.empty(SLOTS, dtype=np.int64)
+            ranks = np.empty(n, dtype=np.int64)
             first = np.int64(c) * CHUNK
             for r in range(first, min(rows, first + CHUNK)):
                 start = np.uint64(starts[r])
@@ -154,7 +141,8 @@ if HAVE_NUMBA:
                     if full < m:
                         maxima[full] = _block_max(values, r, start + np.uint64(full) * UBLOCK, limit)
                     if k <= SLOTS:
-                        threshold = _kth_of_8(maxima, m, k, max_slots)
+                        _top_8(maxima, np.uint64(m), LOWEST, max_slots)
+                        threshold = max_slots[k - 1]
                     else:
                         for b in range(m):
                             if count < k or maxima[b] > out_values[r, k - 1]:
@@ -188,7 +176,8 @@ if HAVE_NUMBA:
                             kth = out_values[r, k - 1]
                 else:  # as always on a finite row with more than k blocks: k blocks hold a key ≥ threshold
                     if k <= SLOTS:
-                        _top_8(cand_bits, cand_k, found, slots)
+                        _ranked(cand_bits, cand_k, found, ranks)
+                        _top_8(ranks, found, QMIN, slots)
                         for s in range(k):
                             key = LOW32 - (slots[s] & LOW32)
                             out_keys[r, s] = key

@@ -54,15 +54,20 @@ class FigureHelper:
         except OSError:  # the helper is gone already: `result` says so in one line
             pass
 
-    def result(self, folder: Path) -> None:
-        """Wait for the figures: the helper's one-line error raised here, or one line if the helper died."""
+    def wait(self) -> str:
+        """Wait for the helper to end; returns what it wrote on stderr. Ctrl-C while waiting ends it too."""
         assert self.process.stderr is not None
         try:
             stderr = self.process.stderr.read()  # to its end: the helper has ended, or closed it
             self.process.wait()
-        except BaseException:  # Ctrl-C while waiting: the helper goes too
+        except BaseException:
             self.process.kill()
             raise
+        return stderr
+
+    def result(self, folder: Path) -> None:
+        """Wait for the figures: the helper's one-line error raised here, or one line if the helper died."""
+        stderr = self.wait()
         if self.process.returncode == HELPER_FAILED and stderr.startswith("error: "):
             raise UserError(stderr.strip().splitlines()[-1].removeprefix("error: "))
         if self.process.returncode != 0:
@@ -103,7 +108,7 @@ def write_extras(folder: Path, config: RunConfig, only_missing: bool = False,
         try:
             write_report(folder)
         except UserError:
-            _finish(helper)  # the figures still finish; the report's error is the one raised
+            helper.wait()  # the figures still finish; the report's error is the one raised
             raise
         except BaseException:  # Ctrl-C, or a bug: the helper goes too
             helper.dismiss()
@@ -115,14 +120,6 @@ def write_extras(folder: Path, config: RunConfig, only_missing: bool = False,
     if plots:
         draw_figures(folder, config.plot_formats)
     return ["report"] * report + ["figures"] * plots
-
-
-def _finish(helper: FigureHelper) -> None:
-    """Let the figures finish after the report failed; their own outcome is not raised (the report's is)."""
-    try:
-        helper.result(Path())
-    except UserError:
-        pass
 
 
 def draw_figures(folder: Path, formats: Sequence[str]) -> None:
