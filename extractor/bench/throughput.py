@@ -279,7 +279,8 @@ def main(argv: list[str] | None = None) -> None:
     # value zeroing costs about n forward passes per document of n tokens: a few documents say what it costs
     post_norm = "h" if loaded.adapter.norm_placement == "post" else ""
     write("len128/vz", len128[: 16 // scale], 128, "bg" + post_norm)
-    # dense at 512 tokens is 72 heads × 512² ≈ 19M rows per document: left out on purpose
+    # dense at 512 tokens writes 150 matrices of 512² float16 per MiniLM document (79 MB; 5 GB for these 64
+    # documents): left out on purpose; the step profile times one dense batch at 512 tokens instead
     write("len512", corpus_of_length(tokenizer, 64 // scale, 512, 3), 512, "abce")
     write("mixed", mixed_corpus(512 // scale, 4), 512, "bcf")
     if not args.no_smollm2 and args.model != SMOLLM2:
