@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 
 from extractor.attribution.analysis import BatchAnalysis, DocAttention
-from extractor.attribution.entropy_kernels import HAVE_NUMBA, js_pair_sums
+from extractor.heads.js_kernel import HAVE_NUMBA, js_pair_sums
 from extractor.heads.metrics import checked_attention, checked_batch_attention
 
 # Most float32 elements in one [pair, query chunk, key] block (2 MiB): small enough that the block's several
@@ -46,7 +46,7 @@ def js_divergence_sums(patterns: torch.Tensor, block_elements: int = BLOCK_ELEME
     Per row, JS(p, q) = Σ_k [½ p_k ln p_k + ½ q_k ln q_k] − Σ_k m_k ln m_k (then / ln 2), computed for every
     unordered pair a ≤ b at once and mirrored (JS is symmetric). Identical rows give m = p bit for bit (and the
     same Σ m ln m), hence exactly 0. Keys that are 0 in every head (padding; causal models: keys after the query)
-    are skipped, since 0 ln 0 = 0. On the CPU one compiled pass per pair and row (`entropy_kernels.js_pair_sums`,
+    are skipped, since 0 ln 0 = 0. On the CPU one compiled pass per pair and row (`js_kernel.js_pair_sums`,
     each row up to its last key seen by any head); on CUDA, or without numba (`use_numba` False), torch, with
     query rows in chunks so that no [pair, chunk, key] block exceeds `block_elements`.
     """

@@ -1,4 +1,4 @@
-"""Pairwise Jensen–Shannon sums compiled for the CPU (numba): the head similarity's Σ m ln m over every pair.
+"""The head similarity's pairwise Jensen–Shannon sums, compiled for the CPU (numba): Σ m ln m over every pair.
 
 torch computes Σ x ln x as four passes over memory (clamp, log, multiply, sum), after the head similarity has formed
 every pair's mean row m = (p + q) / 2 in memory (three more passes, over heads² / 2 copies of the rows). Here each

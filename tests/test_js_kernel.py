@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from extractor.attribution import entropy_kernels
+from extractor.heads import js_kernel
 from extractor.heads.similarity import js_divergence_sums
 
 
 def test_numba_kernels_are_available() -> None:
     """numba is a dependency: without it the head similarity silently takes the slower torch path."""
-    assert entropy_kernels.HAVE_NUMBA
+    assert js_kernel.HAVE_NUMBA
 
 
 def test_log32_matches_the_logarithm_to_float32_precision() -> None:
@@ -24,7 +24,7 @@ def test_log32_matches_the_logarithm_to_float32_precision() -> None:
     @njit
     def logs(values, out):  # noqa: ANN001, ANN202
         for i in range(values.shape[0]):
-            out[i] = entropy_kernels.log32(values[i])
+            out[i] = js_kernel.log32(values[i])
 
     rng = np.random.default_rng(0)
     mantissa = rng.uniform(1.0, 2.0, 200_000)
