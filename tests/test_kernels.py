@@ -154,6 +154,19 @@ def test_signed_values_and_zeros_of_both_signs(k: int) -> None:
     assert_matches_a_sort(values, torch.zeros(200, dtype=torch.long), torch.full((200,), 96), k)
 
 
+@pytest.mark.parametrize("k", [1, 5, 8, 12])
+def test_short_rows_take_every_key_as_a_candidate(k: int) -> None:
+    """Rows of k blocks of 8 keys or fewer (up to 64 keys for k = 8) skip the block bound: every visible key is
+    ranked. Widths from 0 to 64, windows, ties, signed zeros and negative values, against a sort of each row."""
+    torch.manual_seed(3)
+    values = torch.randint(-3, 4, (400, 64)).float() / 4  # many ties
+    values[::3] = torch.softmax(torch.randn(134, 64) * 3, dim=-1)
+    values[:, ::5] = -0.0
+    limits = torch.randint(0, 65, (400,))
+    starts = (limits - torch.randint(0, 65, (400,))).clamp_min(0)
+    assert_matches_a_sort(values, starts, limits, k)
+
+
 @pytest.mark.parametrize("k", [3, 8, 20])
 def test_rows_holding_nan_or_infinity_get_the_top_of_their_other_keys(k: int) -> None:
     """A NaN is never selected and never hides a larger key; infinities rank as values."""

@@ -7,15 +7,16 @@ that padding, causal and window masks needed before `torch.topk`), in three step
 1. Blocks of 8 keys and their maxima. The k-th largest block maximum t is a lower bound of the row's k-th largest
    value (k distinct keys reach it), so every key of the top k lies in a block whose maximum is ≥ t: on attention
    rows about k blocks.
-2. The keys ≥ t of those blocks (about 2k on attention rows) are copied out, in key order, without a branch.
+2. The keys ≥ t of those blocks (about 2k on attention rows) are copied out, in key order, without a branch. A row
+   of k blocks or fewer (64 keys or fewer for k = 8) skips steps 1 and 2: all its keys are the candidates.
 3. For k ≤ 8, eight running slots held in registers take each candidate by min/max alone, as one integer that orders
    by value and then by the earlier key (the float's bits made monotone, above the key's complement): no branch and
    no tie rule. The keys come back from the slots and the values are read from the row. For k > 8 the candidates go
    through insertion into a sorted buffer instead (t too comes from inserting the block maxima).
 
 The block maxima and their k-th largest are computed with fast-math, which may assume no NaN or infinity: a row
-whose (vectorised) sum is not finite, or with fewer than k + 1 blocks, takes an exact scan of all its keys instead,
-which skips NaN. Rows run in parallel, in chunks that reuse their scratch arrays. On CUDA, or without numba, the
+whose (vectorised) sum is not finite, or with fewer than k keys, takes an exact scan of all its keys instead (a
+sorted buffer), which skips NaN. Rows run in parallel, in chunks that reuse their scratch arrays. On CUDA, or without numba, the
 same contract runs on torch.
 """
 
@@ -132,49 +133,55 @@ if HAVE_NUMBA:
                 width = np.int64(limit - start)
                 m = (width + BLOCK - 1) // BLOCK  # blocks from start, the last one maybe short
                 full = width // BLOCK
-                total = _sum(values, r, start, limit) if m > k else np.float32(np.nan)
+                total = _sum(values, r, start, limit) if width >= k else np.float32(np.nan)
                 count = 0
                 found = U0
-                if total - total == 0:  # the row is finite (and has more than k blocks)
-                    for b in range(full):
-                        maxima[b] = _max8(values, r, start + np.uint64(b) * UBLOCK)
-                    if full < m:
-                        maxima[full] = _block_max(values, r, start + np.uint64(full) * UBLOCK, limit)
-                    if k <= SLOTS:
-                        _top_8(maxima, np.uint64(m), LOWEST, max_slots)
-                        threshold = max_slots[k - 1]
-                    else:
-                        for b in range(m):
-                            if count < k or maxima[b] > out_values[r, k - 1]:
-                                count = _insert(out_values, out_keys, r, count, k, maxima[b], b)
-                        threshold = out_values[r, k - 1]
-                    n_chosen = 0
-                    for b in range(m):  # the blocks that can hold a key ≥ threshold, without a branch
-                        chosen[n_chosen] = b
-                        n_chosen += maxima[b] >= threshold
-                    for i in range(n_chosen):
-                        lo = start + chosen[i] * UBLOCK
-                        if chosen[i] < np.uint64(full):  # a whole block: a constant trip count, unrolled
-                            for o in range(U0, UBLOCK):
-                                v = values[r, lo + o]
-                                cand_v[found] = v
-                                cand_k[found] = lo + o
-                                found += np.uint64(v >= threshold)
+                if total - total == 0:  # the row is finite, with at least k keys
+                    if m > k:
+                        for b in range(full):
+                            maxima[b] = _max8(values, r, start + np.uint64(b) * UBLOCK)
+                        if full < m:
+                            maxima[full] = _block_max(values, r, start + np.uint64(full) * UBLOCK, limit)
+                        if k <= SLOTS:
+                            _top_8(maxima, np.uint64(m), LOWEST, max_slots)
+                            threshold = max_slots[k - 1]
                         else:
-                            for j in range(lo, limit):
-                                v = values[r, j]
-                                cand_v[found] = v
-                                cand_k[found] = j
-                                found += np.uint64(v >= threshold)
-                if np.int64(found) < k:  # a row not finite or short (a safeguard otherwise): every visible key,
-                    count = 0  # NaN skipped (v >= -inf is false for NaN)
+                            for b in range(m):
+                                if count < k or maxima[b] > out_values[r, k - 1]:
+                                    count = _insert(out_values, out_keys, r, count, k, maxima[b], b)
+                            threshold = out_values[r, k - 1]
+                        n_chosen = 0
+                        for b in range(m):  # the blocks that can hold a key ≥ threshold, without a branch
+                            chosen[n_chosen] = b
+                            n_chosen += maxima[b] >= threshold
+                        for i in range(n_chosen):
+                            lo = start + chosen[i] * UBLOCK
+                            if chosen[i] < np.uint64(full):  # a whole block: a constant trip count, unrolled
+                                for o in range(U0, UBLOCK):
+                                    v = values[r, lo + o]
+                                    cand_v[found] = v
+                                    cand_k[found] = lo + o
+                                    found += np.uint64(v >= threshold)
+                            else:
+                                for j in range(lo, limit):
+                                    v = values[r, j]
+                                    cand_v[found] = v
+                                    cand_k[found] = j
+                                    found += np.uint64(v >= threshold)
+                    else:  # k blocks or fewer (64 keys or fewer for k = 8): every visible key is a candidate
+                        for j in range(start, limit):
+                            cand_v[found] = values[r, j]
+                            cand_k[found] = j
+                            found += U1
+                if np.int64(found) < k:  # not finite, or fewer than k keys (a safeguard otherwise): every
+                    count = 0  # visible key, NaN skipped (v >= -inf is false for NaN)
                     kth = -np.inf
                     for j in range(start, limit):
                         v = values[r, j]
                         if v >= -np.inf and (count < k or v > kth):
                             count = _insert(out_values, out_keys, r, count, k, v, j)
                             kth = out_values[r, k - 1]
-                else:  # as always on a finite row with more than k blocks: k blocks hold a key ≥ threshold
+                else:  # as always on a finite row with at least k keys: at least k candidates
                     if k <= SLOTS:
                         _ranked(cand_bits, cand_k, found, ranks)
                         _top_8(ranks, found, QMIN, slots)
