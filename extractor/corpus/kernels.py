@@ -15,9 +15,9 @@ that padding, causal and window masks needed before `torch.topk`), in three step
    through insertion into a sorted buffer instead (t too comes from inserting the block maxima).
 
 The block maxima and their k-th largest are computed with fast-math, which may assume no NaN or infinity: a row
-whose (vectorised) sum is not finite, or with fewer than k keys, takes an exact scan of all its keys instead (a
-sorted buffer), which skips NaN. Rows run in parallel, in chunks that reuse their scratch arrays. On CUDA, or without numba, the
-same contract runs on torch.
+whose (vectorised) sum is not finite skips steps 1 and 2 too, its candidates every visible key but NaN (ranked as
+integers, infinities order like any value). Fewer than k candidates go through the sorted buffer. Rows run in
+parallel, in chunks that reuse their scratch arrays. On CUDA, or without numba, the same contract runs on torch.
 """
 
 from __future__ import annotations
@@ -133,71 +133,62 @@ if HAVE_NUMBA:
                 width = np.int64(limit - start)
                 m = (width + BLOCK - 1) // BLOCK  # blocks from start, the last one maybe short
                 full = width // BLOCK
-                total = _sum(values, r, start, limit) if width >= k else np.float32(np.nan)
+                total = _sum(values, r, start, limit) if m > k else np.float32(np.nan)
                 count = 0
                 found = U0
-                if total - total == 0:  # the row is finite, with at least k keys
-                    if m > k:
-                        for b in range(full):
-                            maxima[b] = _max8(values, r, start + np.uint64(b) * UBLOCK)
-                        if full < m:
-                            maxima[full] = _block_max(values, r, start + np.uint64(full) * UBLOCK, limit)
-                        if k <= SLOTS:
-                            _top_8(maxima, np.uint64(m), LOWEST, max_slots)
-                            threshold = max_slots[k - 1]
+                if total - total == 0:  # a finite row of more than k blocks: candidates from the block bound
+                    for b in range(full):
+                        maxima[b] = _max8(values, r, start + np.uint64(b) * UBLOCK)
+                    if full < m:
+                        maxima[full] = _block_max(values, r, start + np.uint64(full) * UBLOCK, limit)
+                    if k <= SLOTS:
+                        _top_8(maxima, np.uint64(m), LOWEST, max_slots)
+                        threshold = max_slots[k - 1]
+                    else:
+                        for b in range(m):
+                            if count < k or maxima[b] > out_values[r, k - 1]:
+                                count = _insert(out_values, out_keys, r, count, k, maxima[b], b)
+                        threshold = out_values[r, k - 1]
+                    n_chosen = 0
+                    for b in range(m):  # the blocks that can hold a key ≥ threshold, without a branch
+                        chosen[n_chosen] = b
+                        n_chosen += maxima[b] >= threshold
+                    for i in range(n_chosen):
+                        lo = start + chosen[i] * UBLOCK
+                        if chosen[i] < np.uint64(full):  # a whole block: a constant trip count, unrolled
+                            for o in range(U0, UBLOCK):
+                                v = values[r, lo + o]
+                                cand_v[found] = v
+                                cand_k[found] = lo + o
+                                found += np.uint64(v >= threshold)
                         else:
-                            for b in range(m):
-                                if count < k or maxima[b] > out_values[r, k - 1]:
-                                    count = _insert(out_values, out_keys, r, count, k, maxima[b], b)
-                            threshold = out_values[r, k - 1]
-                        n_chosen = 0
-                        for b in range(m):  # the blocks that can hold a key ≥ threshold, without a branch
-                            chosen[n_chosen] = b
-                            n_chosen += maxima[b] >= threshold
-                        for i in range(n_chosen):
-                            lo = start + chosen[i] * UBLOCK
-                            if chosen[i] < np.uint64(full):  # a whole block: a constant trip count, unrolled
-                                for o in range(U0, UBLOCK):
-                                    v = values[r, lo + o]
-                                    cand_v[found] = v
-                                    cand_k[found] = lo + o
-                                    found += np.uint64(v >= threshold)
-                            else:
-                                for j in range(lo, limit):
-                                    v = values[r, j]
-                                    cand_v[found] = v
-                                    cand_k[found] = j
-                                    found += np.uint64(v >= threshold)
-                    else:  # k blocks or fewer (64 keys or fewer for k = 8): every visible key is a candidate
-                        for j in range(start, limit):
-                            cand_v[found] = values[r, j]
-                            cand_k[found] = j
-                            found += U1
-                if np.int64(found) < k:  # not finite, or fewer than k keys (a safeguard otherwise): every
-                    count = 0  # visible key, NaN skipped (v >= -inf is false for NaN)
-                    kth = -np.inf
+                            for j in range(lo, limit):
+                                v = values[r, j]
+                                cand_v[found] = v
+                                cand_k[found] = j
+                                found += np.uint64(v >= threshold)
+                else:  # k blocks or fewer, or not finite: every visible key is a candidate, NaN skipped
                     for j in range(start, limit):
                         v = values[r, j]
-                        if v >= -np.inf and (count < k or v > kth):
-                            count = _insert(out_values, out_keys, r, count, k, v, j)
-                            kth = out_values[r, k - 1]
-                else:  # as always on a finite row with at least k keys: at least k candidates
-                    if k <= SLOTS:
-                        _ranked(cand_bits, cand_k, found, ranks)
-                        _top_8(ranks, found, QMIN, slots)
-                        for s in range(k):
-                            key = LOW32 - (slots[s] & LOW32)
-                            out_keys[r, s] = key
-                            out_values[r, s] = values[r, key]
-                    else:
-                        count = 0
-                        kth = -np.inf
-                        for i in range(U0, found):
-                            v = cand_v[i]
-                            if count < k or v > kth:
-                                count = _insert(out_values, out_keys, r, count, k, v, cand_k[i])
-                                kth = out_values[r, k - 1]
+                        cand_v[found] = v
+                        cand_k[found] = j
+                        found += np.uint64(v == v)
+                if k <= SLOTS and np.int64(found) >= k:  # the top k in the register slots
+                    _ranked(cand_bits, cand_k, found, ranks)
+                    _top_8(ranks, found, QMIN, slots)
+                    for s in range(k):
+                        key = LOW32 - (slots[s] & LOW32)
+                        out_keys[r, s] = key
+                        out_values[r, s] = values[r, key]
                     count = k
+                else:  # k > 8, or fewer than k candidates: insertion into a sorted buffer
+                    count = 0
+                    kth = -np.inf
+                    for i in range(U0, found):
+                        v = cand_v[i]
+                        if count < k or v > kth:
+                            count = _insert(out_values, out_keys, r, count, k, v, cand_k[i])
+                            kth = out_values[r, k - 1]
                 for slot in range(count, k):  # rows with fewer than k visible keys (or NaN values): empty slots
                     out_values[r, slot] = 0.0
                     out_keys[r, slot] = 0

@@ -61,9 +61,10 @@ def js_divergence_sums(patterns: torch.Tensor, block_elements: int = BLOCK_ELEME
         upper = torch.from_numpy(js_pair_sums(p.numpy(), limits.numpy(), index_a.numpy(), index_b.numpy()))
     else:
         upper = _js_upper_sums(patterns, index_a, index_b, block_elements)
+    upper = upper.to(patterns.device)
     total = torch.zeros(n_heads, n_heads, dtype=torch.float64, device=patterns.device)  # [head_a, head_b]
-    total[index_a, index_b] = upper.to(patterns.device)
-    total[index_b, index_a] = upper.to(patterns.device)
+    total[index_a, index_b] = upper
+    total[index_b, index_a] = upper
     return total.cpu() / math.log(2)
 
 

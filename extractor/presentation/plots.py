@@ -2,10 +2,10 @@
 
 Every figure has a `*_figure(...) -> Figure` builder (testable: count its panels) and a `plot_*(..., out_dir)`
 writer that returns the written paths. Figures are built with matplotlib's object API on an Agg canvas
-(`new_figure`), which draws without any GUI backend and without pyplot. A figure without a canvas makes every text-extent query (seaborn's tick-label
-overlap check, constrained layout) render the whole figure again: 7 GB and 39 s for three 60-token figures,
-against a few hundred MB on a canvas. Sides are capped and labels thinned, so memory stays bounded at 512
-tokens; the cell meshes are rasterised in SVG (one image instead of n² paths).
+(`new_figure`), which draws without any GUI backend and without pyplot. A figure without a canvas makes every
+text-extent query (seaborn's tick-label overlap check, constrained layout) render the whole figure again: 7 GB
+and 39 s for three 60-token figures, against a few hundred MB on a canvas. Sides are capped and labels thinned,
+so memory stays bounded at 512 tokens; the cell meshes are rasterised in SVG (one image instead of n² paths).
 
 `write_default_plots(run_dir)` draws the standard set from a run's output folder into RUN/plots/.
 """
@@ -64,6 +64,20 @@ def new_figure(figsize: tuple[float, float], **options: object) -> Figure:
     figure = Figure(figsize=figsize, **options)  # type: ignore[arg-type]
     FigureCanvasAgg(figure)
     return figure
+
+
+def laid_out_figure(width: float, height: float) -> Figure:
+    """A `new_figure` of width × height inches whose builder places every axes itself (`axes_at`), with room for
+    all its text: `save_figure` saves it as it is (`fits`), one draw per format, no tight-bbox crop."""
+    figure = new_figure((width, height))
+    figure.fits = True  # type: ignore[attr-defined]
+    return figure
+
+
+def axes_at(figure: Figure, x: float, y: float, w: float, h: float):  # noqa: ANN201 - matplotlib's Axes
+    """New axes on `figure` at a box given in inches from its lower left corner."""
+    width, height = figure.get_size_inches()
+    return figure.add_axes((x / width, y / height, w / width, h / height))
 
 
 _formats: ContextVar[tuple[str, ...]] = ContextVar("figure_formats", default=FORMATS)
@@ -195,13 +209,12 @@ def head_metrics_overview_figure(heads: pd.DataFrame, title: str) -> Figure:
     cell_w, cell_h = left + map_w + bar_gap + bar + right, above + map_h + below
     top, margin = 0.5, 0.05  # the title of the figure; the edge
     width, height = 2 * margin + n_cols * cell_w, top + n_rows * cell_h + margin
-    figure = new_figure((width, height))
-    figure.fits = True  # type: ignore[attr-defined]  # save_figure: nothing to crop
+    figure = laid_out_figure(width, height)
     for index, metric in enumerate(metrics):
         row, col = divmod(index, n_cols)
         x, y = margin + col * cell_w + left, height - top - row * cell_h - above - map_h  # map's lower left
-        ax = figure.add_axes((x / width, y / height, map_w / width, map_h / height))
-        bar_ax = figure.add_axes(((x + map_w + bar_gap) / width, y / height, bar / width, map_h / height))
+        ax = axes_at(figure, x, y, map_w, map_h)
+        bar_ax = axes_at(figure, x + map_w + bar_gap, y, bar, map_h)
         low, high = (None, None) if metric in UNBOUNDED_METRICS else (0.0, 1.0)
         image = ax.imshow(metric_grid(heads, metric).to_numpy(), aspect="auto", cmap=SEQUENTIAL,
                           interpolation="nearest", vmin=low, vmax=high)
@@ -286,14 +299,10 @@ def similarity_clustermap_figure(similarity: pd.DataFrame, title: str) -> Figure
     head_room = max(dendro + strip + gap, 1.35)  # the colour bars sit beside the column dendrogram
     width = left + dendro + strip + gap + side + label_room + axis_title + edge
     height = top + head_room + side + label_room + axis_title + edge
-    figure = new_figure((width, height))
-    figure.fits = True  # type: ignore[attr-defined]  # save_figure: nothing to crop
-
-    def axes(x: float, y: float, w: float, h: float):  # noqa: ANN202 - a box in inches from the lower left
-        return figure.add_axes((x / width, y / height, w / width, h / height))
+    figure = laid_out_figure(width, height)
 
     x0, y0 = left + dendro + strip + gap, edge + axis_title + label_room  # the heatmap's lower left
-    heatmap = axes(x0, y0, side, side)
+    heatmap = axes_at(figure, x0, y0, side, side)
     image = heatmap.imshow(clustering.divergence[np.ix_(order, order)], cmap="magma_r", vmin=0.0,
                            interpolation="nearest", aspect="auto", rasterized=True)
     heatmap.set_xticks(range(n), labels, fontsize=font, rotation=90)
@@ -303,17 +312,18 @@ def similarity_clustermap_figure(similarity: pd.DataFrame, title: str) -> Figure
     heatmap.tick_params(length=2, pad=1)
     heatmap.set_xlabel("head")
     heatmap.set_ylabel("head")
-    rows = axes(x0 - gap - strip, y0, strip, side)  # the layer strip beside the rows ...
+    rows = axes_at(figure, x0 - gap - strip, y0, strip, side)  # the layer strip beside the rows ...
     rows.imshow(colours[layers][:, None], aspect="auto", interpolation="nearest")
-    columns = axes(x0, y0 + side + gap, side, strip)  # ... and above the columns
+    columns = axes_at(figure, x0, y0 + side + gap, side, strip)  # ... and above the columns
     columns.imshow(colours[layers][None, :], aspect="auto", interpolation="nearest")
     for ax in (rows, columns):
         ax.set_axis_off()
     if clustered:
-        _dendrogram(axes(left, y0, dendro - 0.05, side), clustering.linkage, n, "left")
-        _dendrogram(axes(x0, y0 + side + gap + strip + gap, side, dendro - 0.05), clustering.linkage, n, "top")
+        _dendrogram(axes_at(figure, left, y0, dendro - 0.05, side), clustering.linkage, n, "left")
+        top_tree = axes_at(figure, x0, y0 + side + gap + strip + gap, side, dendro - 0.05)
+        _dendrogram(top_tree, clustering.linkage, n, "top")
     bar_y, bar_h = y0 + side + gap + 0.18, head_room - 0.3  # clear of the tree below and the title above
-    bar = axes(left + 0.45, bar_y, 0.12, bar_h)  # top left: the divergence scale, labelled on its left
+    bar = axes_at(figure, left + 0.45, bar_y, 0.12, bar_h)  # top left: the divergence scale, labelled on its left
     figure.colorbar(image, cax=bar)
     bar.tick_params(labelsize=6)
     bar.set_ylabel("mean JS divergence\n(bits)", fontsize=7)
@@ -321,7 +331,7 @@ def similarity_clustermap_figure(similarity: pd.DataFrame, title: str) -> Figure
     bar.yaxis.set_label_position("left")
     # top right: which strip colour is which layer, one band per layer (any number of layers fits)
     n_layers = len(colours)
-    strip_key = axes(x0 + side + 0.15, bar_y, 0.12, bar_h)
+    strip_key = axes_at(figure, x0 + side + 0.15, bar_y, 0.12, bar_h)
     strip_key.imshow(colours[::-1][:, None], aspect="auto", interpolation="nearest",
                      extent=(0, 1, -0.5, n_layers - 0.5))
     shown = [layer for layer in range(n_layers) if layer % max(1, -(-n_layers // 12)) == 0]
