@@ -53,6 +53,7 @@ from extractor.attribution.attention import row_entropy
 from extractor.core.encode import strip_subword_markers
 from extractor.core.recompute import visible_keys
 from extractor.heads.names import DETECTORS, METRICS, ROW_METRICS  # noqa: F401 - the metrics this module computes
+from extractor.heads.row_kernel import HAVE_NUMBA, row_statistics_arrays
 
 # --- token properties --------------------------------------------------------------------------------------
 
@@ -167,11 +168,9 @@ class BatchLayout:
 
     real: torch.Tensor  # [batch, query] bool: real (non-padding) positions
     row_length: torch.Tensor  # [batch, query]: keys each row can see (0 on padding rows)
+    key_limit: torch.Tensor  # [batch, query]: each row sees keys below this (0 on padding rows; windows start later)
     flag_names: list[str]  # "share of the row on these keys" sets: punctuation, cls, sep
-    # Those sets are a few keys per document, so they are kept sparse: each document's flagged keys (padded with
-    # key 0) and, per flagged key, which sets it belongs to (all 0 on padding entries).
-    flag_keys: torch.Tensor  # [batch, flagged] long
-    flag_sets: torch.Tensor  # [batch, flagged, flag set] float
+    key_sets: torch.Tensor  # [batch, flag set, key] float32: 1 where the key is in the set, else 0
     duplicate: ReferenceCells
     induction: ReferenceCells | None  # causal models only
     first_key: torch.Tensor | None = None  # [query]: the first key each row sees (a sliding window); None: key 0
@@ -192,17 +191,9 @@ class BatchLayout:
             )
             for i, token in enumerate(tokens):
                 flags[b, :size, i + 1] = torch.tensor([t == token for t in doc_labels_], dtype=torch.bool)
-        flagged = flags.any(dim=-1)  # [batch, key]
-        width = max(1, int(flagged.sum(dim=-1).max()))
-        flag_keys = torch.zeros(len(lengths), width, dtype=torch.long)
-        flag_sets = torch.zeros(len(lengths), width, len(names))
-        for b in range(len(lengths)):
-            keys = flagged[b].nonzero()[:, 0]
-            flag_keys[b, : len(keys)] = keys
-            flag_sets[b, : len(keys)] = flags[b, keys].float()
         return cls(
-            real=(row_length > 0).to(device), row_length=row_length.to(device), flag_names=names,
-            flag_keys=flag_keys.to(device), flag_sets=flag_sets.to(device),
+            real=(row_length > 0).to(device), row_length=row_length.to(device), key_limit=row_length.to(device),
+            flag_names=names, key_sets=flags.transpose(1, 2).float().contiguous().to(device),
             duplicate=ReferenceCells.from_documents([duplicate_token_pattern(t) for t in labels], n, device),
             induction=ReferenceCells.from_documents([induction_pattern(t) for t in labels], n, device)
             if causal else None,
@@ -225,9 +216,50 @@ class BatchLayout:
 
 def on_flagged_keys(values: torch.Tensor, layout: BatchLayout) -> torch.Tensor:
     """values [batch, head, query, key] → Σ_j values_ij over each flag set's keys [batch, head, query, flag set]."""
-    batch, n_heads, n, _ = values.shape
-    keys = layout.flag_keys[:, None, None, :].expand(batch, n_heads, n, -1)  # [batch, head, query, flagged]
-    return values.gather(-1, keys) @ layout.flag_sets[:, None].to(values.dtype)
+    return values @ layout.key_sets.transpose(1, 2)[:, None].to(values.dtype)
+
+
+@dataclass(frozen=True)
+class RowStatistics:
+    """What the row metrics read from every cell of a pattern, per row [batch, head, query] (0 or any value on
+    padding rows, which no metric counts)."""
+
+    entropy: torch.Tensor  # −Σ_j A_ij ln A_ij
+    distance: torch.Tensor  # Σ_j A_ij |i − j|
+    max: torch.Tensor  # max_j A_ij
+    total: torch.Tensor  # Σ_j A_ij
+    on_keys: torch.Tensor  # [batch, head, query, flag set]: Σ_j A_ij over each flag set's keys
+    value_total: torch.Tensor | None  # Σ_j value_norm_ij (None without value_norm)
+    value_on_keys: torch.Tensor | None  # [batch, head, query, flag set] the same over value_norm
+
+
+def row_statistics(attention: torch.Tensor, layout: BatchLayout, value_norm: torch.Tensor | None = None,
+                   use_numba: bool | None = None) -> RowStatistics:
+    """Every full-row statistic of a padded batch's pattern (and value_norm), [batch, head, query, key] float32.
+
+    On the CPU one compiled pass per row reads only the keys the row sees (`row_kernel`); on CUDA or without numba,
+    torch computes each statistic over the whole tensor. The two agree to float32 rounding (tested)."""
+    if use_numba is None:
+        use_numba = HAVE_NUMBA and attention.device.type == "cpu" and attention.dtype == torch.float32
+    if use_numba:
+        arrays = row_statistics_arrays(
+            attention.numpy(), None if value_norm is None else value_norm.float().numpy(),
+            layout.key_limit.numpy(), layout.key_sets.numpy(),
+        )
+        found = {name: torch.from_numpy(array) for name, array in arrays.items()}
+        return RowStatistics(found["entropy"], found["distance"], found["max"], found["total"], found["on_keys"],
+                             found.get("value_total"), found.get("value_on_keys"))
+    position = torch.arange(attention.shape[-1], device=attention.device)
+    distance = (position[:, None] - position[None, :]).abs()  # [query, key]
+    return RowStatistics(
+        entropy=row_entropy(attention),
+        distance=mass_on(attention, distance),
+        max=attention.amax(dim=-1),
+        total=attention.sum(dim=-1),
+        on_keys=on_flagged_keys(attention, layout),
+        value_total=None if value_norm is None else value_norm.sum(dim=-1),
+        value_on_keys=None if value_norm is None else on_flagged_keys(value_norm, layout),
+    )
 
 
 def head_sums(attention: torch.Tensor, layout: BatchLayout, value_norm: torch.Tensor | None = None) -> Sums:
@@ -244,12 +276,11 @@ def head_sums(attention: torch.Tensor, layout: BatchLayout, value_norm: torch.Te
         first_rows = real & (layout.first_key == 0)
         previous_rows = previous_rows & (layout.first_key[1:] < position[1:])
     sums: Sums = {}
-    entropy = row_entropy(attention)  # [batch, head, query]
-    sums["entropy"] = rows_sum(entropy, real)
-    normalised = entropy / layout.row_length.clamp_min(1).double().log().clamp_min(1e-30)[:, None, :]
+    rows = row_statistics(attention, layout, value_norm)
+    sums["entropy"] = rows_sum(rows.entropy, real)
+    normalised = rows.entropy / layout.row_length.clamp_min(1).double().log().clamp_min(1e-30)[:, None, :]
     sums["entropy_normalised"] = rows_sum(normalised, real & (layout.row_length > 1))
-    distance = (position[:, None] - position[None, :]).abs()  # [query, key]
-    sums["mean_distance"] = rows_sum(mass_on(attention, distance), real)
+    sums["mean_distance"] = rows_sum(rows.distance, real)
     sums["first_token"] = rows_sum(attention[..., 0], first_rows)
     sums["self"] = rows_sum(attention.diagonal(dim1=-2, dim2=-1), real)
     # A_i,i−1 for rows 1..n−1 and A_i,i+1 for rows 0..n−2: rows without such a neighbour are not counted.
@@ -257,17 +288,16 @@ def head_sums(attention: torch.Tensor, layout: BatchLayout, value_norm: torch.Te
     sums["previous_token"] = rows_sum(previous, previous_rows)
     sums["next_token"] = rows_sum(attention.diagonal(offset=1, dim1=-2, dim2=-1), real[:, 1:])
     # Every "share of the row on these keys" metric at once, from the few flagged keys of each document.
-    on_keys = on_flagged_keys(attention, layout)  # [batch, head, query, flag set]
     for i, name in enumerate(layout.flag_names):
-        sums[name] = rows_sum(on_keys[..., i], real)
-    sums["max_weight"] = rows_sum(attention.amax(dim=-1), real)
+        sums[name] = rows_sum(rows.on_keys[..., i], real)
+    sums["max_weight"] = rows_sum(rows.max, real)
     special_sets = [i for i, name in enumerate(layout.flag_names) if name in ("cls", "sep")]
-    if value_norm is not None and special_sets:
+    if rows.value_on_keys is not None and rows.value_total is not None and special_sets:
         # value_norm as each key's share of its row: Σ over the set's keys / Σ_j value_norm
-        shares = on_flagged_keys(value_norm, layout)[..., special_sets] / value_norm.sum(dim=-1, keepdim=True).clamp_min(1e-30)
+        shares = rows.value_on_keys[..., special_sets] / rows.value_total[..., None].clamp_min(1e-30)
         for column, i in enumerate(special_sets):
             sums[f"{layout.flag_names[i]}_value_norm"] = rows_sum(shares[..., column], real)
-    row_sums = attention.sum(dim=-1)  # [batch, head, query]
+    row_sums = rows.total  # [batch, head, query]
     # previous_token_score: P = the sub-diagonal, so its cells are `previous` and its rows 1..n_b − 1
     sums["previous_token_score"] = (sums["previous_token"][0], rows_sum(row_sums[..., 1:], previous_rows)[0])
     sums["duplicate_token_score"] = layout.duplicate.score_sums(attention, row_sums)
