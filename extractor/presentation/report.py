@@ -41,6 +41,7 @@ import hashlib
 import html
 import json
 import logging
+import math
 import os
 import re
 import zlib
@@ -212,7 +213,7 @@ def strongest_keys(query: np.ndarray, values: np.ndarray, keep: int | None) -> n
 
     query, values: [rows], rows sorted by (query, key). Ties keep the lower key (a stable sort).
     """
-    if keep is None:
+    if keep is None or not len(query) or np.bincount(query).max() <= keep:  # every row keeps all its keys
         return np.arange(len(query))
     order = np.lexsort((-values, query))  # by query, then strongest first; stable, so ties stay in key order
     sorted_query = query[order]
@@ -265,8 +266,32 @@ class MaxAttention:
         return [_number(v) for v in mean.reshape(-1)]
 
 
+def split_documents(rows: pd.DataFrame) -> dict[int, dict[str, np.ndarray]]:
+    """Association rows → per document, its columns as NumPy arrays sorted by (layer, head, query_pos, key_pos):
+    one sort of the whole table on a single integer key, instead of a group-by and a sort per document."""
+    if not len(rows):
+        return {}
+    columns = {name: rows[name].to_numpy() for name in rows.columns}
+    doc = columns["doc_id"].astype(np.int64)
+    sort_by = [doc - doc.min(), columns["layer"].astype(np.int64), columns["head"].astype(np.int64) + 1,
+               columns["query_pos"].astype(np.int64), columns["key_pos"].astype(np.int64)]
+    sizes = [int(c.max()) + 1 for c in sort_by]
+    if math.prod(sizes) < 2**62:  # one integer key: an argsort of it is several times faster than a lexsort
+        key = sort_by[0]
+        for column, size in zip(sort_by[1:], sizes[1:], strict=True):
+            key = key * size + column
+        order = np.argsort(key)
+    else:
+        order = np.lexsort(sort_by[::-1])
+    columns = {name: values[order] for name, values in columns.items()}
+    doc = doc[order]
+    bounds = np.flatnonzero(np.r_[True, doc[1:] != doc[:-1], True])
+    return {int(doc[start]): {name: values[start:stop] for name, values in columns.items()}
+            for start, stop in zip(bounds[:-1], bounds[1:], strict=True)}
+
+
 def encode_document(
-    rows: pd.DataFrame,
+    rows: dict[str, np.ndarray],
     n_positions: int,
     n_layers: int,
     n_heads: int,
@@ -276,17 +301,17 @@ def encode_document(
 ) -> dict[str, Any]:
     """Every matrix group of one document: "h"[layer][head] and "l"[layer] (None where nothing is stored).
 
-    keys_per_row: keep only each query row's strongest keys (by attention on head rows, by the first stored
-    layer measure on layer rows); None keeps every stored key. bits: 16 or 8 per value (`quantise`).
+    rows: the document's columns sorted by (layer, head, query_pos, key_pos) (`split_documents`). keys_per_row:
+    keep only each query row's strongest keys (by attention on head rows, by the first stored layer measure on
+    layer rows); None keeps every stored key. bits: 16 or 8 per value (`quantise`).
     """
-    rows = rows.sort_values(["layer", "head", "query_pos", "key_pos"])
-    layer = rows["layer"].to_numpy(np.int64)
-    head = rows["head"].to_numpy(np.int64)
-    query = rows["query_pos"].to_numpy(np.int64)
-    key = rows["key_pos"].to_numpy(np.int64)
-    # NumPy columns once per document; each group below is a slice of them (no per-group pandas work)
-    columns = {m: rows[m].to_numpy(np.float64) for m in (*HEAD_MEASURES, *LAYER_MEASURES) if m in rows}
-    kept_mass = rows["kept_mass"].to_numpy(np.float64) if "kept_mass" in rows else None
+    layer = rows["layer"].astype(np.int64)
+    head = rows["head"].astype(np.int64)
+    query = rows["query_pos"].astype(np.int64)
+    key = rows["key_pos"].astype(np.int64)
+    # each group below is a slice of these columns (no per-group pandas work)
+    columns = {m: rows[m].astype(np.float64) for m in (*HEAD_MEASURES, *LAYER_MEASURES) if m in rows}
+    kept_mass = rows["kept_mass"].astype(np.float64) if "kept_mass" in rows else None
     n_positions = max(
         n_positions, int(query.max()) + 1 if len(query) else 0, int(key.max()) + 1 if len(key) else 0
     )
@@ -509,7 +534,7 @@ def build_report(
     texts = run.texts(ids) if ids else {}
     pairs = run.pair_texts(ids) if ids else {}  # a sentence pair's second text
     rows = run.associations(ids, measures=list(MEASURE_INFO)) if ids and pairs_stored else None
-    grouped = dict(iter(rows.groupby("doc_id", sort=False))) if rows is not None else {}
+    grouped = split_documents(rows) if rows is not None else {}
     status_of = dict(zip(documents["doc_id"].astype(int), documents["status"], strict=True))
 
     def encode(doc_id: int, level: tuple[int, int]) -> tuple[str, MaxAttention | None]:
