@@ -247,6 +247,7 @@ def storage_runs(tiny: str, tmp_path_factory: pytest.TempPathFactory) -> dict[st
     corpus = write_lines(folder / "c.txt", SAMPLE[:3])
     settings = {
         "all": ["--top-k", "64"],
+        "all_zstd": ["--top-k", "64", "--set", "compression=zstd"],
         "top3": ["--top-k", "3"],
         "dense": ["--storage", "dense"],
         "threshold": ["--storage", "threshold", "--set", "threshold=0.1"],
@@ -267,6 +268,25 @@ def test_topk_with_k_at_least_n_keeps_every_pair(storage_runs: dict[str, Path]) 
     row_sums = heads.groupby(["doc_id", "layer", "head", "query_pos"])["attention"].sum()
     assert ((row_sums - 1).abs() < 1e-5).all()  # softmax rows
     assert (ref["kept_mass"].sub(1).abs() < 1e-5).all()
+
+
+def codecs(run: Path) -> set[tuple[str, str]]:
+    """(column, Parquet codec) of every column chunk of the run's association parts, as DuckDB reads them
+    (pyarrow names LZ4_RAW "LZ4")."""
+    import duckdb
+
+    parts = [str(part) for part in (run / "associations").glob("part-*.parquet")]
+    assert parts
+    rows = duckdb.sql(f"SELECT DISTINCT path_in_schema, compression FROM parquet_metadata({parts!r})").fetchall()
+    return {(column, codec) for column, codec in rows}
+
+
+def test_association_parts_are_lz4_by_default_and_zstd_on_request(storage_runs: dict[str, Path]) -> None:
+    """The codec changes the bytes, not the table: doc_id is left uncompressed (run-length encoded indices)."""
+    assert {codec for column, codec in codecs(storage_runs["all"]) if column != "doc_id"} == {"LZ4_RAW"}
+    assert {codec for column, codec in codecs(storage_runs["all_zstd"]) if column != "doc_id"} == {"ZSTD"}
+    assert {codec for column, codec in codecs(storage_runs["all"]) if column == "doc_id"} == {"UNCOMPRESSED"}
+    pd.testing.assert_frame_equal(associations(storage_runs["all_zstd"]), associations(storage_runs["all"]))
 
 
 def test_dense_is_float16_and_every_pair(storage_runs: dict[str, Path]) -> None:

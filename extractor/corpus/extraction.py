@@ -260,6 +260,7 @@ class Extraction:
                     state={"verification": report, **stats, "n_tokens": sum(u.n_tokens for _, u in units)},
                     # one token-level pass over documents in reading order comes out in (layer, head, doc_id) order
                     associations_ordered=config.level == "token" and len(per_doc_tables) == 1,
+                    compression=config.compression,
                     fingerprints=[record_fingerprint(r) for r in [*skipped, *(d.record for d in documents)]])
 
     def associations(self, analysis: BatchAnalysis, doc_ids: list[int]) -> pa.Table:
