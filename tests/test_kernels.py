@@ -35,7 +35,7 @@ def test_topk_rows_match_a_sort_of_each_visible_row(k: int, use_numba: bool) -> 
     position = torch.arange(n)
     limits = torch.minimum(lengths[:, None], position[None, :] + 1)  # causal + padding
     limits = limits.masked_fill(position[None, :] >= lengths[:, None], 0)[:, None, :].expand(3, 4, n)
-    top_values, top_keys, counts = topk_rows(values, limits, k, use_numba=use_numba)
+    top_values, top_keys, counts, totals = topk_rows(values, limits, k, use_numba=use_numba)
     expected, expected_counts = reference(values, limits, min(k, n))
     assert torch.equal(counts, expected_counts)
     torch.testing.assert_close(top_values, expected, rtol=0, atol=0)
@@ -44,6 +44,10 @@ def test_topk_rows_match_a_sort_of_each_visible_row(k: int, use_numba: bool) -> 
     slot = torch.arange(top_keys.shape[-1])
     assert (top_keys < limits[..., None]).logical_or(slot >= counts[..., None]).all()
     assert (top_keys.masked_select(slot >= counts[..., None]) == 0).all()
+    # each row's total over its visible keys (float32 rounding in another order than float64's)
+    visible = torch.arange(n) < limits[..., None]
+    expected_totals = values.double().masked_fill(~visible, 0.0).sum(dim=-1)
+    torch.testing.assert_close(totals.double(), expected_totals, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("use_numba", [True, False])
@@ -55,7 +59,7 @@ def test_topk_rows_read_keys_from_each_rows_start(use_numba: bool) -> None:
     position = torch.arange(n)
     limits = (position + 1)[None].expand(3, n)
     starts = torch.stack([(position - w + 1).clamp_min(0) for w in (3, 9, 70)])
-    top_values, top_keys, counts = topk_rows(values, limits, k, use_numba=use_numba, starts=starts)
+    top_values, top_keys, counts, totals = topk_rows(values, limits, k, use_numba=use_numba, starts=starts)
     for b in range(3):
         for q in range(n):
             start, limit = int(starts[b, q]), int(limits[b, q])
@@ -64,6 +68,7 @@ def test_topk_rows_read_keys_from_each_rows_start(use_numba: bool) -> None:
             assert int(counts[b, q]) == count
             assert torch.equal(top_values[b, q, :count], expected.values[:count])
             assert torch.equal(top_keys[b, q, :count], expected.indices[:count] + start)
+            assert float(totals[b, q]) == pytest.approx(float(values[b, q, start:limit].double().sum()), rel=1e-6)
 
 
 def test_numba_and_torch_paths_agree_on_keys_without_ties() -> None:
@@ -72,25 +77,27 @@ def test_numba_and_torch_paths_agree_on_keys_without_ties() -> None:
     limits[1] = 31
     numba_result = topk_rows(values, limits, 8, use_numba=True)
     torch_result = topk_rows(values, limits, 8, use_numba=False)
-    for a, b in zip(numba_result, torch_result, strict=True):
+    for a, b in zip(numba_result[:3], torch_result[:3], strict=True):
         assert torch.equal(a, b)
+    torch.testing.assert_close(numba_result.totals, torch_result.totals, rtol=1e-6, atol=0)  # sums in another order
 
 
 def test_ties_keep_the_earlier_key_first() -> None:
     values = torch.tensor([[0.1, 0.3, 0.3, 0.3, 0.0, 0.3]])
-    top_values, top_keys, counts = topk_rows(values, torch.tensor([6]), 3, use_numba=True)
+    top_values, top_keys, counts, _ = topk_rows(values, torch.tensor([6]), 3, use_numba=True)
     assert top_keys.tolist() == [[1, 2, 3]] and counts.tolist() == [3]
 
 
 def test_limits_beyond_the_row_zero_width_rows_and_nan_leave_clean_slots() -> None:
     values = torch.tensor([[0.5, 0.2, 0.3], [float("nan"), 0.9, 0.1]])
-    top_values, top_keys, counts = topk_rows(values, torch.tensor([99, 3]), 2, use_numba=True)
+    top_values, top_keys, counts, totals = topk_rows(values, torch.tensor([99, 3]), 2, use_numba=True)
     assert top_keys[0].tolist() == [0, 2] and counts[0] == 2  # limit 99 read as 3
+    assert totals[0].item() == pytest.approx(1.0) and totals[1].isnan()  # a row with NaN totals NaN
     slot = torch.arange(2)
     assert (top_values[1][slot >= counts[1]] == 0).all() and (top_keys[1][slot >= counts[1]] == 0).all()
     assert not torch.isnan(top_values).any()
     empty = topk_rows(torch.zeros(4, 0), torch.zeros(4, dtype=torch.long), 8)
-    assert [tuple(t.shape) for t in empty] == [(4, 0), (4, 0), (4,)]
+    assert [tuple(t.shape) for t in empty] == [(4, 0), (4, 0), (4,), (4,)]
 
 
 def sort_each_row(
@@ -111,11 +118,15 @@ def sort_each_row(
 
 def assert_matches_a_sort(values: torch.Tensor, starts: torch.Tensor, limits: torch.Tensor, k: int) -> None:
     rows, n = values.reshape(-1, values.shape[-1]), values.shape[-1]
-    top_values, top_keys, counts = topk_rows(rows, limits.reshape(-1), k, use_numba=True, starts=starts.reshape(-1))
+    top_values, top_keys, counts, totals = topk_rows(rows, limits.reshape(-1), k, use_numba=True,
+                                                     starts=starts.reshape(-1))
     expected_values, expected_keys, expected_counts = sort_each_row(rows, starts, limits, min(k, n))
     assert torch.equal(counts, expected_counts)
     assert torch.equal(top_keys, expected_keys)
     assert torch.equal(top_values.view(torch.int32), expected_values.view(torch.int32))  # bit for bit: -0.0 stays
+    visible = (torch.arange(n) >= starts.reshape(-1, 1)) & (torch.arange(n) < limits.reshape(-1, 1))
+    expected_totals = rows.double().masked_fill(~visible, 0.0).sum(dim=-1)  # NaN and infinities carried through
+    torch.testing.assert_close(totals.double(), expected_totals, rtol=1e-5, atol=1e-6, equal_nan=True)
 
 
 @pytest.mark.parametrize("k", [1, 3, 8, 9, 16])

@@ -22,6 +22,8 @@ parallel, in chunks that reuse their scratch arrays. On CUDA, or without numba, 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import torch
 
@@ -114,7 +116,7 @@ if HAVE_NUMBA:
             ranks[i] = (((b ^ (sign & 0x7FFFFFFF)) - sign) << 32) | (LOW32 - keys[i])
 
     @njit(parallel=True, cache=True, boundscheck=False)
-    def _topk_kernel(values, starts, limits, k, out_keys, out_values, out_counts):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202
+    def _topk_kernel(values, starts, limits, k, out_keys, out_values, out_counts, out_totals):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202
         rows, n = values.shape
         n_chunks = (rows + CHUNK - 1) // CHUNK
         for c in prange(n_chunks):
@@ -133,10 +135,11 @@ if HAVE_NUMBA:
                 width = np.int64(limit - start)
                 m = (width + BLOCK - 1) // BLOCK  # blocks from start, the last one maybe short
                 full = width // BLOCK
-                total = _sum(values, r, start, limit) if m > k else np.float32(np.nan)
+                total = _sum(values, r, start, limit)
+                out_totals[r] = total
                 count = 0
                 found = U0
-                if total - total == 0:  # a finite row of more than k blocks: candidates from the block bound
+                if m > k and total - total == 0:  # a finite row of more than k blocks: candidates from the block bound
                     for b in range(full):
                         maxima[b] = _max8(values, r, start + np.uint64(b) * UBLOCK)
                     if full < m:
@@ -195,19 +198,29 @@ if HAVE_NUMBA:
                 out_counts[r] = count
 
 
+class TopK(NamedTuple):
+    """`topk_rows`' result: slots at or beyond a row's count (rows with fewer than k visible keys) hold value 0
+    and key 0."""
+
+    values: torch.Tensor  # [..., k] descending
+    keys: torch.Tensor  # [..., k]
+    counts: torch.Tensor  # [...] filled slots
+    totals: torch.Tensor  # [...] float32: the sum of each row's visible keys (NaN if any is NaN)
+
+
 def topk_rows(
     values: torch.Tensor,
     limits: torch.Tensor,
     k: int,
     use_numba: bool | None = None,
     starts: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The k largest values of each row among its visible keys [start, limit), in descending order.
+) -> TopK:
+    """The k largest values of each row among its visible keys [start, limit), in descending order, and each row's
+    total over those keys (the kernel reads every visible key for its block maxima anyway).
 
     values: [..., key]; limits: [...] (int, 0 = no visible key); starts: [...] the first visible key of each row
-    (a sliding window), None: 0 for every row. Returns (top_values [..., k],
-    top_keys [..., k], counts [...]): slots at or beyond a row's count (rows with fewer than k visible keys)
-    hold value 0 and key 0. Ties keep the earlier key first. Limits beyond the row are read as the row's length.
+    (a sliding window), None: 0 for every row. Ties keep the earlier key first. Limits beyond the row are read
+    as the row's length.
     NaN values are never selected on the numba path: a row holding NaN gets the k largest of its other visible keys
     (torch.topk ranks NaN first instead); softmax patterns hold none.
     """
@@ -219,7 +232,8 @@ def topk_rows(
         starts = torch.minimum(starts.clamp_min(0), limits)
     if k == 0:
         empty = torch.zeros(*lead, 0, device=values.device)
-        return empty.to(values.dtype), empty.long(), torch.zeros(lead, dtype=torch.long, device=values.device)
+        none = torch.zeros(lead, device=values.device)
+        return TopK(empty.to(values.dtype), empty.long(), none.long(), none)
     if use_numba is None:
         use_numba = HAVE_NUMBA and values.device.type == "cpu"
     if use_numba:
@@ -230,18 +244,20 @@ def topk_rows(
         keys = np.zeros((rows.shape[0], k), dtype=np.int64)
         top = np.zeros((rows.shape[0], k), dtype=np.float32)
         counts = np.empty(rows.shape[0], dtype=np.int64)
-        _topk_kernel(rows, row_starts, row_limits, k, keys, top, counts)
+        totals = np.empty(rows.shape[0], dtype=np.float32)
+        _topk_kernel(rows, row_starts, row_limits, k, keys, top, counts, totals)
         top_values, top_keys, count = torch.from_numpy(top), torch.from_numpy(keys), torch.from_numpy(counts)
-        top_values = top_values.to(values.dtype)
+        top_values, total = top_values.to(values.dtype), torch.from_numpy(totals)
     else:
         key = torch.arange(n, device=values.device)
         visible = key < limits.reshape(-1, 1)  # [row, key]
         if starts is not None:
             visible &= key >= starts.reshape(-1, 1)
+        total = values.reshape(-1, n).float().masked_fill(~visible, 0.0).sum(dim=-1)
         ranked = values.reshape(-1, n).masked_fill(~visible, float("-inf"))
         top_values, top_keys = ranked.topk(k, dim=-1, sorted=True)
         count = visible.sum(dim=-1).clamp_max(k)
         slot_valid = torch.arange(k, device=values.device) < count[:, None]
         top_values = top_values.masked_fill(~slot_valid, 0.0)
         top_keys = top_keys.masked_fill(~slot_valid, 0)
-    return top_values.view(*lead, k), top_keys.view(*lead, k), count.view(lead)
+    return TopK(top_values.view(*lead, k), top_keys.view(*lead, k), count.view(lead), total.view(lead))

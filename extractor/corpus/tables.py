@@ -144,7 +144,7 @@ def select_cells(
     # the kernel reads rows in storage order: [batch, group, query, key] for both head and layer measures
     row_limits = limits[:, None, :].expand(rank.shape[1], rank.shape[0], n)
     row_starts = None if first is None else first.to(rank.device)[None, None, :].expand_as(row_limits)
-    top_values, top_keys, counts = (
+    top_values, top_keys, counts, totals = (
         t.transpose(0, 1) for t in topk_rows(rank.transpose(0, 1), row_limits, k, starts=row_starts)
     )
     flat: torch.Tensor | None = None  # kept slots as flat indices; None: every slot
@@ -159,7 +159,7 @@ def select_cells(
     def take(t: torch.Tensor) -> torch.Tensor:
         return t.reshape(-1) if flat is None else t.reshape(-1).index_select(0, flat)
 
-    kept_mass = top_values.sum(dim=-1) / rank.sum(dim=-1).clamp_min(1e-30)  # [group, batch, query]
+    kept_mass = top_values.sum(dim=-1) / totals.clamp_min(1e-30)  # [group, batch, query]
     kept = {name: take(top_values if name == rank_name else v.gather(-1, top_keys)) for name, v in values.items()}
     return KeptCells(group, batch, query, take(top_keys), kept, kept_mass.reshape(-1).index_select(0, row))
 
@@ -218,6 +218,9 @@ def measures_table(
     if windows is not None:
         schema = schema.append(pa.field("window", pa.int16()))
     n_layers = len(next(iter(per_layer.values())))
+    index = torch.arange(positions.shape[1])
+    # positions are the matrix indices themselves (a token-level batch without windows): no gather per cell
+    identity = bool(((positions == index) | (index >= lengths.cpu()[:, None])).all())
     tables = []
     for layer in range(n_layers):
         # NaN where not computed (value zeroing outside its scope): null in the table
@@ -231,8 +234,8 @@ def measures_table(
                 "doc_id": pa.array(doc_ids[batch].numpy(), pa.int64()),
                 "layer": pa.array(np.full(rows, layer, dtype=np.int16)),
                 "head": pa.array(cells.group.to(torch.int16).cpu().numpy() if head_level else np.full(rows, -1, np.int16)),
-                "query_pos": pa.array(positions[batch, query].to(torch.int32).numpy()),
-                "key_pos": pa.array(positions[batch, key].to(torch.int32).numpy()),
+                "query_pos": pa.array((query if identity else positions[batch, query]).to(torch.int32).numpy()),
+                "key_pos": pa.array((key if identity else positions[batch, key]).to(torch.int32).numpy()),
             }
             if windows is not None:
                 columns["window"] = pa.array(windows[batch].to(torch.int16).numpy())
