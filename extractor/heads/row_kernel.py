@@ -24,6 +24,22 @@ if HAVE_NUMBA:
 
     from extractor.heads.float32_math import bits_float, float_bits, log32
 
+    @njit(fastmath=FAST)
+    def _sums(rows, r, b, limit, key_sets, total, on_keys):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202
+        """Row r's total over keys [0, limit) into total[r], and over each flag set's keys into on_keys[r]."""
+        mass = np.float32(0.0)
+        on0 = np.float32(0.0)
+        on1 = np.float32(0.0)
+        on2 = np.float32(0.0)
+        for k in range(limit):
+            a = rows[r, k]
+            mass += a
+            on0 += a * key_sets[b, 0, k]
+            on1 += a * key_sets[b, 1, k]
+            on2 += a * key_sets[b, 2, k]
+        total[r] = mass
+        on_keys[r, 0], on_keys[r, 1], on_keys[r, 2] = on0, on1, on2
+
     @njit(parallel=True, fastmath=FAST, cache=True)
     def _row_kernel(pattern, values, limits, n_heads, key_sets,  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202
                     entropy, distance, largest, total, on_keys, value_total, value_on_keys):
@@ -38,38 +54,18 @@ if HAVE_NUMBA:
             at = np.float32(query)
             plogp = np.float32(0.0)
             moved = np.float32(0.0)
-            mass = np.float32(0.0)
             top = np.int32(0)
-            on0 = np.float32(0.0)
-            on1 = np.float32(0.0)
-            on2 = np.float32(0.0)
             for k in range(limit):
                 a = pattern[r, k]
                 plogp += a * log32(max(a, np.float32(TINY)))
                 moved += a * abs(at - np.float32(k))
-                mass += a
                 top = max(top, np.int32(float_bits(a) & np.int32(0x7FFFFFFF)))  # no sign: -0 is 0, NaN stays NaN
-                on0 += a * key_sets[b, 0, k]
-                on1 += a * key_sets[b, 1, k]
-                on2 += a * key_sets[b, 2, k]
             entropy[r] = -plogp
             distance[r] = moved
             largest[r] = bits_float(top)
-            total[r] = mass
-            on_keys[r, 0], on_keys[r, 1], on_keys[r, 2] = on0, on1, on2
+            _sums(pattern, r, b, limit, key_sets, total, on_keys)  # the row again, from the cache
             if with_values:
-                mass = np.float32(0.0)
-                on0 = np.float32(0.0)
-                on1 = np.float32(0.0)
-                on2 = np.float32(0.0)
-                for k in range(limit):
-                    v = values[r, k]
-                    mass += v
-                    on0 += v * key_sets[b, 0, k]
-                    on1 += v * key_sets[b, 1, k]
-                    on2 += v * key_sets[b, 2, k]
-                value_total[r] = mass
-                value_on_keys[r, 0], value_on_keys[r, 1], value_on_keys[r, 2] = on0, on1, on2
+                _sums(values, r, b, limit, key_sets, value_total, value_on_keys)
 
 
 def row_statistics_arrays(pattern: np.ndarray, values: np.ndarray | None, limits: np.ndarray, key_sets: np.ndarray,
