@@ -226,12 +226,26 @@ def test_overview_is_laid_out_to_fit_without_cropping(n_layers: int, n_heads: in
     assert getattr(figure, "fits", False)
     renderer = figure.canvas.get_renderer()
     figure.draw(renderer)
+    metrics = plots.plotted_metrics(heads)
     maps = [ax for ax in figure.axes if not hasattr(ax, "_colorbar")]
-    assert len(maps) == len(plots.plotted_metrics(heads))
-    # each panel = its map, its colour bar, and their titles, labels and tick labels
-    panels = [ax.get_tightbbox(renderer).union([ax.get_tightbbox(renderer), bar.get_tightbbox(renderer)])
-              for ax, bar in zip(maps, [ax for ax in figure.axes if hasattr(ax, "_colorbar")], strict=True)]
-    assert_laid_out(figure, panels)
+    shared = [ax for ax in figure.axes if ax.get_label() == plots.SHARED_BAR]
+    bars = {id(ax._colorbar.mappable): ax for ax in figure.axes if hasattr(ax, "_colorbar") and ax not in shared}
+    assert len(maps) == len(metrics)
+    # entropy and distance each have a bar of their own range; every other map is on 0..1, with one shared bar
+    own = {metric: bars.get(id(ax.images[0])) for metric, ax in zip(metrics, maps, strict=True)}
+    assert {m for m, bar in own.items() if bar is not None} == set(plots.UNBOUNDED_METRICS) & set(metrics)
+    bounded = [ax for metric, ax in zip(metrics, maps, strict=True) if metric not in plots.UNBOUNDED_METRICS]
+    assert all(ax.images[0].get_clim() == (0.0, 1.0) for ax in bounded)
+    assert len(shared) == 1 and shared[0]._colorbar.mappable.get_clim() == (0.0, 1.0)
+    # tick labels on the outer maps only: layers on the first column, heads under the last map of each column
+    for index, ax in enumerate(maps):
+        assert bool(ax.get_yticklabels()) == bool(ax.get_ylabel()) == (index % 4 == 0), index
+        assert bool(ax.get_xticklabels()) == bool(ax.get_xlabel()) == (index + 4 >= len(maps)), index
+    # each panel = its map, its own colour bar if any, and their titles, labels and tick labels; the shared bar
+    panels = [ax.get_tightbbox(renderer).union([ax.get_tightbbox(renderer),
+                                                (own[metric] or ax).get_tightbbox(renderer)])
+              for metric, ax in zip(metrics, maps, strict=True)]
+    assert_laid_out(figure, [*panels, shared[0].get_tightbbox(renderer)])
 
 
 def test_default_head_is_the_sharpest_that_is_not_positional() -> None:

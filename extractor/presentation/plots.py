@@ -192,37 +192,60 @@ def plotted_metrics(heads: pd.DataFrame) -> list[str]:
     return [m for m in METRICS if m in heads.columns and heads[m].notna().any()]
 
 
+SHARED_BAR = "shared 0..1 colour bar"  # the overview's bar for every map on 0..1 (its axes' label)
+
+
 def head_metrics_overview_figure(heads: pd.DataFrame, title: str) -> Figure:
     """Every metric of a heads table as a small layer × head map, side by side: which heads stand out on which
-    metric, at a glance (shares and scores on 0..1, entropy and distance on their own range).
+    metric, at a glance. Shares and scores share one 0..1 colour scale and its bar (on the right); entropy and
+    distance keep a bar of their own range beside their map. Tick labels and the axis names are drawn on the
+    outer maps only (layers on the first column, heads under the last map of each column), as in any grid of
+    small multiples with shared axes.
 
     Laid out in inches, with room for each map's title, labels, ticks and colour bar, so it needs no
-    `tight_layout` and no cropping (`fits`): one draw to save instead of three (about a second on MiniLM).
+    `tight_layout` and no cropping (`fits`): one draw to save instead of three.
     """
     metrics = plotted_metrics(heads)
     n_cols = min(4, max(1, len(metrics)))
     n_rows = -(-len(metrics) // n_cols)
     n_layers, n_heads = heads["layer"].nunique(), heads["head"].nunique()
     map_w, map_h = 1.9 + 0.1 * min(n_heads, 40), 0.55 + 0.1 * min(n_layers, 40)  # the map itself
-    # around each map: its title above; ticks and "layer" left; ticks and "head" below; its colour bar right
+    # around each map: its title above; ticks and "layer" left; ticks and "head" below; its own colour bar right
     left, above, below, bar_gap, bar, right = 0.5, 0.3, 0.4, 0.06, 0.1, 0.4
     cell_w, cell_h = left + map_w + bar_gap + bar + right, above + map_h + below
     top, margin = 0.5, 0.05  # the title of the figure; the edge
-    width, height = 2 * margin + n_cols * cell_w, top + n_rows * cell_h + margin
+    shared_w = 0.15 + bar + 0.55  # the shared 0..1 bar: a gap, the bar, its ticks and label
+    width, height = 2 * margin + n_cols * cell_w + shared_w, top + n_rows * cell_h + margin
     figure = laid_out_figure(width, height)
+    shared_image = None
     for index, metric in enumerate(metrics):
         row, col = divmod(index, n_cols)
         x, y = margin + col * cell_w + left, height - top - row * cell_h - above - map_h  # map's lower left
         ax = axes_at(figure, x, y, map_w, map_h)
-        bar_ax = axes_at(figure, x + map_w + bar_gap, y, bar, map_h)
-        low, high = (None, None) if metric in UNBOUNDED_METRICS else (0.0, 1.0)
+        bounded = metric not in UNBOUNDED_METRICS
         image = ax.imshow(metric_grid(heads, metric).to_numpy(), aspect="auto", cmap=SEQUENTIAL,
-                          interpolation="nearest", vmin=low, vmax=high)
+                          interpolation="nearest", vmin=0.0 if bounded else None, vmax=1.0 if bounded else None)
         ax.set_title(METRIC_LABELS.get(metric, metric), fontsize=7)
-        ax.set_xlabel("head", fontsize=6, labelpad=1)
-        ax.set_ylabel("layer", fontsize=6, labelpad=1)
         ax.tick_params(labelsize=5)
-        figure.colorbar(image, cax=bar_ax).ax.tick_params(labelsize=5)
+        if col == 0:
+            ax.set_ylabel("layer", fontsize=6, labelpad=1)
+        else:
+            ax.tick_params(labelleft=False)
+        if index + n_cols >= len(metrics):  # no map below this one
+            ax.set_xlabel("head", fontsize=6, labelpad=1)
+        else:
+            ax.tick_params(labelbottom=False)
+        if bounded:
+            shared_image = image
+        else:
+            figure.colorbar(image, cax=axes_at(figure, x + map_w + bar_gap, y, bar, map_h)).ax.tick_params(labelsize=5)
+    if shared_image is not None:
+        grid_top, grid_bottom = height - top - above, height - top - (n_rows - 1) * cell_h - above - map_h
+        shared_ax = axes_at(figure, margin + n_cols * cell_w + 0.15, grid_bottom, bar, grid_top - grid_bottom)
+        shared_ax.set_label(SHARED_BAR)
+        shared = figure.colorbar(shared_image, cax=shared_ax)
+        shared.ax.tick_params(labelsize=6)
+        shared.set_label("share of the row, or score (every map without its own bar)", fontsize=7)
     figure.suptitle(title, fontsize=10, y=1 - 0.15 / height, va="top")
     return figure
 
