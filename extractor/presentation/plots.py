@@ -614,7 +614,8 @@ def plot_document(run_dir: Path | RunFolder, doc: int, layer: int, head: int, ou
     if run.level == "word":
         qualifier += " between words"
     where = f"doc {doc}, layer {layer} head {head}"
-    attention, labels = run.doc_matrix(doc, layer, head, "attention")
+    grid, labels = run.doc_matrices(doc, "attention")  # [layer, head, query, key]: one read for both figures
+    attention = grid[layer, head]
     paths = plot_doc_head(
         attention,
         labels,
@@ -622,7 +623,6 @@ def plot_document(run_dir: Path | RunFolder, doc: int, layer: int, head: int, ou
         f"{model}: attention{qualifier}, {where}",
         stem=f"doc{doc}_L{layer}H{head}",
     )
-    grid, labels = run.doc_matrices(doc, "attention")
     paths += plot_doc_grid(
         grid,
         labels,
