@@ -154,8 +154,11 @@ def end_with(run_pid: int, every: float = 0.1) -> None:
 
 
 def warm_up() -> None:
-    """Import the plotting code and draw a small figure with text once: what a first figure costs besides its
-    own drawing (the fonts are loaded then), paid while the run is still starting."""
+    """Import the plotting code and the run folder's reader (DuckDB scans the association parts) and draw a
+    small figure with text once: what a first figure costs besides its own drawing (the fonts are loaded then),
+    paid while the run is still starting."""
+    import duckdb  # noqa: F401 - imported now, not when the first document's figures read the run
+
     from extractor.presentation.plots import new_figure
 
     figure = new_figure((1, 1))
