@@ -331,6 +331,25 @@ def test_topk_keeps_the_strongest_keys_and_their_mass(storage_runs: dict[str, Pa
     assert ((top_heads.groupby(row)["kept_mass"].first() - mass).abs() < 1e-5).all()
 
 
+def test_part_states_round_trip_through_numpy_and_keep_odd_dtypes() -> None:
+    """A part's accumulators are written with tensors as NumPy arrays (`state_bytes`) and read back by plain
+    pickle as tensors of the same dtype and values; bfloat16, which NumPy lacks, keeps torch's pickling."""
+    import pickle
+
+    from extractor.corpus.storage import state_bytes
+    from extractor.heads.metrics import HeadStats
+
+    stats = HeadStats(2, 3, False, "[CLS]", "[SEP]")
+    stats.totals["entropy"] += torch.arange(6, dtype=torch.float64).view(2, 3) / 7
+    state = {"heads": stats, "odd": torch.tensor([1.5, -2.25], dtype=torch.bfloat16), "n_tokens": 12}
+    loaded = pickle.loads(state_bytes(state))
+    assert loaded["n_tokens"] == 12
+    for name, tensor in stats.totals.items():
+        assert torch.equal(loaded["heads"].totals[name], tensor) and loaded["heads"].totals[name].dtype == torch.float64
+    pd.testing.assert_frame_equal(loaded["heads"].table(), stats.table())
+    assert loaded["odd"].dtype == torch.bfloat16 and torch.equal(loaded["odd"], state["odd"])
+
+
 def test_summary_writes_no_pair_tables(storage_runs: dict[str, Path]) -> None:
     out = storage_runs["summary"]
     assert list((out / "associations").glob("*.parquet")) == []
