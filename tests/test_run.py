@@ -331,6 +331,24 @@ def test_topk_keeps_the_strongest_keys_and_their_mass(storage_runs: dict[str, Pa
     assert ((top_heads.groupby(row)["kept_mass"].first() - mass).abs() < 1e-5).all()
 
 
+def test_run_folder_reads_its_parts_from_any_folder_name(storage_runs: dict[str, Path], tmp_path: Path) -> None:
+    """`RunFolder.associations` scans the parts with DuckDB: a folder whose name holds a quote and spaces reads
+    the same rows as the SQL view, in stored order, filtered by document, layer and head."""
+    import shutil
+
+    moved = tmp_path / "it's a run's folder"
+    shutil.copytree(storage_runs["top3"], moved)
+    run = open_run(moved)
+    rows = run.associations([0, 2])
+    view = run.sql("SELECT * FROM associations WHERE doc_id IN (0, 2)").df()
+    assert len(rows) == len(view) > 0 and set(rows["doc_id"]) == {0, 2}
+    pd.testing.assert_frame_equal(rows.reset_index(drop=True), view[rows.columns].reset_index(drop=True),
+                                  check_dtype=False)
+    one_head = run.associations([2], layer=1, head=3)
+    assert len(one_head) and set(zip(one_head["layer"], one_head["head"], strict=True)) == {(1, 3)}
+    assert run.associations([]).empty and (run.associations([0], heads_only=True)["head"] >= 0).all()
+
+
 def test_part_states_round_trip_through_numpy_and_keep_odd_dtypes() -> None:
     """A part's accumulators are written with tensors as NumPy arrays (`state_bytes`) and read back by plain
     pickle as tensors of the same dtype and values; bfloat16, which NumPy lacks, keeps torch's pickling."""
