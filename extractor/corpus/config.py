@@ -18,7 +18,7 @@ from extractor.attribution.measures import MEASURES, RUN_MEASURES
 from extractor.core.tolerance import DEFAULT_ATOL, default_atol
 from extractor.corpus.engines import ENGINES
 from extractor.corpus.readers import RecordKeys
-from extractor.corpus.storage import DOCUMENT_SCHEMA
+from extractor.corpus.storage import DEFAULT_COMPRESSION, DOCUMENT_SCHEMA, Compression
 from extractor.errors import UserError, quoted, shortened
 
 FigureFormat = Literal["png", "svg"]
@@ -56,7 +56,7 @@ class RunConfig(BaseModel):
     storage: Literal["topk", "dense", "threshold", "summary"] = Field("topk", description="Association rows kept: top-k keys per row, every cell, cells ≥ threshold, or none (per-head metrics only).")
     top_k: int = Field(8, ge=1, description="storage topk: keys kept per query row and head.")
     threshold: float = Field(0.05, ge=0.0, description="storage threshold: keep cells with weight ≥ this.")
-    compression: Literal["lz4", "zstd"] = Field("lz4", description="Codec of the association parts: lz4 writes them 25–30% faster, zstd 14% smaller.")
+    compression: Compression = Field(DEFAULT_COMPRESSION, description="Codec of the association parts: lz4 writes them 25–30% faster, zstd 13–16% smaller.")
     level: Literal["token", "word"] = Field("token", description="Positions of the tables: tokens, or words (mean over query pieces, sum over key pieces).")
     measures: list[str] = Field(default_factory=lambda: list(RUN_MEASURES), description="Association measures to store.")
     value_zeroing_layers: list[int] | None = Field(None, description="value_zeroing only for these layers (comma-separated, 0-based), e.g. 0,3,5; null = every layer. Other layers get no value_zeroing (null; no rows when it is the only layer measure).")

@@ -35,7 +35,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -69,6 +69,10 @@ def document_schema(kept_fields: list[str]) -> pa.Schema:
     return pa.schema([*DOCUMENT_SCHEMA, *(pa.field(name, pa.string()) for name in kept_fields)])
 
 
+Compression = Literal["lz4", "zstd"]  # the association parts' codecs (`RunConfig.compression`)
+DEFAULT_COMPRESSION: Compression = "lz4"
+
+
 @dataclass
 class Part:
     """Everything one batch adds to the outputs."""
@@ -80,7 +84,7 @@ class Part:
     associations: pa.Table | None = None
     state: dict[str, Any] = field(default_factory=dict)  # picklable accumulators (verification, head stats)
     associations_ordered: bool = False  # rows already in (layer, head, doc_id) order: the writer skips its sort
-    compression: str = "lz4"  # the association part's codec (`RunConfig.compression`)
+    compression: Compression = DEFAULT_COMPRESSION  # the association part's codec (`RunConfig.compression`)
     fingerprints: list[str] = field(default_factory=list)  # per document row: `record_fingerprint` of its record
 
     @property
@@ -136,12 +140,13 @@ def _write_table(table: pa.Table, path: Path) -> None:
     _atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
 
 
-def write_associations(table: pa.Table, path: Path, ordered: bool = False, compression: str = "lz4") -> None:
+def write_associations(table: pa.Table, path: Path, ordered: bool = False,
+                       compression: Compression = DEFAULT_COMPRESSION) -> None:
     """One file, sorted by (layer, head, doc_id) with one row group per layer, so layer/head filters skip data.
 
     compression: the codec of every column but doc_id, "lz4" (Parquet's LZ4_RAW) or "zstd". On top-k parts of
-    32 and 128 tokens lz4 wrote 25–30% faster than zstd for 14% more bytes (zstd's fastest negative levels sat
-    in between, nearer zstd's time than lz4's).
+    32 and 128 tokens lz4 wrote 25–30% faster than zstd, for 15–19% more bytes on the sample corpus's top-k and
+    threshold tables (zstd's fastest negative levels sat in between, nearer zstd's time than lz4's).
 
     `ordered`: the rows already come in that order (a token-level batch's table does), so only the layer
     boundaries are looked up. Otherwise rows of one document arrive in (layer, head, query_pos, key_pos)
