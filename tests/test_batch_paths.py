@@ -69,6 +69,41 @@ def test_batch_table_windows_column(analysis: tuple[BatchAnalysis, bool]) -> Non
     assert dict(zip(table["doc_id"], table["window"], strict=False)) == {1: 0, 2: 4, 3: 9}
 
 
+@pytest.mark.parametrize("k", [1, 3, 8, 200])
+def test_compiled_top_k_columns_equal_the_torch_path(analysis: tuple[BatchAnalysis, bool], k: int,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The numba path (`kernels.kept_topk_columns`: kernel rows straight to columns) builds the same table as the
+    torch path (index tensors, gathers, casts), value for value, with padding, a window column, a sliding
+    window's first keys, a document a measure was not computed for (NaN: null) and positions that are not the
+    matrix indices."""
+    from extractor.corpus import tables
+
+    result, causal = analysis
+    per_layer = {name: [t.clone() for t in values] for name, values in result.per_layer.items()}
+    per_layer["value_norm"][1][2] = float("nan")  # value_norm not computed for document 2 in layer 1
+    per_layer["rollout"][0][1] = float("nan")  # nor rollout for document 1 in layer 0: it keeps no layer row there
+    lengths, positions, doc_ids = tables.batch_inputs(result, [7, 3, 11])
+    positions = positions + 5 * torch.arange(3)[:, None]  # windows of longer documents: positions start later
+    windows = torch.tensor([0, 2, 1])
+
+    def first_keys(names: tuple[str, ...], layer: int) -> torch.Tensor | None:
+        return None if layer % 2 else (torch.arange(positions.shape[1]) - 3).clamp_min(0)  # a 4-key window
+
+    def table(compiled: bool) -> pa.Table:
+        monkeypatch.setattr(tables, "HAVE_NUMBA", compiled)
+        return tables.measures_table(per_layer, lengths, positions, doc_ids, causal, top_k=k, windows=windows,
+                                     first_keys=first_keys)
+
+    compiled, reference = table(True), table(False)
+    assert compiled.schema == reference.schema
+    assert compiled.num_rows == reference.num_rows > 0
+    assert compiled["value_norm"].null_count == reference["value_norm"].null_count > 0
+    for name in ("doc_id", "layer", "head", "query_pos", "key_pos", "window", *MEASURES):
+        assert compiled[name].equals(reference[name]), name
+    # kept_mass: eight float32 slots summed in another order can differ in the last bit
+    np.testing.assert_allclose(compiled["kept_mass"].to_numpy(), reference["kept_mass"].to_numpy(), rtol=1e-6, atol=0)
+
+
 def test_head_stats_batch_equals_per_document(analysis: tuple[BatchAnalysis, bool], minilm) -> None:
     result, causal = analysis
     n_layers, n_heads = len(result.per_layer["attention"]), result.per_layer["attention"][0].shape[1]

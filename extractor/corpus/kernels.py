@@ -18,6 +18,10 @@ The block maxima and their k-th largest are computed with fast-math, which may a
 whose (vectorised) sum is not finite skips steps 1 and 2 too, its candidates every visible key but NaN (ranked as
 integers, infinities order like any value). Fewer than k candidates go through the sorted buffer. Rows run in
 parallel, in chunks that reuse their scratch arrays. On CUDA, or without numba, the same contract runs on torch.
+
+`kept_topk_columns` then turns the kernel's rows into the association table's columns in one more compiled pass
+(document ids, heads, document positions, the kept values and each row's kept mass, the other measures read at
+the kept keys), written once in the table's order instead of through index grids, gathers and casts in torch.
 """
 
 from __future__ import annotations
@@ -261,3 +265,88 @@ def topk_rows(
         top_values = top_values.masked_fill(~slot_valid, 0.0)
         top_keys = top_keys.masked_fill(~slot_valid, 0)
     return TopK(top_values.view(*lead, k), top_keys.view(*lead, k), count.view(lead), total.view(lead))
+
+
+if HAVE_NUMBA:
+
+    @njit(parallel=True, cache=True, boundscheck=False)
+    def _kept_rows_kernel(keys, tops, counts, totals, n_groups, n_batch, n_query, positions, labels, head_level,  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202
+                          offsets, out_labels, out_head, out_query, out_key, out_rank, out_mass):
+        """Scatter `_topk_kernel`'s rows (storage order [batch, group, query]) into table columns in the table's
+        order (group, batch, query, slot), each row's filled slots at offsets[o] (o its table-order index).
+        labels: [label, batch] per-document values (doc_id, window) copied onto each kept cell."""
+        k = keys.shape[1]
+        for o in prange(n_groups * n_batch * n_query):
+            q = o % n_query
+            b = (o // n_query) % n_batch
+            g = o // (n_query * n_batch)
+            r = (b * n_groups + g) * n_query + q
+            kept = np.float32(0.0)
+            for s in range(k):  # empty slots hold 0
+                kept += tops[r, s]
+            mass = kept / max(totals[r], np.float32(1e-30))
+            start = offsets[o]
+            for s in range(counts[r]):
+                i = start + s
+                for label in range(labels.shape[0]):
+                    out_labels[label, i] = labels[label, b]
+                out_head[i] = g if head_level else -1
+                out_query[i] = positions[b, q]
+                out_key[i] = positions[b, keys[r, s]]
+                out_rank[i] = tops[r, s]
+                out_mass[i] = mass
+
+    @njit(parallel=True, cache=True, boundscheck=False)
+    def _kept_values_kernel(values, keys, counts, n_groups, n_batch, n_query, offsets, out):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202
+        """Another measure's values [row, key] (storage order) at the kept rows' keys, in the table's order."""
+        for o in prange(n_groups * n_batch * n_query):
+            q = o % n_query
+            b = (o // n_query) % n_batch
+            g = o // (n_query * n_batch)
+            r = (b * n_groups + g) * n_query + q
+            start = offsets[o]
+            for s in range(counts[r]):
+                out[start + s] = values[r, keys[r, s]]
+
+
+def kept_topk_columns(
+    top: TopK, companions: dict[str, torch.Tensor], positions: torch.Tensor, labels: dict[str, torch.Tensor],
+    head_level: bool,
+) -> tuple[dict[str, np.ndarray], np.ndarray, dict[str, np.ndarray]]:
+    """Table columns of `topk_rows`' result, in one compiled pass (the numba path of `tables.select_columns`).
+
+    top: `topk_rows` of a ranking measure in storage order, fields [batch, group, query, k] (group: heads, or 1);
+    companions: the other measures, each [batch, group, query, key] in the same order; positions [batch, pos]
+    each matrix index's document position; labels: name → [batch] integer values per document (doc_id, window).
+    Rows come out in (group, batch, query, slot) order, each row's filled slots only. Returns (the index columns:
+    every label (int64), head (int16, −1 for layer rows), query_pos and key_pos (int32), and the ranking
+    measure's values under "rank" (float32); the kept mass of each kept cell's row (float32); each companion's
+    values at the kept keys (float32)).
+    """
+    n_batch, n_groups, n_query, k = top.keys.shape
+    rows = n_batch * n_groups * n_query
+    keys = top.keys.reshape(rows, k).numpy()
+    counts = top.counts.reshape(rows).numpy()
+    # each table-order row's first slot: the counts in (group, batch, query) order, summed
+    ordered = top.counts.reshape(n_batch, n_groups, n_query).transpose(0, 1).reshape(-1).numpy()
+    offsets = np.zeros(rows + 1, dtype=np.int64)
+    np.cumsum(ordered, out=offsets[1:])
+    n_kept = int(offsets[-1])
+    batch_labels = np.stack([v.to(torch.int64).numpy() for v in labels.values()]) if labels \
+        else np.zeros((0, n_batch), np.int64)
+    out_labels = np.empty((len(labels), n_kept), np.int64)
+    columns: dict[str, np.ndarray] = {"head": np.empty(n_kept, np.int16), "query_pos": np.empty(n_kept, np.int32),
+               "key_pos": np.empty(n_kept, np.int32), "rank": np.empty(n_kept, np.float32)}
+    kept_mass = np.empty(n_kept, np.float32)
+    _kept_rows_kernel(keys, top.values.reshape(rows, k).float().numpy(), counts, top.totals.reshape(rows).numpy(),
+                      n_groups, n_batch, n_query, positions.to(torch.int32).contiguous().numpy(), batch_labels,
+                      head_level, offsets, out_labels, columns["head"], columns["query_pos"], columns["key_pos"],
+                      columns["rank"], kept_mass)
+    columns.update(zip(labels, out_labels, strict=True))
+    values: dict[str, np.ndarray] = {}
+    for name, companion in companions.items():
+        out = np.empty(n_kept, np.float32)
+        _kept_values_kernel(companion.float().reshape(rows, -1).contiguous().numpy(), keys, counts, n_groups, n_batch,
+                            n_query, offsets, out)
+        values[name] = out
+    return columns, kept_mass, values

@@ -23,7 +23,7 @@ from extractor.attribution.layer_pass import computed_documents
 from extractor.attribution.measures import HEAD_MEASURES, LAYER_MEASURES
 from extractor.core.encode import Text, TokenizedDoc, segment_texts
 from extractor.core.recompute import visible_cells, visible_keys
-from extractor.corpus.kernels import topk_rows
+from extractor.corpus.kernels import HAVE_NUMBA, TopK, kept_topk_columns, topk_rows
 
 INDEX_FIELDS = [
     pa.field("doc_id", pa.int64()),
@@ -106,6 +106,26 @@ def _where(mask: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
     return list(index.unbind(dim=1)), flat
 
 
+def _ranking(
+    values: dict[str, torch.Tensor], lengths: torch.Tensor, causal: bool
+) -> tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(the ranking measure's name, its values in float32, lengths [batch] with 0 for a document it was not
+    computed for (NaN), limits [batch, query]: each row's visible keys end) for `select_cells`."""
+    rank_name = ranking_measure(list(values), head_level=next(iter(values)) in HEAD_MEASURES)
+    rank = values[rank_name].float()  # bfloat16 runs: compare with the threshold and sum kept_mass in float32
+    lengths = lengths * computed_documents(rank[0]).to(lengths.device)  # [batch]
+    return rank_name, rank, lengths, visible_keys(lengths, rank.shape[-1], causal)
+
+
+def _topk_in_storage_order(rank: torch.Tensor, limits: torch.Tensor, top_k: int, first: torch.Tensor | None) -> TopK:
+    """`topk_rows` of rank [group, batch, query, key] over each row's visible keys, its fields [batch, group,
+    query, k]: the kernel reads rows in storage order, [batch, group, query, key] for head and layer measures."""
+    n = rank.shape[-1]
+    row_limits = limits[:, None, :].expand(rank.shape[1], rank.shape[0], n)  # [batch, group, query]
+    row_starts = None if first is None else first.to(rank.device)[None, None, :].expand_as(row_limits)
+    return topk_rows(rank.transpose(0, 1), row_limits, min(top_k, n), starts=row_starts)
+
+
 def select_cells(
     values: dict[str, torch.Tensor],
     lengths: torch.Tensor,
@@ -124,12 +144,9 @@ def select_cells(
     a batch has any (padding, causal or a window). Kept cells are found once as flat indices, and every measure
     is gathered with them (no repeated boolean-mask indexing).
     """
-    rank_name = ranking_measure(list(values), head_level=next(iter(values)) in HEAD_MEASURES)
-    rank = values[rank_name].float()  # bfloat16 runs: compare with the threshold and sum kept_mass in float32
-    lengths = lengths * computed_documents(rank[0]).to(lengths.device)  # [batch]
+    rank_name, rank, lengths, limits = _ranking(values, lengths, causal)
     n = rank.shape[-1]
     masked = causal or first is not None or bool((lengths < n).any())
-    limits = visible_keys(lengths, n, causal)  # [batch, query]: keys [first, limit) visible
     if top_k is None:
         keep = visible_cells(first, limits).expand(rank.shape) if masked else None  # [group, batch, q, k]
         if threshold is not None:
@@ -140,13 +157,9 @@ def select_cells(
         (group, batch, query, key), cells = _where(keep)
         kept = {name: v.reshape(-1).index_select(0, cells) for name, v in values.items()}
         return KeptCells(group, batch, query, key, kept, None)
-    k = min(top_k, n)
-    # the kernel reads rows in storage order: [batch, group, query, key] for both head and layer measures
-    row_limits = limits[:, None, :].expand(rank.shape[1], rank.shape[0], n)
-    row_starts = None if first is None else first.to(rank.device)[None, None, :].expand_as(row_limits)
-    top_values, top_keys, counts, totals = (
-        t.transpose(0, 1) for t in topk_rows(rank.transpose(0, 1), row_limits, k, starts=row_starts)
-    )
+    top = _topk_in_storage_order(rank, limits, top_k, first)
+    top_values, top_keys, counts, totals = (t.transpose(0, 1) for t in top)  # [group, batch, query, k]
+    k = top_keys.shape[-1]
     flat: torch.Tensor | None = None  # kept slots as flat indices; None: every slot
     if masked:
         valid = torch.arange(k, device=rank.device) < counts[..., None]  # [group, batch, query, k]
@@ -162,6 +175,68 @@ def select_cells(
     kept_mass = top_values.sum(dim=-1) / totals.clamp_min(1e-30)  # [group, batch, query]
     kept = {name: take(top_values if name == rank_name else v.gather(-1, top_keys)) for name, v in values.items()}
     return KeptCells(group, batch, query, take(top_keys), kept, kept_mass.reshape(-1).index_select(0, row))
+
+
+@dataclass(frozen=True)
+class KeptColumns:
+    """The association table's columns for the cells a storage mode keeps, in (group, batch, query) order."""
+
+    doc_id: np.ndarray  # [n_kept] int64
+    window: np.ndarray | None  # [n_kept] int16: long documents' windows (None: not windowed)
+    head: np.ndarray  # [n_kept] int16: the group's head, −1 on layer rows
+    query_pos: np.ndarray  # [n_kept] int32 document positions
+    key_pos: np.ndarray  # [n_kept] int32
+    values: dict[str, np.ndarray]  # measure → [n_kept] float32 (NaN: not computed there)
+    kept_mass: np.ndarray | None  # [n_kept] float32 (top-k only)
+
+
+def select_columns(
+    values: dict[str, torch.Tensor],
+    lengths: torch.Tensor,
+    positions: torch.Tensor,
+    doc_ids: torch.Tensor,
+    causal: bool,
+    top_k: int | None,
+    threshold: float | None,
+    head_level: bool,
+    first: torch.Tensor | None = None,
+    windows: torch.Tensor | None = None,
+) -> KeptColumns:
+    """`select_cells`' kept cells as table columns: document ids, heads and document positions instead of matrix
+    indices. positions: [batch, pos] each matrix index's document position; doc_ids: [batch]; windows: [batch]
+    each batch row's window of its document (None: no window column).
+
+    Top-k on CPU with numba goes straight from the kernel's rows to the columns in one compiled pass
+    (`kernels.kept_topk_columns`: no index grids, gathers or casts over every kept cell); otherwise the cells'
+    indices are mapped here, in torch (CUDA, no numba, dense and threshold storage).
+    """
+    rank_tensor = next(iter(values.values()))
+    if top_k is not None and HAVE_NUMBA and rank_tensor.device.type == "cpu":
+        rank_name, rank, lengths, limits = _ranking(values, lengths, causal)
+        top = _topk_in_storage_order(rank, limits, top_k, first)
+        others = {name: v.transpose(0, 1) for name, v in values.items() if name != rank_name}  # storage order
+        labels = {"doc_id": doc_ids} if windows is None else {"doc_id": doc_ids, "window": windows}
+        index, kept_mass, kept = kept_topk_columns(top, others, positions, labels, head_level)
+        kept[rank_name] = index["rank"]
+        window = index.get("window")
+        return KeptColumns(doc_id=index["doc_id"], window=None if window is None else window.astype(np.int16),
+                           head=index["head"], query_pos=index["query_pos"], key_pos=index["key_pos"],
+                           values={name: kept[name] for name in values}, kept_mass=kept_mass)
+    cells = select_cells(values, lengths, causal, top_k, threshold, first)
+    batch, query, key = cells.batch.cpu(), cells.query.cpu(), cells.key.cpu()
+    matrix_index = torch.arange(positions.shape[1])
+    # positions are the matrix indices themselves (a token-level batch without windows): no gather per cell
+    identity = bool(((positions == matrix_index) | (matrix_index >= lengths.cpu()[:, None])).all())
+    rows = batch.shape[0]
+    return KeptColumns(
+        doc_id=doc_ids[batch].to(torch.int64).numpy(),
+        window=None if windows is None else windows[batch].to(torch.int16).numpy(),
+        head=cells.group.to(torch.int16).cpu().numpy() if head_level else np.full(rows, -1, np.int16),
+        query_pos=(query if identity else positions[batch, query]).to(torch.int32).numpy(),
+        key_pos=(key if identity else positions[batch, key]).to(torch.int32).numpy(),
+        values={name: v.float().cpu().numpy() for name, v in cells.values.items()},
+        kept_mass=None if cells.kept_mass is None else cells.kept_mass.float().cpu().numpy(),
+    )
 
 
 def measure_groups(per_layer: dict[str, list[torch.Tensor]], layer: int) -> list[tuple[dict[str, torch.Tensor], bool]]:
@@ -218,34 +293,31 @@ def measures_table(
     if windows is not None:
         schema = schema.append(pa.field("window", pa.int16()))
     n_layers = len(next(iter(per_layer.values())))
-    index = torch.arange(positions.shape[1])
-    # positions are the matrix indices themselves (a token-level batch without windows): no gather per cell
-    identity = bool(((positions == index) | (index >= lengths.cpu()[:, None])).all())
     tables = []
     for layer in range(n_layers):
         # NaN where not computed (value zeroing outside its scope): null in the table
         partial = {m for m in per_layer if not computed_documents(per_layer[m][layer]).all()}
         for group, head_level in measure_groups(per_layer, layer):
             first = None if first_keys is None else first_keys(tuple(group), layer)  # [query]
-            cells = select_cells(group, lengths, causal, top_k, threshold, first)
-            batch, query, key = cells.batch.cpu(), cells.query.cpu(), cells.key.cpu()
-            rows = batch.shape[0]
+            cells = select_columns(group, lengths, positions, doc_ids, causal, top_k, threshold, head_level, first,
+                                   windows)
+            rows = len(cells.doc_id)
             columns = {
-                "doc_id": pa.array(doc_ids[batch].numpy(), pa.int64()),
+                "doc_id": pa.array(cells.doc_id, pa.int64()),
                 "layer": pa.array(np.full(rows, layer, dtype=np.int16)),
-                "head": pa.array(cells.group.to(torch.int16).cpu().numpy() if head_level else np.full(rows, -1, np.int16)),
-                "query_pos": pa.array((query if identity else positions[batch, query]).to(torch.int32).numpy()),
-                "key_pos": pa.array((key if identity else positions[batch, key]).to(torch.int32).numpy()),
+                "head": pa.array(cells.head),
+                "query_pos": pa.array(cells.query_pos),
+                "key_pos": pa.array(cells.key_pos),
             }
-            if windows is not None:
-                columns["window"] = pa.array(windows[batch].to(torch.int16).numpy())
+            if cells.window is not None:
+                columns["window"] = pa.array(cells.window)
             for f in schema:
                 if f.name in columns:
                     continue
                 if f.name == "kept_mass":
-                    columns[f.name] = pa.array(cells.kept_mass.float().cpu().numpy(), pa.float32())  # type: ignore[union-attr]
+                    columns[f.name] = pa.array(cells.kept_mass, pa.float32())
                 elif f.name in cells.values:
-                    columns[f.name] = pa.array(cells.values[f.name].float().cpu().numpy(), pa.float32(),
+                    columns[f.name] = pa.array(cells.values[f.name], pa.float32(),
                                                from_pandas=f.name in partial).cast(value_type)
                 else:
                     columns[f.name] = pa.nulls(rows, f.type)
