@@ -230,11 +230,11 @@ def head_metrics_overview_figure(heads: pd.DataFrame, title: str) -> Figure:
         if col == 0:
             ax.set_ylabel("layer", fontsize=6, labelpad=1)
         else:
-            ax.tick_params(labelleft=False)
+            ax.set_yticks([])  # no tick marks either: each is two lines and a label to lay out, for nothing
         if index + n_cols >= len(metrics):  # no map below this one
             ax.set_xlabel("head", fontsize=6, labelpad=1)
         else:
-            ax.tick_params(labelbottom=False)
+            ax.set_xticks([])
         if bounded:
             shared_image = image
         else:
