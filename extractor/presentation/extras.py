@@ -7,7 +7,8 @@ which would run the caller's own script again in the helper). `extractor run` st
 torch, so the helper's own imports (matplotlib, the plotting module, a first draw that loads the fonts) use the
 CPU that the run's start-up leaves idle; it then waits, without using any CPU, until the run's tables are final
 and it is told the folder and the formats (one JSON line on its stdin), or until its stdin closes (no figures
-needed: it ends).
+needed: it ends). It then forks (`presentation.forked`): the copy draws the document's figures while the helper
+draws the heads overview and the clustermap, so the figures take two cores' share beside the report instead of one.
 """
 
 from __future__ import annotations
@@ -122,11 +123,12 @@ def write_extras(folder: Path, config: RunConfig, only_missing: bool = False,
     return ["report"] * report + ["figures"] * plots
 
 
-def draw_figures(folder: Path, formats: Sequence[str]) -> None:
+def draw_figures(folder: Path, formats: Sequence[str], fork_document: bool = False) -> None:
+    """The run's default figures; `fork_document` (the helper process): the document's figures on another core."""
     from extractor.presentation.plots import figure_formats, write_default_plots
 
     with figure_formats(formats):  # the overview of the head metrics; `extractor plot` adds one
-        write_default_plots(folder, per_metric=False)  # annotated heatmap per metric
+        write_default_plots(folder, per_metric=False, fork_document=fork_document)  # annotated heatmap per metric
 
 
 def helper_environment() -> dict[str, str]:
@@ -180,7 +182,7 @@ def helper_main(run_pid: int) -> int:
         return 0
     asked = json.loads(request)
     try:
-        draw_figures(Path(asked["folder"]), asked["formats"])
+        draw_figures(Path(asked["folder"]), asked["formats"], fork_document=True)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return HELPER_FAILED

@@ -31,6 +31,7 @@ from extractor.corpus.run_folder import RunFolder, open_run
 from extractor.errors import UserError
 from extractor.heads.clustering import cluster_heads
 from extractor.heads.names import METRICS
+from extractor.presentation.forked import Forked
 
 FORMATS = ("png", "svg")  # what `save_figure` writes unless `figure_formats` says otherwise
 DPI = 150
@@ -645,7 +646,7 @@ def plot_document(run_dir: Path | RunFolder, doc: int, layer: int, head: int, ou
 
 def write_default_plots(
     run_dir: str | Path, doc_id: int | None = None, layer: int | None = None, head: int | None = None,
-    per_metric: bool = True,
+    per_metric: bool = True, fork_document: bool = False,
 ) -> list[Path]:
     """Draw the standard figures of a run into RUN/plots/ and return the written paths.
 
@@ -660,7 +661,9 @@ def write_default_plots(
 
     The full set is drawn into a new folder that then replaces RUN/plots/ whole, so an interrupted drawing
     leaves the previous figures (or none), never half a set. Asking for a document, layer or head draws only
-    that document's figures, added to RUN/plots/.
+    that document's figures, added to RUN/plots/. `fork_document`: the document's figures are drawn by a forked
+    copy of this process (`forked.Forked`) while this one draws the rest, on two cores (the end-of-run figure
+    helper, a process that does nothing else, asks for it).
     """
     run_dir = Path(run_dir)
     run = open_run(run_dir)
@@ -673,22 +676,33 @@ def write_default_plots(
         return plot_document(run, *view, out_dir=final, model=model)
     partial = run_dir / f"plots.partial-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
-    paths = save_figure(head_metrics_overview_figure(heads, f"{model}: per-head metrics over the corpus"), partial,
-                        "heads_overview")
-    if per_metric:
-        paths += plot_head_metric_heatmaps(heads, partial, f"{model}: per-head metric over the corpus")
-    checkpoint("figures")
-    if run.has("head_similarity"):
-        similarity = run.head_similarity()
-        paths += plot_similarity_clustermap(
-            similarity, partial, f"{model}: head similarity (mean JS divergence of rows)"
-        )
-    if run.has("agreement"):
-        agreement = run.table("agreement")
-        title = f"{model}: which measure agrees with {agreement_reference(agreement)} (per layer)"
-        paths += save_figure(agreement_figure(agreement, title), partial, "measure_agreement")
-    if view is not None:
-        paths += plot_document(run, *view, out_dir=partial, model=model)
+    document = None
+    if view is not None and fork_document:
+        document = Forked(lambda: [str(p) for p in plot_document(run, *view, out_dir=partial, model=model)],
+                          f"the figures of document {view[0]}")
+    try:
+        paths = save_figure(head_metrics_overview_figure(heads, f"{model}: per-head metrics over the corpus"),
+                            partial, "heads_overview")
+        if per_metric:
+            paths += plot_head_metric_heatmaps(heads, partial, f"{model}: per-head metric over the corpus")
+        checkpoint("figures")
+        if run.has("head_similarity"):
+            similarity = run.head_similarity()
+            paths += plot_similarity_clustermap(
+                similarity, partial, f"{model}: head similarity (mean JS divergence of rows)"
+            )
+        if run.has("agreement"):
+            agreement = run.table("agreement")
+            title = f"{model}: which measure agrees with {agreement_reference(agreement)} (per layer)"
+            paths += save_figure(agreement_figure(agreement, title), partial, "measure_agreement")
+        if document is not None:
+            paths += [Path(path) for path in document.result()]
+        elif view is not None:
+            paths += plot_document(run, *view, out_dir=partial, model=model)
+    except BaseException:
+        if document is not None:
+            document.cancel()
+        raise
     previous = run_dir / f"plots.previous-{os.getpid()}"
     if final.exists():
         final.rename(previous)
