@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import torch
@@ -282,3 +282,11 @@ def rotary_loaded(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], L
         return cache[name]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[Any]:
+    """Headless chromium for the page tests (report, notebook view): one Playwright session for all (`browser.py`)."""
+    from browser import launched_chromium
+
+    yield from launched_chromium()

@@ -15,7 +15,7 @@ import pytest
 import torch
 import transformers as tf
 from conftest import INIT_RANGE, _tiny_config
-from test_report import CHROMIUM, CHROMIUM_ARGS, INSTALL_HINT, page_data
+from test_report import page_data
 
 from extractor import ExtractionResult, extract
 from extractor.api import ArgumentError
@@ -109,19 +109,12 @@ def test_show_top_k_and_size_bound(result: ExtractionResult, tmp_path: Path) -> 
         result.show(doc=5)
 
 
-def test_show_runs_in_a_browser(result: ExtractionResult) -> None:
+def test_show_runs_in_a_browser(result: ExtractionResult, browser: Any) -> None:
     """The inline view loads inside a host page (as in Jupyter) with no errors and draws every head and token."""
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.fail(f"playwright is missing: {INSTALL_HINT}", pytrace=False)
-    if not Path(CHROMIUM).is_file():
-        pytest.fail(f"no chromium at {CHROMIUM}: {INSTALL_HINT}", pytrace=False)
     markup = result.show(doc=0)._repr_html_()
     errors: list[str] = []
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    try:
         page.set_default_timeout(15_000)
         page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
         page.on("pageerror", lambda e: errors.append(str(e)))
@@ -132,7 +125,8 @@ def test_show_runs_in_a_browser(result: ExtractionResult) -> None:
         drawn = frame.locator('#view g.tok[data-role="query"] text').all_text_contents()
         verdict = frame.locator("#verification-verdict").text_content()  # in the collapsed provenance
         host_title = page.inner_text("h1")
-        browser.close()
+    finally:
+        page.close()
     assert cells == 6 * 12
     assert [t.strip() for t in drawn] == [t for t in result.docs[0].doc.tokens]
     assert verdict == "PASSED"

@@ -3,13 +3,12 @@ every text, and in a real headless browser (Debian's chromium driven by Playwrig
 errors, reacts to clicks and hovers with the Parquet values, and runs nothing a corpus smuggles in.
 
 Browser set-up (no download): `apt-get install -y chromium` and `pip install playwright` (never
-`playwright install`); the chromium binary can be moved with EXTRACTOR_CHROMIUM.
+`playwright install`); the chromium binary can be moved with EXTRACTOR_CHROMIUM (tests/browser.py).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from collections.abc import Iterator
@@ -49,20 +48,6 @@ SAMPLE_CORPUS = Path(__file__).resolve().parent.parent / "data" / "sample.txt"
 MALICIOUS = "<script>alert(1)</script> and <img src=x onerror=alert(2)>"
 # Tokens that would break out of a <script> element or run code if the page ever parsed data as HTML.
 HOSTILE_TOKENS = ["</script><script>alert(3)</script>", "<img src=x onerror=alert(4)>", "&lt;b&gt;"]
-CHROMIUM = os.environ.get("EXTRACTOR_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--disable-quic",
-]
-INSTALL_HINT = (
-    "install the browser test tools: `apt-get install -y chromium` (Debian package, /usr/bin/chromium) and "
-    "`.venv/bin/pip install playwright` (do NOT run `playwright install`)"
-)
 TOLERANCE = 1e-4
 INDEX = ["doc_id", "layer", "head", "query_pos", "key_pos"]
 
@@ -447,20 +432,6 @@ class Page:
         value = self.page.eval_on_selector_all("#doc-picker option", f"os => os[{index}].value")
         self.page.select_option("#doc-picker", value)
         self.page.wait_for_selector(f'#view-panel[data-doc="{doc_id}"]')
-
-
-@pytest.fixture(scope="session")
-def browser() -> Iterator[Any]:
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.fail(f"playwright is missing: {INSTALL_HINT}", pytrace=False)
-    if not Path(CHROMIUM).is_file():
-        pytest.fail(f"no chromium at {CHROMIUM}: {INSTALL_HINT}", pytrace=False)
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
 
 
 @pytest.fixture
