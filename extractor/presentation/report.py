@@ -28,7 +28,7 @@ documents show that `max_docs` of them would not fit, the page is embedded coars
 13 documents at 8 bits and 2 keys per row (was 1 document at 4 decimals); a smaller `max_docs` buys detail.
 
 Compact form. A matrix group (one document, one layer, one head or the layer) is a small JSON object with
-its bytes zlib-compressed and base64-encoded (`encode_group`); the page inflates them with the browser's own
+its bytes zlib-compressed and base64-encoded (`encode_document`); the page inflates them with the browser's own
 DecompressionStream. The JSON sits in <script type="application/json"> elements with '<', '>' and '&' written
 as \\u003c, \\u003e, \\u0026, so no token can close the element; the page renders all text with textContent
 and a Content-Security-Policy lets only its own script (by hash) run and forbids every network request.
@@ -115,13 +115,18 @@ _JSON_ESCAPES = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026"}
 
 
 # -- compact encoding -------------------------------------------------------------------------------------
-def quantise(values: np.ndarray, top: float, bits: int) -> np.ndarray:
+def quantise(values: np.ndarray, top: float | np.ndarray, bits: int) -> np.ndarray:
     """Values in [0, top] → unsigned integers: 16 bits linear (value / top · 65535), or 8 bits on a square-root
-    scale (√(value / top) · 255), which keeps small weights distinguishable. values: [rows] → [rows]."""
-    share = np.clip(values.astype(np.float64) / top, 0.0, 1.0) if top > 0 else np.zeros(len(values))
-    if bits == 16:
-        return np.rint(share * 65535).astype("<u2")
-    return np.rint(np.sqrt(share) * 255).astype(np.uint8)
+    scale (√(value / top) · 255), which keeps small weights distinguishable; 0 where top is not positive.
+    values: [rows]; top: one number, or [rows] (each row's own group's) → [rows]."""
+    top = np.broadcast_to(np.asarray(top, dtype=np.float64), values.shape)
+    share = np.zeros(len(values))
+    np.divide(values.astype(np.float64), top, out=share, where=top > 0)
+    with np.errstate(invalid="ignore"):  # NaN (a measure a group leaves out) gives a code nobody reads
+        share = np.clip(share, 0.0, 1.0)
+        if bits == 16:
+            return np.rint(share * 65535).astype("<u2")
+        return np.rint(np.sqrt(share) * 255).astype(np.uint8)
 
 
 def dequantise(codes: np.ndarray, top: float, bits: int) -> np.ndarray:
@@ -145,47 +150,8 @@ def embed_json(value: Any) -> str:
     return re.sub(r"[<>&]", lambda m: _JSON_ESCAPES[m.group(0)], text)
 
 
-def encode_group(
-    query: np.ndarray,
-    key: np.ndarray,
-    values: dict[str, np.ndarray],
-    kept_mass: np.ndarray | None,
-    n_positions: int,
-    bits: int = 16,
-) -> dict[str, Any]:
-    """One matrix (document, layer, head or layer) in compact form. Rows must be sorted by (query, key).
-
-    query, key: [rows] positions; values: measure → [rows] (a measure with nulls in this group is left out);
-    kept_mass: [rows] (constant per query row) or None. The group is {"n": positions, "r": rows, "c": bytes per
-    row length, "kw": bytes per key, "w": bits per value, "v": {measure: largest value}, "m": 1 when kept mass
-    follows, "z": base64 of the zlib-compressed bytes}: row lengths [n], keys [rows], each measure's quantised
-    values [rows] in "v"'s order, then the kept mass of each non-empty row (little-endian).
-    """
-    counts = np.bincount(query, minlength=n_positions)  # [position]
-    count_width, key_width = _width(int(counts.max(initial=0))), _width(n_positions - 1)
-    measures = {name: v for name, v in values.items() if not np.isnan(v).any()}
-    tops = {name: float(v.max(initial=0.0)) for name, v in measures.items()}
-    parts = [_unsigned(counts, count_width), _unsigned(key, key_width)]
-    parts += [quantise(v, tops[name], bits).tobytes() for name, v in measures.items()]
-    has_kept = kept_mass is not None and not np.isnan(kept_mass).any()
-    if has_kept:
-        assert kept_mass is not None
-        starts = np.cumsum(counts) - counts  # [position] first row of each query
-        parts.append(quantise(kept_mass[starts[counts > 0]], 1.0, bits).tobytes())
-    return {
-        "n": int(n_positions),
-        "r": int(len(key)),
-        "c": count_width,
-        "kw": key_width,
-        "w": bits,
-        "v": tops,
-        "m": int(has_kept),
-        "z": base64.b64encode(zlib.compress(b"".join(parts), ZLIB_LEVEL)).decode("ascii"),
-    }
-
-
 def decode_group(group: dict[str, Any]) -> dict[str, np.ndarray]:
-    """Inverse of `encode_group`: query, key and each measure's values per row (dequantised), and "kept_mass"
+    """Inverse of `encode_document` for one group: query, key and each measure's values per row (dequantised), and "kept_mass"
     per row when stored."""
     raw = zlib.decompress(base64.b64decode(group["z"]))
     n, rows, bits = group["n"], group["r"], group["w"]
@@ -249,12 +215,10 @@ class MaxAttention:
         self.total = np.zeros((n_layers, n_heads))  # [layer, head]
         self.rows = np.zeros((n_layers, n_heads))  # [layer, head]
 
-    def add(self, layer: int, head: int, query: np.ndarray, attention: np.ndarray) -> None:
-        if not len(query) or np.isnan(attention).any():
-            return
-        starts = np.flatnonzero(np.r_[True, query[1:] != query[:-1]])  # first row of each query (rows sorted)
-        self.total[layer, head] += np.maximum.reduceat(attention, starts).sum()
-        self.rows[layer, head] += len(starts)
+    def add(self, layer: int, head: int, row_maxima: np.ndarray) -> None:
+        """Count one document's query rows of (layer, head): row_maxima [query row] each row's largest weight."""
+        self.total[layer, head] += row_maxima.sum()
+        self.rows[layer, head] += len(row_maxima)
 
     def merge(self, other: MaxAttention) -> None:
         self.total += other.total
@@ -299,17 +263,25 @@ def encode_document(
     keys_per_row: int | None = None,
     bits: int = 16,
 ) -> dict[str, Any]:
-    """Every matrix group of one document: "h"[layer][head] and "l"[layer] (None where nothing is stored).
+    """Every matrix group (layer, head or the layer) of one document in compact form: "h"[layer][head] and
+    "l"[layer] (None where nothing is stored).
+
+    A group is {"n": positions, "r": rows, "c": bytes per row length, "kw": bytes per key, "w": bits per value,
+    "v": {measure: largest value}, "m": 1 when kept mass follows, "z": base64 of the zlib-compressed bytes}: row
+    lengths [n], keys [rows], each measure's quantised values [rows] in "v"'s order, then the kept mass of each
+    non-empty row (little-endian). A measure with nulls among the group's rows is left out of it.
 
     rows: the document's columns sorted by (layer, head, query_pos, key_pos) (`split_documents`). keys_per_row:
     keep only each query row's strongest keys (by attention on head rows, by the first stored layer measure on
     layer rows); None keeps every stored key. bits: 16 or 8 per value (`quantise`).
+
+    The selection, the counts, the largest values and the quantised codes are computed for all the document's
+    groups at once (a document of MiniLM has 78); only the bytes are joined and compressed group by group.
     """
     layer = rows["layer"].astype(np.int64)
     head = rows["head"].astype(np.int64)
     query = rows["query_pos"].astype(np.int64)
     key = rows["key_pos"].astype(np.int64)
-    # each group below is a slice of these columns (no per-group pandas work)
     columns = {m: rows[m].astype(np.float64) for m in (*HEAD_MEASURES, *LAYER_MEASURES) if m in rows}
     kept_mass = rows["kept_mass"].astype(np.float64) if "kept_mass" in rows else None
     n_positions = max(
@@ -317,31 +289,70 @@ def encode_document(
     )
     head_groups: list[list[Any]] = [[None] * n_heads for _ in range(n_layers)]
     layer_groups: list[Any] = [None] * n_layers
+    if not len(query):
+        return {"h": head_groups, "l": layer_groups}
     group_id = layer * (n_heads + 1) + (head + 1)  # [rows]; rows are sorted by it
-    bounds = np.flatnonzero(np.r_[True, group_id[1:] != group_id[:-1], True])
-    for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
-        g_layer, g_head = int(layer[start]), int(head[start])
-        measures = HEAD_MEASURES if g_head >= 0 else LAYER_MEASURES
-        values = {m: columns[m][start:stop] for m in measures if m in columns}
-        names = [m for m, v in values.items() if not np.isnan(v).all()]
-        if not names:
+    starts = np.flatnonzero(np.r_[True, group_id[1:] != group_id[:-1]])  # [group] first row
+    sizes = np.diff(np.r_[starts, len(group_id)])  # [group]
+    group = np.repeat(np.arange(len(starts)), sizes)  # [rows] each row's group
+    nan_rows = {m: np.add.reduceat(np.isnan(c), starts) for m, c in columns.items()}  # [group]
+    # each group's measures (those not NaN on every row) and the values its rows are ranked by (the first)
+    names: list[list[str]] = []
+    ranked_by = np.zeros(len(query))  # [rows]
+    for g, (start, size) in enumerate(zip(starts.tolist(), sizes.tolist(), strict=True)):
+        measures = HEAD_MEASURES if head[start] >= 0 else LAYER_MEASURES
+        names.append([m for m in measures if m in columns and nan_rows[m][g] < size])
+        if names[g]:
+            ranked_by[start : start + size] = columns[names[g][0]][start : start + size]
+    runs = np.flatnonzero(np.r_[True, (group[1:] != group[:-1]) | (query[1:] != query[:-1])])  # each query row
+    row_max = np.maximum.reduceat(columns["attention"], runs) if "attention" in columns else None  # [query row]
+    kept = strongest_keys(group * n_positions + query, ranked_by, keys_per_row)  # [kept rows], per group in order
+    k_group, k_query, k_key = group[kept], query[kept], key[kept]
+    n_groups = len(starts)
+    k_starts = np.searchsorted(k_group, np.arange(n_groups + 1))  # [group + 1] each group's kept rows
+    counts = np.bincount(k_group * n_positions + k_query, minlength=n_groups * n_positions).reshape(n_groups, -1)
+    values = {m: c[kept] for m, c in columns.items()}  # [kept rows]
+    tops = {m: np.maximum(np.maximum.reduceat(v, k_starts[:-1]), 0.0) for m, v in values.items()}  # [group]
+    complete = {m: np.add.reduceat(np.isnan(v), k_starts[:-1]) == 0 for m, v in values.items()}  # [group]
+    codes = {m: quantise(v, tops[m][k_group], bits) for m, v in values.items()}  # [kept rows]
+    k_runs = np.flatnonzero(np.r_[True, (k_group[1:] != k_group[:-1]) | (k_query[1:] != k_query[:-1])])
+    run_starts = np.searchsorted(k_group[k_runs], np.arange(n_groups + 1))  # [group + 1] each group's rows
+    mass_codes = None
+    if kept_mass is not None:
+        mass = kept_mass[kept]
+        mass_complete = np.add.reduceat(np.isnan(mass), k_starts[:-1]) == 0  # [group]
+        mass_codes = quantise(mass[k_runs], 1.0, bits)  # [kept query row]: the mass is constant along a row
+    key_width = _width(n_positions - 1)
+    all_runs = np.searchsorted(group[runs], np.arange(n_groups + 1))  # [group + 1] each group's query rows
+    for g in range(n_groups):
+        if not names[g]:
             continue
-        g_query = query[start:stop]
-        if max_attention is not None and g_head >= 0 and "attention" in names:
-            max_attention.add(g_layer, g_head, g_query, values["attention"])
-        kept = strongest_keys(g_query, values[names[0]], keys_per_row)  # [rows kept]
-        group = encode_group(
-            g_query[kept],
-            key[start:stop][kept],
-            {m: values[m][kept] for m in names},
-            kept_mass[start:stop][kept] if kept_mass is not None else None,
-            n_positions,
-            bits,
-        )
+        g_layer, g_head = int(layer[starts[g]]), int(head[starts[g]])
+        if max_attention is not None and g_head >= 0 and row_max is not None and nan_rows["attention"][g] == 0:
+            max_attention.add(g_layer, g_head, row_max[all_runs[g] : all_runs[g + 1]])  # every row, before selection
+        lo, hi = int(k_starts[g]), int(k_starts[g + 1])
+        encoded_measures = [m for m in names[g] if complete[m][g]]
+        count_width = _width(int(counts[g].max()))
+        parts = [_unsigned(counts[g], count_width), _unsigned(k_key[lo:hi], key_width)]
+        parts += [codes[m][lo:hi].tobytes() for m in encoded_measures]
+        has_kept = mass_codes is not None and bool(mass_complete[g])
+        if has_kept:
+            assert mass_codes is not None
+            parts.append(mass_codes[run_starts[g] : run_starts[g + 1]].tobytes())
+        encoded = {
+            "n": int(n_positions),
+            "r": hi - lo,
+            "c": count_width,
+            "kw": key_width,
+            "w": bits,
+            "v": {m: float(tops[m][g]) for m in encoded_measures},
+            "m": int(has_kept),
+            "z": base64.b64encode(zlib.compress(b"".join(parts), ZLIB_LEVEL)).decode("ascii"),
+        }
         if g_head >= 0:
-            head_groups[g_layer][g_head] = group
+            head_groups[g_layer][g_head] = encoded
         else:
-            layer_groups[g_layer] = group
+            layer_groups[g_layer] = encoded
     return {"h": head_groups, "l": layer_groups}
 
 
