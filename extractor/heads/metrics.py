@@ -107,12 +107,35 @@ def induction_pattern(labels: list[str]) -> torch.Tensor:
 Sums = dict[str, tuple[torch.Tensor, torch.Tensor]]  # metric → (total [batch, head], weight [batch, head])
 
 
-def rows_sum(values: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """values [batch, head, query], rows [batch, query] bool → (Σ over kept rows, kept row count), each
-    [batch, head]: per document, so that both the pooled mean and the spread over documents follow."""
-    total = values.masked_fill(~rows[:, None, :], 0.0).sum(dim=2, dtype=torch.float64)  # [batch, head]
-    count = rows.sum(dim=1, dtype=torch.float64)[:, None].expand_as(total)  # [batch, head]
-    return total, count
+class RowSums:
+    """Sums over kept query rows of many per-row values of a padded batch, all reduced at once (`sums`).
+
+    Each `add` names a per-row value [batch, head, rows] and which rows count ([batch, rows] bool), for rows
+    `first` .. `first` + rows − 1 of the batch's n; `sums` gives each (Σ over its kept rows, kept row count),
+    [batch, head] float64: per document, so that both the pooled mean and the spread over documents follow.
+    Rows that do not count are masked, not multiplied by 0 (a padding row may hold any value, even NaN).
+    """
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.added: list[tuple[str, torch.Tensor, torch.Tensor, int]] = []
+
+    def add(self, name: str, values: torch.Tensor, rows: torch.Tensor, first: int = 0) -> None:
+        self.added.append((name, values, rows, first))
+
+    def sums(self) -> Sums:
+        if not self.added:
+            return {}
+        batch, heads = self.added[0][1].shape[:2]
+        device = self.added[0][1].device
+        values = torch.zeros(len(self.added), batch, heads, self.n, dtype=torch.float64, device=device)
+        kept = torch.zeros(len(self.added), batch, self.n, dtype=torch.bool, device=device)
+        for i, (_, row_values, rows, first) in enumerate(self.added):
+            values[i, ..., first : first + row_values.shape[-1]] = row_values
+            kept[i, :, first : first + rows.shape[-1]] = rows
+        totals = values.masked_fill_(~kept[:, :, None, :], 0.0).sum(dim=-1)  # [value, batch, head]
+        counts = kept.sum(dim=-1, dtype=torch.float64)[..., None].expand_as(totals)  # [value, batch, head]
+        return {name: (totals[i], counts[i]) for i, (name, *_) in enumerate(self.added)}
 
 
 def mass_on(pattern: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
@@ -139,13 +162,13 @@ class ReferenceCells:
         b_index, query, key = torch.cat(cells, dim=1).to(device)
         return cls((b_index, query, key), rows.to(device))
 
-    def score_sums(self, attention: torch.Tensor, row_sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(Σ A⊙P, Σ A) [batch, head] over the rows where P has any 1; attention [batch, head, query, key],
-        row_sums [batch, head, query] (Σ_j A_ij). P is sparse, so Σ A⊙P gathers only its cells."""
+    def hits(self, attention: torch.Tensor) -> torch.Tensor:
+        """Σ A⊙P [batch, head]; attention [batch, head, query, key]. P is sparse, so only its cells are gathered.
+        The score divides it by Σ A over `rows` (the rows where P has any 1)."""
         b_index, query, key = self.cells
         hits = torch.zeros(attention.shape[:2], dtype=torch.float64, device=attention.device)  # [batch, head]
         hits.index_add_(0, b_index, attention[b_index, :, query, key].double())
-        return hits, rows_sum(row_sums, self.rows)[0]
+        return hits
 
     def restricted(self, first: torch.Tensor) -> ReferenceCells:
         """Only the cells a row sees under a sliding window: key ≥ first[query] ([query]); rows recounted."""
@@ -275,34 +298,39 @@ def head_sums(attention: torch.Tensor, layout: BatchLayout, value_norm: torch.Te
     if layout.first_key is not None:  # a sliding window hides key 0 from later rows (a window of 1: key i − 1)
         first_rows = real & (layout.first_key == 0)
         previous_rows = previous_rows & (layout.first_key[1:] < position[1:])
-    sums: Sums = {}
     rows = row_statistics(attention, layout, value_norm)
-    sums["entropy"] = rows_sum(rows.entropy, real)
+    per_row = RowSums(n)
+    per_row.add("entropy", rows.entropy, real)
     normalised = rows.entropy / layout.row_length.clamp_min(1).double().log().clamp_min(1e-30)[:, None, :]
-    sums["entropy_normalised"] = rows_sum(normalised, real & (layout.row_length > 1))
-    sums["mean_distance"] = rows_sum(rows.distance, real)
-    sums["first_token"] = rows_sum(attention[..., 0], first_rows)
-    sums["self"] = rows_sum(attention.diagonal(dim1=-2, dim2=-1), real)
+    per_row.add("entropy_normalised", normalised, real & (layout.row_length > 1))
+    per_row.add("mean_distance", rows.distance, real)
+    per_row.add("first_token", attention[..., 0], first_rows)
+    per_row.add("self", attention.diagonal(dim1=-2, dim2=-1), real)
     # A_i,i−1 for rows 1..n−1 and A_i,i+1 for rows 0..n−2: rows without such a neighbour are not counted.
     previous = attention.diagonal(offset=-1, dim1=-2, dim2=-1)  # [batch, head, n − 1], rows 1..n−1
-    sums["previous_token"] = rows_sum(previous, previous_rows)
-    sums["next_token"] = rows_sum(attention.diagonal(offset=1, dim1=-2, dim2=-1), real[:, 1:])
+    per_row.add("previous_token", previous, previous_rows, first=1)
+    per_row.add("next_token", attention.diagonal(offset=1, dim1=-2, dim2=-1), real[:, 1:])
     # Every "share of the row on these keys" metric at once, from the few flagged keys of each document.
     for i, name in enumerate(layout.flag_names):
-        sums[name] = rows_sum(rows.on_keys[..., i], real)
-    sums["max_weight"] = rows_sum(rows.max, real)
+        per_row.add(name, rows.on_keys[..., i], real)
+    per_row.add("max_weight", rows.max, real)
     special_sets = [i for i, name in enumerate(layout.flag_names) if name in ("cls", "sep")]
     if rows.value_on_keys is not None and rows.value_total is not None and special_sets:
         # value_norm as each key's share of its row: Σ over the set's keys / Σ_j value_norm
         shares = rows.value_on_keys[..., special_sets] / rows.value_total[..., None].clamp_min(1e-30)
         for column, i in enumerate(special_sets):
-            sums[f"{layout.flag_names[i]}_value_norm"] = rows_sum(shares[..., column], real)
-    row_sums = rows.total  # [batch, head, query]
-    # previous_token_score: P = the sub-diagonal, so its cells are `previous` and its rows 1..n_b − 1
-    sums["previous_token_score"] = (sums["previous_token"][0], rows_sum(row_sums[..., 1:], previous_rows)[0])
-    sums["duplicate_token_score"] = layout.duplicate.score_sums(attention, row_sums)
-    if layout.induction is not None:
-        sums["induction_score"] = layout.induction.score_sums(attention, row_sums)
+            per_row.add(f"{layout.flag_names[i]}_value_norm", shares[..., column], real)
+    # The detectors' scores Σ A⊙P / Σ A: their weights Σ_j A_ij over the rows where the pattern P has any 1.
+    # previous_token_score: P = the sub-diagonal, so its cells are `previous` and its rows 1..n_b − 1.
+    per_row.add("previous_token_score", rows.total[..., 1:], previous_rows, first=1)
+    references = {name: reference for name, reference in (("duplicate_token_score", layout.duplicate),
+                                                          ("induction_score", layout.induction)) if reference is not None}
+    for name, reference in references.items():
+        per_row.add(name, rows.total, reference.rows)
+    sums = per_row.sums()
+    sums["previous_token_score"] = (sums["previous_token"][0], sums["previous_token_score"][0])
+    for name, reference in references.items():
+        sums[name] = (reference.hits(attention), sums[name][0])
     return sums
 
 
