@@ -169,3 +169,21 @@ def test_heads_mixed_by_w_o_rebuild_the_concatenated_projection() -> None:
     concatenated = rec.z.reshape(1, 4, 6) @ full_W_O  # [batch, pos, d_model]
     per_head = torch.einsum("bhqk,bhkm->bqm", rec.pattern, value_vectors_out(rec.v, weights))
     torch.testing.assert_close(per_head, concatenated, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_scaling_the_query_first_changes_only_rounding(causal: bool) -> None:
+    """attention_pattern's default runs Hugging Face's eager order (Q·Kᵀ, then the scale, then the mask) bit for
+    bit; `scale_query` (the probed batches' pattern) scales q first and differs only in float rounding."""
+    from extractor.core.recompute import attention_pattern
+
+    weights = random_weights(n_heads=4, d_head=32)  # scale 1/√32: not a power of two, so the orders round apart
+    q, k = torch.randn(3, 4, 40, 32), torch.randn(3, 4, 40, 32)
+    mask = additive_mask(torch.tensor([[1] * 40, [1] * 33 + [0] * 7, [1] * 12 + [0] * 28]), causal)
+    scores, pattern = attention_pattern(q, k, weights, mask)
+    eager = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * weights.scale + mask, dim=-1)
+    assert torch.equal(pattern, eager)
+    quick_scores, quick = attention_pattern(q, k, weights, mask, scale_query=True)
+    assert not torch.equal(quick_scores, scores)  # another order of operations ...
+    torch.testing.assert_close(quick, pattern, rtol=0, atol=1e-6)  # ... the same pattern up to rounding
+    torch.testing.assert_close(quick.sum(dim=-1), torch.ones(3, 4, 40), rtol=0, atol=1e-5)

@@ -205,7 +205,7 @@ def analyse_batch(
             q, k, kv_v = capture.kernel_inputs[layer]  # as the sdpa kernel received them
             # In float32 whatever the model's dtype: the sdpa kernel accumulates in float32 too, so a bfloat16
             # run's z probe compares like with like; the pattern is stored in the model's dtype, as eager's is.
-            _, pattern = attention_pattern(q.float(), k.float(), weights, masks[layer])  # [batch, head, q, k]
+            _, pattern = attention_pattern(q.float(), k.float(), weights, masks[layer], scale_query=True)  # [b, h, q, k]
             if report is not None:
                 report.add_probes(
                     layer,

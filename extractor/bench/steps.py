@@ -108,9 +108,10 @@ def profile_batch(model: str, texts: list[str], max_length: int, repeats: int = 
     times["verify"] = median_ms(verify, repeats)
     times["capture_sdpa"] = median_ms(lambda: run_with_capture(loaded.adapter, batch.model_inputs, eager=False), repeats)
     kernel = run_with_capture(loaded.adapter, batch.model_inputs, eager=False)
-    times["pattern"] = median_ms(lambda: [attention_pattern(q, k, w, masks[layer])
+    times["pattern"] = median_ms(lambda: [attention_pattern(q, k, w, masks[layer], scale_query=True)
                                           for layer, ((q, k, _), w) in enumerate(zip(kernel.kernel_inputs, weights, strict=True))], repeats)
-    patterns = [attention_pattern(q, k, w, masks[layer])[1] for layer, ((q, k, _), w) in enumerate(zip(kernel.kernel_inputs, weights, strict=True))]
+    patterns = [attention_pattern(q, k, w, masks[layer], scale_query=True)[1]
+                for layer, ((q, k, _), w) in enumerate(zip(kernel.kernel_inputs, weights, strict=True))]
 
     def probes() -> None:
         for layer, ((q, k, v), w) in enumerate(zip(kernel.kernel_inputs, weights, strict=True)):

@@ -110,7 +110,8 @@ def _ranking(
     values: dict[str, torch.Tensor], lengths: torch.Tensor, causal: bool
 ) -> tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(the ranking measure's name, its values in float32, lengths [batch] with 0 for a document it was not
-    computed for (NaN), limits [batch, query]: each row's visible keys end) for `select_cells`."""
+    computed for (NaN), limits [batch, query]: each row's visible keys end), for `select_cells` and
+    `select_columns`."""
     rank_name = ranking_measure(list(values), head_level=next(iter(values)) in HEAD_MEASURES)
     rank = values[rank_name].float()  # bfloat16 runs: compare with the threshold and sum kept_mass in float32
     lengths = lengths * computed_documents(rank[0]).to(lengths.device)  # [batch]
