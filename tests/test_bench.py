@@ -48,3 +48,21 @@ def test_the_table_shows_device_memory_when_a_case_reports_it() -> None:
     assert lines[5] == "| len32 | (c) extractor run, verify on, topk | 500 | 0.50 | 800 | 1234 | 500 | 10 |"
     assert "| nan |" in lines[4]  # (b) reported no device figure
     assert "device peak" not in format_table(rows[:1], args)
+
+
+def test_the_step_table_adds_a_batch_and_its_verified_floor() -> None:
+    """The step table's last rows sum the steps of a probed top-k batch and of its floor (the forward pass, the
+    pattern and the probes), each as ms and as the ratio (b) / sum, per corpus."""
+    from extractor.bench.steps import PROBED_TOPK_BATCH, STEPS, VERIFIED_FLOOR, format_steps
+
+    ms = {key: 1.0 for key in STEPS} | {"forward": 100.0, "capture_sdpa": 80.0, "pattern": 10.0, "probes": 10.0,
+                                          "topk_write": 45.0}
+    table = format_steps({"len8": {"documents": 2, "longest": 8, "tokens": 16, "ms": ms}})
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines()}
+    assert set(VERIFIED_FLOOR) < set(PROBED_TOPK_BATCH)
+    batch = 80 + 10 + 10 + 45 + (len(PROBED_TOPK_BATCH) - 4)  # the others took 1 ms each
+    assert rows["**sum for a probed topk batch** (sdpa forward … write)"].endswith(
+        f"| {batch} → {100 / batch:.2f}× of (b) |")
+    assert rows["**floor of a verified batch** (sdpa forward, pattern, probes: nothing else)"].endswith(
+        "| 100 → 1.00× of (b) |")
+    assert rows["(b) HF forward, eager, output_attentions (to NumPy)"].endswith("| 100 (100%) |")
