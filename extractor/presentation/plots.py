@@ -505,7 +505,8 @@ def doc_grid_figure(
     for spine in ax.spines.values():
         spine.set_visible(False)
     figure.colorbar(image, ax=ax, shrink=0.6, label=colour_label)
-    figure.suptitle(f"{title}\n{text_preview(labels)}", fontsize=10)
+    # on the mosaic's own axes, right above it: a figure title sat far above a wide grid kept square by its aspect
+    ax.set_title(f"{title}\n{text_preview(labels)}", fontsize=10)
     return figure
 
 
