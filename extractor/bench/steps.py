@@ -38,8 +38,8 @@ STEPS = {
 
 
 # What one probed top-k batch of a run costs, step by step; and the part of it no run with verification can skip:
-# the forward pass, the pattern (the product) and the probes that check it. The floor's ratio to (b) is the most
-# any verified run can reach on this machine, with no table, metric or byte written.
+# the forward pass, the pattern (the product) and the probes that check it. The floor's ratio to (b) is what a run
+# that verifies every batch cannot beat on this machine with these kernels, with no table, metric or byte written.
 PROBED_TOPK_BATCH = ("capture_sdpa", "pattern", "probes", "measures", "heads", "similarity", "topk_table", "topk_write")
 VERIFIED_FLOOR = ("capture_sdpa", "pattern", "probes")
 FLOOR_LABEL = "sdpa forward, pattern, probes: nothing else"

@@ -269,6 +269,14 @@ def topk_rows(
 
 if HAVE_NUMBA:
 
+    @njit(inline="always")
+    def _table_row(o, n_groups, n_batch, n_query):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202
+        """Table-order row o over (group, batch, query) → (r, its row in storage order [batch, group, query]; g, b, q)."""
+        q = o % n_query
+        b = (o // n_query) % n_batch
+        g = o // (n_query * n_batch)
+        return (b * n_groups + g) * n_query + q, g, b, q
+
     @njit(parallel=True, cache=True, boundscheck=False)
     def _kept_rows_kernel(keys, tops, counts, totals, n_groups, n_batch, n_query, positions, labels, head_level,  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202
                           offsets, out_labels, out_head, out_query, out_key, out_rank, out_mass):
@@ -277,10 +285,7 @@ if HAVE_NUMBA:
         labels: [label, batch] per-document values (doc_id, window) copied onto each kept cell."""
         k = keys.shape[1]
         for o in prange(n_groups * n_batch * n_query):
-            q = o % n_query
-            b = (o // n_query) % n_batch
-            g = o // (n_query * n_batch)
-            r = (b * n_groups + g) * n_query + q
+            r, g, b, q = _table_row(o, n_groups, n_batch, n_query)
             kept = np.float32(0.0)
             for s in range(k):  # empty slots hold 0
                 kept += tops[r, s]
@@ -300,10 +305,7 @@ if HAVE_NUMBA:
     def _kept_values_kernel(values, keys, counts, n_groups, n_batch, n_query, offsets, out):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202
         """Another measure's values [row, key] (storage order) at the kept rows' keys, in the table's order."""
         for o in prange(n_groups * n_batch * n_query):
-            q = o % n_query
-            b = (o // n_query) % n_batch
-            g = o // (n_query * n_batch)
-            r = (b * n_groups + g) * n_query + q
+            r, _, _, _ = _table_row(o, n_groups, n_batch, n_query)
             start = offsets[o]
             for s in range(counts[r]):
                 out[start + s] = values[r, keys[r, s]]
