@@ -20,11 +20,16 @@ pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="the platform ca
 
 
 def alive(pid: int) -> bool:
+    """Whether `pid` still runs: a zombie (killed, not yet reaped by whoever adopted it) does not."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    return True
+    stat = Path(f"/proc/{pid}/stat")
+    try:
+        return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"  # the state follows the command's ")"
+    except (FileNotFoundError, IndexError):
+        return not stat.parent.parent.is_dir()  # gone meanwhile; without /proc, os.kill's answer stands
 
 
 def test_the_child_runs_the_task_and_sends_back_what_it_returns() -> None:
@@ -89,6 +94,43 @@ def test_the_child_ends_when_its_parent_is_killed(tmp_path: Path) -> None:
         assert not alive(child)
     finally:
         parent.kill()
+
+
+def test_the_child_ends_at_once_even_while_it_holds_the_gil(tmp_path: Path) -> None:
+    """The child goes with its parent at once, not at the next look of a thread: drawing runs long stretches of
+    C code that hold the GIL, and a copy that outlived its run could write into the folder after `--resume` had
+    tidied it (seen once in CI: a `plots.partial-*` folder left behind). Here the child sits in one C call that
+    never releases the GIL for seconds; it must still be gone within a second of its parent's kill."""
+    ready = tmp_path / "ready"
+    parent_code = textwrap.dedent(f"""
+        import time
+        from extractor.presentation.forked import Forked
+        def busy():
+            open({str(ready)!r} + ".pid", "w").write("x")
+            return sum(range(10**10))  # one C call, minutes long, the GIL held throughout
+        forked = Forked(busy, "a busy task")
+        open({str(ready)!r}, "w").write(str(forked.pid))
+        time.sleep(120)
+    """)
+    parent = subprocess.Popen([sys.executable, "-c", parent_code])
+    try:
+        deadline = time.monotonic() + 60
+        while not (Path(f"{ready}.pid").is_file() and ready.is_file() and ready.read_text()) \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
+        child = int(ready.read_text())
+        time.sleep(0.3)  # well inside the busy call
+        assert alive(child)
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 1.0
+        while alive(child) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not alive(child)
+    finally:
+        parent.kill()
+        if alive(child := int(ready.read_text() or 0)) and child:
+            os.kill(child, signal.SIGKILL)
 
 
 def test_the_default_figures_drawn_in_two_processes_are_the_same_set(tmp_path: Path, tiny_loaded) -> None:

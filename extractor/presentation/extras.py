@@ -18,8 +18,6 @@ import os
 import site
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -148,13 +146,6 @@ def available_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def end_with(run_pid: int, every: float = 0.1) -> None:
-    """End this process as soon as its parent, the run's process `run_pid`, is gone."""
-    while os.getppid() == run_pid:
-        time.sleep(every)
-    os._exit(1)
-
-
 def warm_up() -> None:
     """Import the plotting code and the run folder's reader (DuckDB scans the association parts) and draw a
     small figure with text once: what a first figure costs besides its own drawing (the fonts are loaded then),
@@ -173,8 +164,9 @@ def helper_main(run_pid: int) -> int:
     ends as soon as the run's process is gone (a killed run leaves nothing running), and a fault injected at
     phase 'figures' kills the run with it."""
     from extractor.corpus import faults
+    from extractor.presentation.forked import end_with_parent
 
-    threading.Thread(target=end_with, args=(run_pid,), daemon=True).start()
+    end_with_parent(run_pid)  # the run's process
     faults.kill_with_this_process(run_pid)
     warm_up()
     request = sys.stdin.readline()

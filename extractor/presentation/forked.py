@@ -2,12 +2,13 @@
 
 A fork starts in a millisecond with everything already imported and warm (matplotlib, its fonts, DuckDB), which a
 fresh process would spend a second on. The child runs one task, sends back what it returns (JSON) or its one-line
-`UserError` through a pipe, and ends; `result()` waits for it. The child ends too as soon as its parent is gone (a
-killed run leaves nothing drawing). Where the platform cannot fork, the task simply runs in `result()`.
+`UserError` through a pipe, and ends; `result()` waits for it. The child ends too as soon as its parent is gone
+(`end_with_parent`, which the figure helper uses on its run as well: a killed run leaves nothing drawing). Where the platform cannot fork, the task simply runs in `result()`.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -24,8 +25,27 @@ CAN_FORK = hasattr(os, "fork")
 FAILED = 3  # the child's exit status after an unexpected error (its traceback is on stderr)
 
 
-def _end_with_parent(parent: int, every: float = 0.1) -> None:
-    """End this (child) process as soon as its parent is gone."""
+PR_SET_PDEATHSIG = 1  # Linux prctl: the signal this process gets when the thread that started it ends
+
+
+def end_with_parent(parent: int, every: float = 0.1) -> None:
+    """From now on, end this process as soon as its parent `parent` is gone (a figure helper whose run was
+    killed, a forked copy whose helper was): nothing it draws may land after `--resume` has tidied the folder.
+
+    On Linux the kernel kills it with its parent, at once (PR_SET_PDEATHSIG: the parent's starting thread is its
+    main thread, which lives as long as it does); elsewhere, and as a fallback, a thread looks every `every` s.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):  # no prctl to call: the thread below still ends it
+            pass
+    if os.getppid() != parent:  # the parent was gone before the kernel was asked
+        os._exit(1)
+    threading.Thread(target=_poll_parent, args=(parent, every), daemon=True).start()
+
+
+def _poll_parent(parent: int, every: float) -> None:
     while os.getppid() == parent:
         time.sleep(every)
     os._exit(1)
@@ -47,7 +67,7 @@ class Forked:
         pid = os.fork()
         if pid == 0:  # the child: run the task, report, end without the parent's clean-up
             os.close(read)
-            threading.Thread(target=_end_with_parent, args=(parent,), daemon=True).start()
+            end_with_parent(parent)
             try:
                 message = {"result": task()}
             except UserError as exc:
