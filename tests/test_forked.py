@@ -69,68 +69,52 @@ def test_cancel_ends_the_child_at_once() -> None:
     forked.cancel()  # a second cancel does nothing
 
 
-def test_the_child_ends_when_its_parent_is_killed(tmp_path: Path) -> None:
-    """A killed run (or figure helper) leaves no child drawing on: the child notices its parent is gone."""
-    pid_file = tmp_path / "child.pid"
+def child_outlives_its_parent_by(tmp_path: Path, task: str, within: float) -> bool:
+    """Start a parent process whose forked child runs `task` (Python source of a function body), kill the parent
+    once the child has started, and say whether the child still runs `within` seconds later."""
+    started, pid_file = tmp_path / "started", tmp_path / "child.pid"
     parent_code = textwrap.dedent(f"""
-        import os, time
+        import time
         from extractor.presentation.forked import Forked
-        forked = Forked(lambda: time.sleep(60), "a slow task")
+        def task():
+            open({str(started)!r}, "w").write("x")
+        """) + textwrap.indent(textwrap.dedent(task), " " * 4) + textwrap.dedent(f"""
+        forked = Forked(task, "a test task")
         open({str(pid_file)!r}, "w").write(str(forked.pid))
-        time.sleep(60)
+        time.sleep(120)
     """)
     parent = subprocess.Popen([sys.executable, "-c", parent_code])
+    child = 0
     try:
         deadline = time.monotonic() + 60
-        while not (pid_file.is_file() and pid_file.read_text()) and time.monotonic() < deadline:
+        while not (started.is_file() and pid_file.is_file() and pid_file.read_text()) and time.monotonic() < deadline:
             time.sleep(0.05)
         child = int(pid_file.read_text())
+        time.sleep(0.3)  # well inside the task
         assert alive(child)
         parent.kill()
         parent.wait()
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + within
         while alive(child) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not alive(child)
+            time.sleep(0.02)
+        return alive(child)
     finally:
         parent.kill()
+        if child and alive(child):
+            os.kill(child, signal.SIGKILL)
+
+
+def test_the_child_ends_when_its_parent_is_killed(tmp_path: Path) -> None:
+    """A killed run (or figure helper) leaves no child drawing on: the child goes with its parent."""
+    assert not child_outlives_its_parent_by(tmp_path, "time.sleep(60)", within=10)
 
 
 def test_the_child_ends_at_once_even_while_it_holds_the_gil(tmp_path: Path) -> None:
     """The child goes with its parent at once, not at the next look of a thread: drawing runs long stretches of
     C code that hold the GIL, and a copy that outlived its run could write into the folder after `--resume` had
     tidied it (seen once in CI: a `plots.partial-*` folder left behind). Here the child sits in one C call that
-    never releases the GIL for seconds; it must still be gone within a second of its parent's kill."""
-    ready = tmp_path / "ready"
-    parent_code = textwrap.dedent(f"""
-        import time
-        from extractor.presentation.forked import Forked
-        def busy():
-            open({str(ready)!r} + ".pid", "w").write("x")
-            return sum(range(10**10))  # one C call, minutes long, the GIL held throughout
-        forked = Forked(busy, "a busy task")
-        open({str(ready)!r}, "w").write(str(forked.pid))
-        time.sleep(120)
-    """)
-    parent = subprocess.Popen([sys.executable, "-c", parent_code])
-    try:
-        deadline = time.monotonic() + 60
-        while not (Path(f"{ready}.pid").is_file() and ready.is_file() and ready.read_text()) \
-                and time.monotonic() < deadline:
-            time.sleep(0.05)
-        child = int(ready.read_text())
-        time.sleep(0.3)  # well inside the busy call
-        assert alive(child)
-        parent.kill()
-        parent.wait()
-        deadline = time.monotonic() + 1.0
-        while alive(child) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert not alive(child)
-    finally:
-        parent.kill()
-        if alive(child := int(ready.read_text() or 0)) and child:
-            os.kill(child, signal.SIGKILL)
+    never releases the GIL (minutes long); it must still be gone within a second of its parent's kill."""
+    assert not child_outlives_its_parent_by(tmp_path, "return sum(range(10**10))", within=1.0)
 
 
 def test_the_default_figures_drawn_in_two_processes_are_the_same_set(tmp_path: Path, tiny_loaded) -> None:
